@@ -1,0 +1,253 @@
+"""Apply the ordered schema scripts of ``sql/`` to a database.
+
+Each script runs in its own transaction and is recorded, with its sha256, in
+``bmsd_migrations``. Concurrent runs are serialised by an advisory lock. A
+script whose first lines say ``-- requires: timescaledb-community`` needs
+TimescaleDB's community edition; on the Apache-only edition it is either a
+reason to stop or, when asked, recorded as skipped and applied by a later
+run on a community-edition server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from bmsd.errors import DatabaseError, EditionError, MigrationError
+
+COMMUNITY_MARKER = "-- requires: timescaledb-community"
+SCRIPT_NAME = re.compile(r"^\d{3}_[a-z0-9_]+\.sql$")
+# An arbitrary constant shared by every bmsd migrate: only one runs at a time.
+ADVISORY_LOCK_KEY = 0x626D7364  # "bmsd"
+
+_SELECT_RECORDS = "SELECT name, checksum, status FROM bmsd_migrations"
+_RECORD_APPLIED = """
+    INSERT INTO bmsd_migrations (name, checksum, status, applied_by, note)
+    VALUES (%(name)s, %(checksum)s, 'applied', 'bmsd migrate', NULL)
+    ON CONFLICT (name) DO UPDATE
+       SET checksum = excluded.checksum, status = 'applied', applied_at = now(),
+           applied_by = excluded.applied_by, note = NULL
+"""
+_RECORD_SKIPPED = """
+    INSERT INTO bmsd_migrations (name, checksum, status, applied_by, note)
+    VALUES (%(name)s, %(checksum)s, 'skipped', 'bmsd migrate', %(note)s)
+    ON CONFLICT (name) DO NOTHING
+"""
+_ADOPT = "UPDATE bmsd_migrations SET checksum = %(checksum)s WHERE name = %(name)s"
+_EDITION = """
+    SELECT (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'),
+           (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'),
+           current_setting('shared_preload_libraries')
+"""
+
+
+def default_sql_dir() -> Path:
+    """Return the ``sql/`` folder that ships beside the ``bmsd`` package."""
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+@dataclass(frozen=True)
+class Script:
+    """One schema script on disk."""
+
+    name: str
+    text: str
+    checksum: str
+    needs_community: bool
+
+    @classmethod
+    def load(cls, path: Path) -> Script:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+        head = text.lstrip().splitlines()[:5]
+        return cls(
+            name=path.name,
+            text=text,
+            checksum=hashlib.sha256(data).hexdigest(),
+            needs_community=any(line.strip() == COMMUNITY_MARKER for line in head),
+        )
+
+
+def load_scripts(sql_dir: Path) -> list[Script]:
+    """Return the scripts of *sql_dir* in the order they apply."""
+    if not sql_dir.is_dir():
+        raise MigrationError(f"{sql_dir}: no such folder of schema scripts (pass --sql-dir)")
+    paths = sorted(p for p in sql_dir.iterdir() if p.suffix == ".sql")
+    for path in paths:
+        if not SCRIPT_NAME.match(path.name):
+            raise MigrationError(
+                f"{path}: schema scripts are named NNN_words.sql (e.g. 030_hypertables.sql);"
+                " rename it or move it out of the folder"
+            )
+    return [Script.load(p) for p in paths]
+
+
+@dataclass(frozen=True)
+class Edition:
+    """The TimescaleDB a server has."""
+
+    version: str | None  # installed in this database, or available to install
+    community: bool
+
+    def describe(self) -> str:
+        kind = "community edition" if self.community else "Apache-only edition"
+        return f"TimescaleDB {self.version or '(not installed)'} ({kind})"
+
+
+@dataclass
+class Report:
+    """What a migration run did."""
+
+    edition: Edition
+    applied: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    already: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"found {self.edition.describe()}"]
+        out += [f"applied {name}" for name in self.applied]
+        out += [f"adopted {name} (set up by container init; checksum recorded)"
+                for name in self.adopted]
+        out += [f"skipped {name} (needs TimescaleDB community edition)" for name in self.skipped]
+        if not self.applied:
+            out.append(f"nothing to apply: {self.already} script(s) already applied")
+        return out
+
+
+def detect_edition(conn: psycopg.Connection[tuple[object, ...]]) -> Edition:
+    """Return the TimescaleDB version and edition of the connected database.
+
+    Create the extension first if the server has it but this database not yet
+    (script 000 would do the same): its license setting exists only then.
+    """
+    row = conn.execute(_EDITION).fetchone()
+    assert row is not None
+    installed, available, preload = row
+    if available is None:
+        raise MigrationError(
+            "TimescaleDB is not installed on this PostgreSQL server: install the"
+            " timescaledb package for its PostgreSQL version (scripts/install.sh does)"
+        )
+    if "timescaledb" not in str(preload):
+        raise MigrationError(
+            "TimescaleDB is installed but not loaded: add shared_preload_libraries ="
+            " 'timescaledb' to postgresql.conf and restart PostgreSQL"
+        )
+    if installed is None:
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except psycopg.Error as exc:
+            raise MigrationError(f"cannot create the timescaledb extension: {exc}") from exc
+    row = conn.execute(_EDITION).fetchone()
+    assert row is not None
+    license_ = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()
+    return Edition(version=str(row[0]), community=bool(license_) and license_[0] == "timescale")
+
+
+def migrate(
+    database_url: str,
+    *,
+    sql_dir: Path | None = None,
+    skip_community: bool = False,
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Apply every pending script of *sql_dir* to the database at *database_url*."""
+    scripts = load_scripts(sql_dir or default_sql_dir())
+    try:
+        conn = psycopg.connect(database_url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to the database: {exc}".strip()) from exc
+    with conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        edition = detect_edition(conn)
+        report = Report(edition=edition)
+        records = _records(conn)
+        _check_unchanged(scripts, records)
+        _check_edition(scripts, records, edition, skip_community)
+        for script in scripts:
+            _apply_one(conn, script, records.get(script.name), report, on_progress)
+        return report
+
+
+def _records(conn: psycopg.Connection[tuple[object, ...]]) -> dict[str, tuple[str | None, str]]:
+    exists = conn.execute("SELECT to_regclass('bmsd_migrations') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return {}
+    return {
+        str(name): (None if checksum is None else str(checksum), str(status))
+        for name, checksum, status in conn.execute(_SELECT_RECORDS)
+    }
+
+
+def _check_unchanged(
+    scripts: list[Script], records: dict[str, tuple[str | None, str]]
+) -> None:
+    for script in scripts:
+        checksum, status = records.get(script.name, (None, ""))
+        if status == "applied" and checksum is not None and checksum != script.checksum:
+            raise MigrationError(
+                f"sql/{script.name} was changed after it was applied to this database"
+                f" (recorded sha256 {checksum[:12]}…, file now {script.checksum[:12]}…)."
+                " Applied scripts are never edited: restore the file and put the change"
+                " in a new script with a higher number"
+            )
+
+
+def _check_edition(
+    scripts: list[Script],
+    records: dict[str, tuple[str | None, str]],
+    edition: Edition,
+    skip_community: bool,
+) -> None:
+    if edition.community or skip_community:
+        return
+    # Scripts skipped by an earlier run stay skipped until a community server.
+    pending = [s.name for s in scripts if s.needs_community and s.name not in records]
+    if pending:
+        raise EditionError(
+            f"this server has {edition.describe()}, which lacks continuous aggregates,"
+            " compression and retention policies; these scripts need them: "
+            + ", ".join(pending)
+            + ". Install TimescaleDB's community edition, or run again with"
+            " --skip-community-features to apply everything else (the skipped scripts"
+            " are applied by a later run on a community-edition server)"
+        )
+
+
+def _apply_one(
+    conn: psycopg.Connection[tuple[object, ...]],
+    script: Script,
+    record: tuple[str | None, str] | None,
+    report: Report,
+    on_progress: Callable[[str], None] | None,
+) -> None:
+    params = {"name": script.name, "checksum": script.checksum}
+    if record is not None and record[1] == "applied":
+        if record[0] is None:
+            conn.execute(_ADOPT, params)
+            report.adopted.append(script.name)
+        report.already += 1
+        return
+    if script.needs_community and not report.edition.community:
+        if record is None:
+            conn.execute(_RECORD_SKIPPED, {**params, "note": report.edition.describe()})
+        report.skipped.append(script.name)
+        return
+    if on_progress:
+        on_progress(f"applying {script.name}")
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL(script.text))  # type: ignore[arg-type]  # file text, not user input
+            conn.execute(_RECORD_APPLIED, params)
+    except psycopg.Error as exc:
+        diag = exc.diag
+        where = f" (at: {diag.context.strip()})" if diag.context else ""
+        raise MigrationError(f"sql/{script.name} failed: {exc}".strip() + where) from exc
+    report.applied.append(script.name)
