@@ -20,6 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bmsd.errors import LocalStackError
 
@@ -105,8 +106,13 @@ def _hand_over(path: Path, user: pwd.struct_passwd | None) -> None:
             os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid)
 
 
-def _as_user(argv: list[str], user: pwd.struct_passwd | None) -> list[str]:
-    return argv if user is None else ["runuser", "-u", user.pw_name, "--", *argv]
+def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
+    """Return Popen arguments that run a server as *user* (our direct child, so
+    signals reach it unchanged)."""
+    if user is None:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [],
+            "cwd": "/", "env": {**os.environ, "HOME": user.pw_dir, "USER": user.pw_name}}
 
 
 @dataclass
@@ -116,6 +122,7 @@ class LocalPostgres:
     state_dir: Path
     port: int = 0
     durable: bool = True  # False: fsync off, for tests
+    extra_settings: str = ""  # more postgresql.conf lines
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -139,17 +146,18 @@ class LocalPostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             self.data_dir.mkdir(exist_ok=True)
             _hand_over(self.state_dir, user)
-            _run(_as_user([str(bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                           "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"], user),
-                 "initdb")
+            _run([str(bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                  "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"], "initdb",
+                 **_as_user(user))
         settings = _PG_SETTINGS.format(port=self.port, socket_dir=self.state_dir,
                                        fsync="on" if self.durable else "off")
+        settings += self.extra_settings
         (self.data_dir / "postgresql.auto.conf").write_text(settings)
         _hand_over(self.state_dir, user)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            _as_user([str(bindir / "postgres"), "-D", str(self.data_dir)], user),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [str(bindir / "postgres"), "-D", str(self.data_dir)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **_as_user(user),
         )
         log.close()
         wait_for_port(self.port, timeout_s, self.proc, self.log_path)
@@ -240,8 +248,8 @@ class LocalMosquitto:
                               self.log_path.read_text(errors="replace")))
 
 
-def _run(argv: list[str], what: str) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+def _run(argv: list[str], what: str, **kwargs: Any) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
     if result.returncode != 0:
         raise LocalStackError(f"{what} failed ({result.returncode}): {result.stderr.strip()}")
 
@@ -249,7 +257,6 @@ def _run(argv: list[str], what: str) -> None:
 def _stop(proc: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout_s: float) -> None:
     if proc is None or proc.poll() is not None:
         return
-    # runuser forwards the signal to the server it started.
     proc.send_signal(sig)
     try:
         proc.wait(timeout_s)

@@ -1,0 +1,1 @@
+"""Shared test setup; the server fixtures live in fix_db.py and fix_mqtt.py."""
