@@ -34,6 +34,12 @@ STREAMS: tuple[str, ...] = Stream.__args__  # type: ignore[attr-defined]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
+#: The oldest reading the daemon may be configured to accept. The refresh
+#: windows of the aggregates (sql/110_aggregate_policies.sql) start 4 days
+#: back, and raw chunks are compressed after 7 days: a reading older than
+#: this might miss an aggregate level.
+MAX_READING_AGE_LIMIT_S = 3 * 24 * 3600
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -89,10 +95,8 @@ class IngestConfig(_Frozen):
     max_batch_rows: PositiveInt = 5000
     flush_interval_ms: PositiveInt = 200
     max_message_bytes: PositiveInt = 256 * 1024
-    # Must stay below the aggregates' shortest refresh window (4 days, see
-    # sql/110_aggregate_policies.sql) and the compression delay (7 days), so
-    # that every accepted reading reaches every aggregate level.
-    max_reading_age_s: Annotated[int, Field(gt=0, le=3 * 24 * 3600)] = 3 * 24 * 3600
+    max_reading_age_s: Annotated[int, Field(gt=0, le=MAX_READING_AGE_LIMIT_S)] = (
+        MAX_READING_AGE_LIMIT_S)
     max_future_s: PositiveInt = 300
     auto_register: bool = True
     max_new_devices_per_site_per_minute: PositiveInt = 100
