@@ -141,7 +141,7 @@ class LocalPostgres:
         bindir = postgres_bindir()
         user = _system_user("postgres")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o755)
+        os.chmod(self.state_dir, 0o755)  # noqa: S103 - the server's user must enter it
         self.port = self.port or free_port()
         if not (self.data_dir / "PG_VERSION").exists():
             self.data_dir.mkdir(exist_ok=True)
@@ -222,7 +222,7 @@ class LocalMosquitto:
         if not Path(binary).exists():
             raise LocalStackError("mosquitto is not installed; run scripts/install.sh")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o755)
+        os.chmod(self.state_dir, 0o755)  # noqa: S103 - the server's user must enter it
         self.port = self.port or free_port()
         conf = self.state_dir / "mosquitto.conf"
         conf.write_text(mosquitto_config(self.config_template.read_text(), self.port,

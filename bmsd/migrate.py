@@ -147,8 +147,9 @@ def detect_edition(conn: psycopg.Connection[tuple[object, ...]]) -> Edition:
             raise MigrationError(f"cannot create the timescaledb extension: {exc}") from exc
     row = conn.execute(_EDITION).fetchone()
     assert row is not None
-    license_ = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()
-    return Edition(version=str(row[0]), community=bool(license_) and license_[0] == "timescale")
+    license_row = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()
+    community = license_row is not None and license_row[0] == "timescale"
+    return Edition(version=str(row[0]), community=community)
 
 
 def migrate(
@@ -244,7 +245,7 @@ def _apply_one(
         on_progress(f"applying {script.name}")
     try:
         with conn.transaction():
-            conn.execute(sql.SQL(script.text))  # type: ignore[arg-type]  # file text, not user input
+            conn.execute(sql.SQL(script.text))  # our own file's text, not user input
             conn.execute(_RECORD_APPLIED, params)
     except psycopg.Error as exc:
         diag = exc.diag

@@ -191,9 +191,7 @@ def load(db: psycopg.Connection[Any], table: str, devices: list[int],
 
 
 def close(actual: Any, expected: Any, what: str) -> None:
-    if expected is None or actual is None:
-        assert actual == expected, what
-    elif isinstance(expected, datetime):
+    if expected is None or actual is None or isinstance(expected, datetime):
         assert actual == expected, what
     else:
         assert math.isclose(float(actual), float(expected), rel_tol=1e-9, abs_tol=1e-9), (

@@ -297,4 +297,5 @@ def test_compressed_chunks_keep_derived_columns_and_refuse_duplicates(db: Conn) 
 
 def test_sql_folder_holds_only_numbered_scripts() -> None:
     names = [p.name for p in Path(default_sql_dir()).iterdir() if p.is_file()]
-    assert names and all(n[:3].isdigit() and n.endswith(".sql") for n in names)
+    assert names
+    assert all(n[:3].isdigit() and n.endswith(".sql") for n in names)
