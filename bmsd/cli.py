@@ -39,6 +39,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bmsd.daemon import run
+    from bmsd.logs import configure_logging
+
+    config = _config(args)
+    configure_logging(config.log_format, config.log_level)
+    return run(config)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bmsd.demo import run_demo
 
@@ -68,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("check-config", "Validate a configuration file; exit 2 if it is wrong.")
     p.set_defaults(func=_cmd_check_config)
+
+    p = add("run", "Run the ingest daemon: MQTT telemetry into TimescaleDB.")
+    p.set_defaults(func=_cmd_run)
 
     p = add("demo", "Start a local TimescaleDB and Mosquitto, apply the schema, run bmsd.")
     p.add_argument("--state-dir", type=Path, default=Path(".state"),

@@ -1,0 +1,161 @@
+"""Turn received messages into a batch, and commit and acknowledge it when due.
+
+A message goes: topic → route (routing) → readings or rejects (payloads) →
+device id (registry) → the batch (writer.Batch). A batch is flushed - all
+hypertables in one transaction - when a hypertable holds ``max_batch_rows``,
+when as many messages are unacknowledged as the broker will send us (the
+in-flight window; waiting longer would stall the broker), when the held
+payloads pass ``MAX_PENDING_BYTES``, or ``flush_interval_ms`` after its first
+message. Only after the commit are its messages acknowledged, in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from bmsd.config import Config
+from bmsd.metrics import Metrics
+from bmsd.mqtt import Message
+from bmsd.payloads import Limits, parse_message
+from bmsd.registry import Registry, Unresolved
+from bmsd.routing import Router
+from bmsd.writer import Batch, DeadLetter, Origin, Outcome, Row, Writer
+
+#: Payload bytes held before a flush is forced, whatever the other limits.
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+
+
+class Ingestor:
+    """Gather messages into a batch; flush and acknowledge it when due."""
+
+    def __init__(self, config: Config, metrics: Metrics,
+                 ack: Callable[[list[Message]], int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        ingest = config.ingest
+        self._limits = Limits(max_message_bytes=ingest.max_message_bytes,
+                              max_reading_age=timedelta(seconds=ingest.max_reading_age_s),
+                              max_future=timedelta(seconds=ingest.max_future_s))
+        self._router = Router(config.routes)
+        self._registry = Registry(
+            ingest, on_register=lambda stream: metrics.devices_registered.labels(stream).inc())
+        self._writer = Writer()
+        self._metrics = metrics
+        self._ack = ack
+        self._clock = clock
+        self._max_rows = ingest.max_batch_rows
+        self._interval_s = ingest.flush_interval_ms / 1000
+        self._window = config.mqtt.receive_maximum
+        self._batch = Batch()
+        self._pending: list[Message] = []
+        self._pending_bytes = 0
+        self._first_at: float | None = None
+        self._lag_times: list[datetime] = []
+
+    @property
+    def filters(self) -> list[str]:
+        return self._router.filters
+
+    @property
+    def pending(self) -> int:
+        """Return how many messages wait for a commit."""
+        return len(self._pending)
+
+    def prepare(self, conn: psycopg.Connection[Any]) -> None:
+        """Check the schema this writer needs (raises DatabaseError if absent)."""
+        self._writer.prepare(conn)
+
+    def accept(self, conn: psycopg.Connection[Any], message: Message) -> None:
+        """Add *message* to the batch; database errors leave the batch unchanged."""
+        match = self._router.match(message.topic)
+        if isinstance(match, str):
+            origin = Origin(message.topic, None, message.payload, None, message.received_at)
+            self._hold(message, [DeadLetter(origin, "no_route", match)])
+            return
+        route = match.route
+        self._metrics.messages_received.labels(route.template).inc()
+        parsed = parse_message(route.stream, message.payload, message.received_at,
+                               self._limits)
+        dead = [DeadLetter(Origin(message.topic, route.template, r.payload, r.index,
+                                  message.received_at), r.category, r.reason)
+                for r in parsed.rejects]
+        if not parsed.readings:
+            self._hold(message, dead)
+            return
+        device = self._registry.resolve(conn, match)  # may raise: nothing changed yet
+        if isinstance(device, Unresolved):
+            origin = Origin(message.topic, route.template, message.payload, None,
+                            message.received_at)
+            self._hold(message, [*dead, DeadLetter(origin, device.category, device.reason)])
+            return
+        single = len(parsed.readings) == 1 and not dead
+        newest = message.received_at
+        undated = 0
+        for index, reading in enumerate(parsed.readings):
+            origin = Origin(message.topic, route.template, message.payload,
+                            None if single else index, message.received_at)
+            self._batch.add(route.stream,
+                            Row((reading.time, device, *reading.values, reading.extra), origin))
+            newest = max(newest, reading.time)
+            undated += not reading.timestamped
+        if undated:
+            self._metrics.readings_without_time.labels(route.template).inc(undated)
+        else:
+            self._lag_times.append(max(r.time for r in parsed.readings))
+        self._batch.see(device, newest)
+        self._hold(message, dead)
+
+    def _hold(self, message: Message, dead: list[DeadLetter]) -> None:
+        self._batch.dead.extend(dead)
+        for letter in dead:
+            self._metrics.messages_rejected.labels(letter.origin.route or "",
+                                                   letter.category).inc()
+        if self._first_at is None:
+            self._first_at = self._clock()
+        self._pending.append(message)
+        self._pending_bytes += len(message.payload)
+        self._metrics.inflight.set(len(self._pending))
+
+    def due(self) -> bool:
+        """Return whether the batch should be flushed now."""
+        if not self._pending:
+            return False
+        return (self._batch.largest >= self._max_rows
+                or len(self._pending) >= self._window
+                or self._pending_bytes >= MAX_PENDING_BYTES
+                or self.seconds_to_due() <= 0)
+
+    def seconds_to_due(self) -> float:
+        """Return the seconds until the flush interval of the batch runs out."""
+        if self._first_at is None:
+            return self._interval_s
+        return self._first_at + self._interval_s - self._clock()
+
+    def flush(self, conn: psycopg.Connection[Any]) -> Outcome:
+        """Commit the batch, then acknowledge its messages; errors leave it for a retry."""
+        started = time.perf_counter()
+        outcome = self._writer.commit(conn, self._batch)
+        committed = datetime.now(UTC)
+        self._metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._metrics.batch_rows.observe(sum(outcome.written.values()))
+        for table, count in outcome.written.items():
+            self._metrics.rows_written.labels(table).inc(count)
+        for table, count in outcome.duplicates.items():
+            self._metrics.duplicates.labels(table).inc(count)
+        for letter in outcome.dead[len(self._batch.dead):]:
+            self._metrics.messages_rejected.labels(letter.origin.route or "",
+                                                   letter.category).inc()
+        for when in self._lag_times:
+            self._metrics.lag_seconds.observe(max((committed - when).total_seconds(), 0.0))
+        self._ack(self._pending)
+        self._batch = Batch()
+        self._pending = []
+        self._pending_bytes = 0
+        self._first_at = None
+        self._lag_times = []
+        self._metrics.inflight.set(0)
+        return outcome

@@ -1,0 +1,250 @@
+"""The broker side: a persistent QoS 1 session whose messages we acknowledge ourselves.
+
+paho-mqtt runs its own network thread (``loop_start``), which makes `ack`
+safe to call from the ingest thread: paho queues the PUBACK and wakes its
+thread. Messages are acknowledged only after their rows are committed, in
+the order they arrived. Each connection has a generation number; an ack for
+a message of an earlier connection is not sent (its packet id may now name
+another message), and the broker redelivers it instead.
+
+paho reconnects by itself with capped exponential backoff; we re-draw its
+bounds at every disconnect, so many daemons do not retry in step (jitter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from bmsd.config import MqttConfig
+from bmsd.errors import BrokerError, SessionTakenOver
+from bmsd.metrics import Metrics
+
+log = structlog.get_logger("bmsd.mqtt")
+
+DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+_SESSION_TAKEN_OVER = 142
+_REFUSED_FOR_GOOD = {134: "bad user name or password", 135: "not authorized",
+                     133: "client identifier not valid", 4: "bad user name or password",
+                     5: "not authorized", 2: "client identifier rejected"}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message received and not yet acknowledged."""
+
+    generation: int
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    received_at: datetime
+
+
+class MqttSource:
+    """Receive the routes' topics over a persistent session; ack on request."""
+
+    def __init__(self, config: MqttConfig, filters: Iterable[str],
+                 deliver: Callable[[Message], None], metrics: Metrics) -> None:
+        self._config = config
+        self._filters = list(filters)
+        self._deliver = deliver
+        self._metrics = metrics
+        self._generation = 0
+        self._intake = True
+        self._ever_connected = False
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.fatal: BrokerError | None = None
+        self._fatal_event = threading.Event()
+        url = urlsplit(config.url)
+        self._host = url.hostname or "127.0.0.1"
+        self._port = url.port or (8883 if url.scheme == "mqtts" else 1883)
+        v5 = config.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=config.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else False, manual_ack=True,
+        )
+        if url.username:
+            client.username_pw_set(unquote(url.username),
+                                   unquote(url.password) if url.password else None)
+        if url.scheme == "mqtts":
+            client.tls_set(
+                ca_certs=str(config.ca_file) if config.ca_file else None,
+                certfile=str(config.cert_file) if config.cert_file else None,
+                keyfile=str(config.key_file) if config.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        self._jitter_backoff(client)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+        self._v5 = v5
+
+    # --- life cycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps reconnecting until `close`."""
+        properties = None
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self._config.session_expiry_s
+            properties.ReceiveMaximum = self._config.receive_maximum
+        clean_start = False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY
+        self._client.connect_async(self._host, self._port, keepalive=self._config.keepalive_s,
+                                   clean_start=clean_start, properties=properties)
+        self._client.loop_start()
+
+    def stop_intake(self) -> None:
+        """Deliver no more messages; those that still arrive are redelivered later."""
+        self._intake = False
+
+    def close(self) -> None:
+        """Disconnect (keeping the session at the broker) and stop the network thread."""
+        self._intake = False
+        properties = None
+        if self._v5:
+            properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self._config.session_expiry_s
+        self._client.disconnect(properties=properties)
+        self._client.loop_stop()
+        self.connected.clear()
+        self._metrics.mqtt_connected.set(0)
+
+    def wait_fatal(self, timeout_s: float) -> BrokerError | None:
+        """Wait up to *timeout_s* for a fatal broker condition; return it if any."""
+        self._fatal_event.wait(timeout_s)
+        return self.fatal
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    # --- acknowledgement -----------------------------------------------------
+
+    def ack(self, messages: Iterable[Message]) -> int:
+        """Acknowledge *messages* in order; return how many were sent."""
+        sent = 0
+        generation = self._generation
+        for message in messages:
+            if message.qos > 0 and message.generation == generation:
+                self._client.ack(message.mid, message.qos)
+                sent += 1
+        return sent
+
+    # --- paho callbacks (network thread) ----------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        if reason.is_failure:
+            code = reason.value
+            if code in _REFUSED_FOR_GOOD:
+                self._set_fatal(BrokerError(
+                    f"broker {self._host}:{self._port} refused us: {_REFUSED_FOR_GOOD[code]};"
+                    " check the user, password and client id in BMSD_MQTT_URL / [mqtt]"))
+            else:
+                log.warning("mqtt_connect_refused", reason=str(reason))
+            return
+        self._generation += 1
+        self.connected.set()
+        self._metrics.mqtt_connected.set(1)
+        if flags.session_present:
+            log.info("mqtt_connected", broker=f"{self._host}:{self._port}", session="resumed",
+                     client_id=self._config.client_id)
+        else:
+            if self._ever_connected:
+                self._metrics.sessions_lost.inc()
+            log.warning(
+                "mqtt_session_new", broker=f"{self._host}:{self._port}",
+                client_id=self._config.client_id,
+                meaning="the broker had no session for this client id: anything published"
+                        " while bmsd was away was not queued for it (expected on the first"
+                        " start with a client id; otherwise the broker lost its state)")
+        self._ever_connected = True
+        self.subscribed.clear()
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB) \
+            if self._v5 else None
+        topics: list[tuple[str, object]] = [(f, options if options else 1) for f in self._filters]
+        topics.append((DROPPED_TOPIC, SubscribeOptions(qos=0) if self._v5 else 0))
+        client.subscribe(topics)  # type: ignore[arg-type]
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
+                      reasons: list[ReasonCode], properties: Properties | None) -> None:
+        refused = [f for f, r in zip(self._filters, reasons, strict=False)
+                   if r.is_failure or r.value < 1]
+        if refused:
+            self._set_fatal(BrokerError(
+                f"broker refused QoS 1 subscriptions to {', '.join(refused)}; bmsd needs them"
+                " (check the broker's ACL for this user)"))
+            return
+        self.subscribed.set()
+        log.info("mqtt_subscribed", filters=self._filters)
+
+    def _on_disconnect(self, client: paho.Client, userdata: object,
+                       flags: paho.DisconnectFlags, reason: ReasonCode,
+                       properties: Properties | None) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        self._metrics.mqtt_connected.set(0)
+        if reason.value == _SESSION_TAKEN_OVER:
+            self._set_fatal(SessionTakenOver(
+                f"another client connected to {self._host}:{self._port} with our client id"
+                f" {self._config.client_id!r} and took over the session: are two bmsd"
+                " instances running with the same [mqtt] client_id?"))
+            return
+        if self._intake:
+            log.warning("mqtt_disconnected", reason=str(reason),
+                        meaning="reconnecting with backoff; unacknowledged messages will be"
+                                " redelivered")
+        self._jitter_backoff(client)
+
+    def _on_message(self, client: paho.Client, userdata: object,
+                    message: paho.MQTTMessage) -> None:
+        if message.topic == DROPPED_TOPIC:
+            with contextlib.suppress(ValueError):
+                self._metrics.broker_dropped.set(float(message.payload))
+            return
+        if not self._intake:
+            return
+        self._deliver(Message(self._generation, message.mid, message.qos, message.topic,
+                              bytes(message.payload), datetime.now(UTC)))
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _jitter_backoff(self, client: paho.Client) -> None:
+        cap = self._config.reconnect_max_backoff_s
+        client.reconnect_delay_set(min_delay=max(1, round(random.uniform(0.5, 2))),  # noqa: S311
+                                   max_delay=max(1, round(cap * random.uniform(0.75, 1))))  # noqa: S311
+
+    def _set_fatal(self, error: BrokerError) -> None:
+        if self.fatal is None:
+            self.fatal = error
+            log.error("mqtt_fatal", error=str(error))
+        self._fatal_event.set()
+
+
+def wait_connected(source: MqttSource, timeout_s: float) -> bool:
+    """Wait until *source* is subscribed; return False on timeout or a fatal error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and source.fatal is None:
+        if source.subscribed.wait(0.05):
+            return True
+    return False

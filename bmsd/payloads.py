@@ -1,0 +1,407 @@
+"""Turn an MQTT payload into validated readings, or into reasons a person can act on.
+
+A message is one JSON reading, a JSON array of readings, or a gateway batch
+``{"readings": [...]}``. Each reading is validated on its own: in an array,
+the valid readings are kept and only the bad ones rejected. A bad payload is
+data, not an exception: `parse_message` returns it as a `Reject`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+# --- the readings ------------------------------------------------------------
+
+Percent = Annotated[float | None, Field(ge=0, le=100)]
+Temperature = Annotated[float | None, Field(ge=-60, le=150)]
+GridFrequency = Annotated[float | None, Field(ge=40, le=70)]
+NonNegative = Annotated[float | None, Field(ge=0)]
+Number = float | None
+MAX_CELLS = 1024
+CellVoltage = Annotated[float, Field(ge=0, le=5.0)]
+CellTemperature = Annotated[float, Field(ge=-60, le=150)]
+
+
+class _Reading(BaseModel):
+    """Fields shared by every stream's reading model."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, frozen=True,
+                              str_max_length=256)
+    #: Columns of the hypertable written by COPY, after time and device_id.
+    columns: ClassVar[tuple[str, ...]]
+
+
+class SiteTelemetry(_Reading):
+    """Site-level telemetry (BMS design); also accepts its camelCase names."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+    battery_voltage: Number = None
+    battery_current: Number = None
+    battery_charge_level: Percent = None
+    battery_temperature: Temperature = None
+    battery_state_of_health: Percent = None
+    battery_power_kw: Number = None
+    solar_power_kw: Number = None
+    solar_energy_kwh: NonNegative = None
+    solar_efficiency: Percent = None
+    inverter1_power_kw: Number = None
+    inverter1_efficiency: Percent = None
+    inverter1_temperature: Temperature = None
+    inverter2_power_kw: Number = None
+    inverter2_efficiency: Percent = None
+    inverter2_temperature: Temperature = None
+    grid_voltage: NonNegative = None
+    grid_frequency: GridFrequency = None
+    grid_power_kw: Number = None
+    grid_energy_kwh: Number = None
+    load_power_kw: Number = None
+    load_energy_kwh: NonNegative = None
+
+
+class BatteryTelemetry(_Reading):
+    """Pack- and cell-level battery telemetry (PulseBMS design)."""
+
+    voltage: NonNegative = None
+    current: Number = None
+    power_w: Number = None
+    temperature: Temperature = None
+    soc: Percent = None
+    soh: Percent = None
+    internal_resistance: NonNegative = None
+    cell_voltages: Annotated[list[CellVoltage] | None, Field(max_length=MAX_CELLS)] = None
+    cell_temperatures: Annotated[list[CellTemperature] | None, Field(max_length=MAX_CELLS)] = None
+    balancing: Annotated[list[bool] | None, Field(max_length=MAX_CELLS)] = None
+    alarm_flags: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]] | None,
+                           Field(max_length=64)] = None
+    over_voltage: bool | None = None
+    under_voltage: bool | None = None
+    over_current: bool | None = None
+    over_temperature: bool | None = None
+    data_quality: Annotated[float | None, Field(ge=0, le=1)] = None
+    firmware_version: Annotated[str | None, Field(max_length=64)] = None
+    communication_latency_ms: NonNegative = None
+
+
+class EnergyReading(_Reading):
+    """Machine energy (EnMS design); energy_kwh is the interval's, not a total."""
+
+    power_kw: Number = None
+    energy_kwh: NonNegative = None
+    voltage: NonNegative = None
+    current: Number = None
+    power_factor: Annotated[float | None, Field(ge=-1, le=1)] = None
+    frequency: GridFrequency = None
+
+
+class ProductionReading(_Reading):
+    """Machine production (EnMS design); units counted since the previous reading."""
+
+    units_produced: Annotated[int | None, Field(ge=0)] = None
+    units_rejected: Annotated[int | None, Field(ge=0)] = None
+    machine_state: Literal["running", "idle", "stopped", "fault", "maintenance"] | None = None
+    cycle_time_s: NonNegative = None
+
+
+class EnvironmentReading(_Reading):
+    """Ambient conditions (EnMS design)."""
+
+    temperature: Temperature = None
+    humidity: Percent = None
+    pressure_hpa: Annotated[float | None, Field(gt=0, le=2000)] = None
+    co2_ppm: Annotated[float | None, Field(ge=0, le=100_000)] = None
+
+
+MODELS: dict[str, type[_Reading]] = {
+    "site_telemetry": SiteTelemetry,
+    "battery_telemetry": BatteryTelemetry,
+    "energy_readings": EnergyReading,
+    "production_data": ProductionReading,
+    "environmental_data": EnvironmentReading,
+}
+for _model in MODELS.values():
+    _model.columns = tuple(_model.model_fields)
+
+#: Short names used in reasons, the same as the default topics' last level.
+LABELS = {"site_telemetry": "telemetry", "battery_telemetry": "battery",
+          "energy_readings": "energy", "production_data": "production",
+          "environmental_data": "environment"}
+
+# The nested PulseBMS document: (section, key) -> flat field.
+NESTED_BATTERY: dict[tuple[str, ...], str] = {
+    ("measurements", "voltage"): "voltage",
+    ("measurements", "current"): "current",
+    ("measurements", "power"): "power_w",
+    ("measurements", "temperature"): "temperature",
+    ("measurements", "soc"): "soc",
+    ("measurements", "soh"): "soh",
+    ("measurements", "internal_resistance"): "internal_resistance",
+    ("cell_data", "voltages"): "cell_voltages",
+    ("cell_data", "temperatures"): "cell_temperatures",
+    ("cell_data", "balancing_status"): "balancing",
+    ("safety", "alarm_flags"): "alarm_flags",
+    ("safety", "protection_status", "overvoltage"): "over_voltage",
+    ("safety", "protection_status", "undervoltage"): "under_voltage",
+    ("safety", "protection_status", "overcurrent"): "over_current",
+    ("safety", "protection_status", "overtemperature"): "over_temperature",
+    ("metadata", "data_quality"): "data_quality",
+    ("metadata", "firmware_version"): "firmware_version",
+    ("metadata", "communication_latency"): "communication_latency_ms",
+}
+NESTED_SECTIONS = ("measurements", "cell_data", "safety", "metadata")
+_NESTED_PATH = {flat: ".".join(path) for path, flat in NESTED_BATTERY.items()}
+
+
+# --- results -----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One valid reading: its time and its column values in COPY order."""
+
+    time: datetime
+    values: tuple[Any, ...]
+    extra: dict[str, Any] | None
+    timestamped: bool  # False: the reading had no time and got the arrival time
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Something not stored, with a reason a person can act on."""
+
+    category: str  # short, for metrics: not_json, invalid, too_old, ...
+    reason: str
+    payload: bytes  # the whole message, or the one reading of an array
+    index: int | None = None  # the reading's place in an array
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What `parse_message` accepts."""
+
+    max_message_bytes: int = 256 * 1024
+    max_reading_age: timedelta = timedelta(days=3)
+    max_future: timedelta = timedelta(minutes=5)
+
+
+@dataclass(slots=True)
+class Parsed:
+    """What one message turned into."""
+
+    readings: list[Reading]
+    rejects: list[Reject]
+
+
+# --- parsing ---------------------------------------------------------------
+
+def parse_message(stream: str, payload: bytes, received_at: datetime,
+                  limits: Limits) -> Parsed:
+    """Validate *payload* as readings of *stream*; never raise for bad input."""
+    label = LABELS[stream]
+    if len(payload) > limits.max_message_bytes:
+        return _whole(payload, "too_large",
+                      f"message of {len(payload)} bytes is larger than ingest.max_message_bytes"
+                      f" ({limits.max_message_bytes}); split it into smaller gateway batches")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _whole(payload, "not_utf8",
+                      f"payload is not UTF-8 text: byte 0x{payload[exc.start]:02x} at offset"
+                      f" {exc.start}; send JSON encoded as UTF-8")
+    try:
+        document = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        return _whole(payload, "not_json", f"payload is not JSON: {exc}")
+    if isinstance(document, dict) and isinstance(document.get("readings"), list) \
+            and len(document) == 1:
+        items, batch = document["readings"], True
+    elif isinstance(document, list):
+        items, batch = document, True
+    elif isinstance(document, dict):
+        items, batch = [document], False
+    else:
+        return _whole(payload, "bad_shape",
+                      f"payload is a JSON {type(document).__name__}; send an object, an array"
+                      ' of objects, or {"readings": [...]}')
+    if batch and not items:
+        return _whole(payload, "bad_shape", "payload has no readings (an empty array)")
+
+    parsed = Parsed([], [])
+    model = MODELS[stream]
+    for index, item in enumerate(items):
+        where = f"{label}[{index}]" if batch else label
+        result = _parse_reading(model, stream, item, where, received_at, limits)
+        if isinstance(result, Reading):
+            parsed.readings.append(result)
+        else:
+            category, reason = result
+            raw = payload if not batch else json.dumps(item, allow_nan=True).encode()
+            parsed.rejects.append(Reject(category, reason, raw, index if batch else None))
+    return parsed
+
+
+def _refuse_constant(name: str) -> float:
+    # json.loads accepts NaN/Infinity, which are not JSON; say so plainly.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _whole(payload: bytes, category: str, reason: str) -> Parsed:
+    return Parsed([], [Reject(category, reason, payload)])
+
+
+def _parse_reading(model: type[_Reading], stream: str, item: object, where: str,
+                   received_at: datetime, limits: Limits) -> Reading | tuple[str, str]:
+    if not isinstance(item, dict):
+        return "bad_shape", f"{where}: a reading must be a JSON object, not {_json_type(item)}"
+    nested = stream == "battery_telemetry" and any(s in item for s in NESTED_SECTIONS)
+    if nested:
+        flattened = _flatten_battery(item)
+        if isinstance(flattened, str):
+            return "invalid", f"{where}.{flattened}"
+        item = flattened
+    else:
+        item = dict(item)
+    timing = _reading_time(item, received_at)
+    if isinstance(timing, str):
+        return "invalid", f"{where}: {timing}"
+    when, timestamped = timing
+    age = received_at - when
+    if age > limits.max_reading_age:
+        return "too_old", (
+            f"{where}: timestamp {when.isoformat()} is {_span(age)} old; readings older than"
+            f" {_span(limits.max_reading_age)} (ingest.max_reading_age_s) are not accepted")
+    if -age > limits.max_future:
+        return "in_future", (
+            f"{where}: timestamp {when.isoformat()} is {_span(-age)} in the future;"
+            " check the gateway's clock (and that ts is epoch seconds or milliseconds)")
+    try:
+        reading = model.model_validate(item)
+    except ValidationError as exc:
+        return "invalid", "; ".join(
+            f"{where}.{_location(err['loc'], nested)}: {_explain(err)}" for err in exc.errors())
+    problem = _cell_arrays_mismatch(reading)
+    if problem:
+        return "invalid", f"{where}.{problem}"
+    values = tuple(getattr(reading, c) for c in model.columns)
+    extra = reading.model_extra or None
+    return Reading(when, values, extra, timestamped)
+
+
+def _json_type(value: object) -> str:
+    names = {str: "a string", int: "a number", float: "a number", bool: "true/false",
+             list: "an array", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _flatten_battery(document: Mapping[str, Any]) -> dict[str, Any] | str:
+    """Flatten the nested PulseBMS document; unknown nested keys go to extra."""
+    flat: dict[str, Any] = {k: v for k, v in document.items() if k not in NESTED_SECTIONS}
+    for section in NESTED_SECTIONS:
+        if section not in document:
+            continue
+        content = document[section]
+        if not isinstance(content, dict):
+            return f"{section}: must be a JSON object"
+        for key, value in content.items():
+            path: tuple[str, ...] = (section, key)
+            if key == "protection_status" and section == "safety":
+                if not isinstance(value, dict):
+                    return "safety.protection_status: must be a JSON object"
+                for flag, state in value.items():
+                    field = NESTED_BATTERY.get((*path, flag))
+                    if field:
+                        flat[field] = state
+                    else:
+                        flat[f"{section}.{key}.{flag}"] = state
+                continue
+            field = NESTED_BATTERY.get(path)
+            flat[field or f"{section}.{key}"] = value
+    return flat
+
+
+def _reading_time(item: dict[str, Any], received_at: datetime) -> tuple[datetime, bool] | str:
+    """Pop the reading's time from *item*: ``timestamp`` (ISO 8601) or ``ts`` (epoch).
+
+    Return the time and whether the reading carried one (else: arrival time).
+    """
+    if "timestamp" in item:
+        raw = item.pop("timestamp")
+        if not isinstance(raw, str):
+            return f"timestamp: expected an ISO 8601 string, got {_json_type(raw)}"
+        try:
+            when = datetime.fromisoformat(raw)
+        except ValueError:
+            return f"timestamp: {raw!r} is not ISO 8601 (e.g. 2026-05-01T12:00:00Z)"
+        if when.tzinfo is None:
+            return (f"timestamp: {raw!r} has no UTC offset; add Z or +01:00 so its instant"
+                    " is unambiguous")
+        return when.astimezone(UTC), True
+    if "ts" in item:
+        raw = item.pop("ts")
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+            return f"ts: expected epoch seconds or milliseconds as a number, got {raw!r}"
+        # Epoch milliseconds are told apart by size: 1e11 s is the year 5138.
+        seconds = raw / 1000 if abs(raw) >= 1e11 else raw
+        try:
+            return datetime.fromtimestamp(seconds, UTC), True
+        except (OverflowError, OSError, ValueError):
+            return f"ts: {raw!r} is not a representable time"
+    return received_at, False
+
+
+def _span(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
+
+def _location(loc: tuple[int | str, ...], nested: bool) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            name = _NESTED_PATH.get(part, part) if nested and not out else part
+            out += f".{name}" if out else name
+    return out or "(reading)"
+
+
+def _explain(err: Any) -> str:
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    if kind in ("less_than_equal", "less_than"):
+        return f"value {value} above {ctx.get('le', ctx.get('lt'))}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"value {value} below {ctx.get('ge', ctx.get('gt'))}"
+    if kind == "finite_number":
+        return "NaN and Infinity are not accepted"
+    if kind in ("float_type", "float_parsing", "int_type", "int_parsing", "int_from_float"):
+        return f"expected a number, got {value!r}"
+    if kind == "too_long":
+        return f"{ctx.get('actual_length')} items; at most {ctx.get('max_length')}"
+    if kind == "literal_error":
+        return f"{value!r} is not one of {ctx.get('expected')}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {value!r}"
+    return str(err["msg"])
+
+
+def _cell_arrays_mismatch(reading: _Reading) -> str | None:
+    if not isinstance(reading, BatteryTelemetry):
+        return None
+    lengths = {name: len(v) for name in ("cell_voltages", "cell_temperatures", "balancing")
+               if (v := getattr(reading, name)) is not None}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+        return f"cell arrays: lengths differ ({described}); send one entry per cell in each"
+    return None

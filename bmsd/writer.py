@@ -1,0 +1,256 @@
+"""Write a batch of readings to the hypertables in one transaction.
+
+The fast path is one binary COPY per hypertable. A reading that is already
+stored (redelivered after a crash) makes COPY fail with a unique violation,
+which aborts it; that hypertable's rows are then written again through a
+temporary staging table with INSERT ... ON CONFLICT DO NOTHING, and every
+row that was not inserted is compared with the stored one: the same values
+count as a duplicate, different values are dead-lettered. A row the
+database refuses for its data (a NUL character, a failed check, a value out
+of range) is isolated by bisecting the rows and dead-lettered alone. Each
+attempt runs in a savepoint, so the rest of the batch is unaffected.
+
+Everything - rows, dead letters, ``devices.last_seen_at`` - commits together
+or not at all; only after the commit are the messages acknowledged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from bmsd.config import STREAMS
+from bmsd.errors import DatabaseError
+from bmsd.payloads import MODELS
+
+_COLUMN_TYPES = """
+    SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+      FROM pg_attribute a
+     WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attgenerated = ''
+"""
+_SEEN = """
+    UPDATE devices d SET last_seen_at = v.seen
+      FROM unnest(%s::integer[], %s::timestamptz[]) AS v (id, seen)
+     WHERE d.id = v.id AND (d.last_seen_at IS NULL OR d.last_seen_at < v.seen)
+"""
+_DEAD_LETTER_COPY = (
+    "COPY ingest_rejects (received_at, topic, route, reason, payload, details)"
+    " FROM STDIN (FORMAT BINARY)"
+)
+_DEAD_LETTER_TYPES = ["timestamptz", "text", "text", "text", "bytea", "jsonb"]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a row came from, so it can be dead-lettered as it was sent."""
+
+    topic: str
+    route: str | None
+    payload: bytes
+    index: int | None
+    received_at: datetime
+
+
+@dataclass(slots=True)
+class Row:
+    """One reading ready for COPY: (time, device_id, *fields, extra)."""
+
+    values: tuple[Any, ...]
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One ``ingest_rejects`` row."""
+
+    origin: Origin
+    category: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    """Readings and dead letters gathered since the last commit."""
+
+    rows: dict[str, dict[tuple[int, datetime], Row]] = field(
+        default_factory=lambda: {s: {} for s in STREAMS})
+    dead: list[DeadLetter] = field(default_factory=list)
+    seen: dict[int, datetime] = field(default_factory=dict)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    row_count: int = 0
+    largest: int = 0  # rows in the fullest hypertable
+
+    def add(self, stream: str, row: Row) -> None:
+        """Add a row; a second reading of a device at the same time is not."""
+        rows = self.rows[stream]
+        key = (row.values[1], row.values[0])
+        held = rows.get(key)
+        if held is None:
+            rows[key] = row
+            self.row_count += 1
+            self.largest = max(self.largest, len(rows))
+        elif held.values == row.values:
+            self.duplicates[stream] += 1
+        else:
+            self.dead.append(DeadLetter(row.origin, "duplicate_conflict", _conflict(key[1])))
+
+    def see(self, device_id: int, when: datetime) -> None:
+        """Note that *device_id* was heard from at *when*."""
+        if when > self.seen.get(device_id, when.min.replace(tzinfo=when.tzinfo)):
+            self.seen[device_id] = when
+
+
+def _conflict(when: datetime) -> str:
+    return (f"a different reading of this device at {when.isoformat()} is already stored;"
+            " the stored one is kept (a corrected resend, or two devices on one topic?)")
+
+
+@dataclass
+class Outcome:
+    """What a committed batch did."""
+
+    written: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+# Errors caused by a row's data (SQLSTATE classes 22 and 23): isolate the row
+# rather than retry the batch. Anything else is the database's trouble, not
+# the data's, and the whole batch is retried.
+_DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+
+
+class Writer:
+    """Write batches to the hypertables; one instance per daemon."""
+
+    def __init__(self) -> None:
+        self._columns: dict[str, list[str]] = {}
+        self._types: dict[str, list[str]] = {}
+
+    def prepare(self, conn: psycopg.Connection[Any]) -> None:
+        """Read the hypertables' column types; check they hold every payload field."""
+        for stream, model in MODELS.items():
+            wanted = ["time", "device_id", *model.columns, "extra"]
+            try:
+                with conn.transaction():
+                    found = dict(conn.execute(_COLUMN_TYPES, (stream,)).fetchall())
+            except psycopg.errors.UndefinedTable as exc:
+                raise DatabaseError(
+                    f"table {stream} does not exist: run `bmsd migrate` first") from exc
+            missing = [c for c in wanted if c not in found]
+            if missing:
+                raise DatabaseError(f"table {stream} lacks columns {', '.join(missing)}:"
+                                    " run `bmsd migrate` with this version's sql/")
+            self._columns[stream] = wanted
+            self._types[stream] = [found[c] for c in wanted]
+
+    def commit(self, conn: psycopg.Connection[Any], batch: Batch) -> Outcome:
+        """Write *batch* in one transaction and commit it."""
+        if not self._columns:
+            self.prepare(conn)
+        outcome = Outcome()
+        outcome.duplicates.update(batch.duplicates)
+        with conn.transaction():
+            for stream, rows in batch.rows.items():
+                if rows:
+                    self._write(conn, stream, list(rows.values()), outcome)
+            dead = batch.dead + outcome.dead
+            if dead:
+                self._dead_letter(conn, dead)
+            if batch.seen:
+                conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
+        outcome.dead = dead
+        return outcome
+
+    def _write(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
+               outcome: Outcome) -> None:
+        try:
+            with conn.transaction():
+                self._copy(conn, sql.Identifier(stream), stream, rows)
+        except psycopg.errors.UniqueViolation:
+            self._write_staged(conn, stream, rows, outcome)
+        except _DATA_ERRORS as exc:
+            self._isolate(conn, stream, rows, outcome, exc)
+        else:
+            outcome.written[stream] += len(rows)
+
+    def _copy(self, conn: psycopg.Connection[Any], table: sql.Identifier, stream: str,
+              rows: list[Row]) -> None:
+        columns = sql.SQL(", ").join(map(sql.Identifier, self._columns[stream]))
+        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(table, columns)
+        with conn.cursor() as cur, cur.copy(statement) as copy:
+            copy.set_types(self._types[stream])
+            for row in rows:
+                values = row.values
+                extra = values[-1]
+                copy.write_row((*values[:-1], None if extra is None else Jsonb(extra)))
+
+    def _write_staged(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
+                      outcome: Outcome) -> None:
+        stage = sql.Identifier(f"bmsd_stage_{stream}")
+        target = sql.Identifier(stream)
+        names = self._columns[stream]
+        columns = sql.SQL(", ").join(map(sql.Identifier, names))
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {})"
+                                     " ON COMMIT DELETE ROWS").format(stage, target))
+                conn.execute(sql.SQL("TRUNCATE {}").format(stage))
+                self._copy(conn, stage, stream, rows)
+                inserted = conn.execute(sql.SQL(
+                    "INSERT INTO {t} ({c}) SELECT {c} FROM {s} ON CONFLICT DO NOTHING"
+                    " RETURNING device_id").format(t=target, c=columns, s=stage)).fetchall()
+                differing = conn.execute(sql.SQL(
+                    "SELECT s.device_id, s.time FROM {s} s JOIN {t} t"
+                    " ON t.device_id = s.device_id AND t.time = s.time"
+                    " WHERE ROW({sc}) IS DISTINCT FROM ROW({tc})").format(
+                    s=stage, t=target,
+                    sc=sql.SQL(", ").join(sql.Identifier("s", n) for n in names),
+                    tc=sql.SQL(", ").join(sql.Identifier("t", n) for n in names),
+                )).fetchall()
+        except _DATA_ERRORS as exc:
+            self._isolate(conn, stream, rows, outcome, exc)
+            return
+        by_key = {(r.values[1], r.values[0]): r for r in rows}
+        for device_id, when in differing:
+            row = by_key[(device_id, when)]
+            outcome.dead.append(DeadLetter(row.origin, "duplicate_conflict", _conflict(when)))
+        outcome.written[stream] += len(inserted)
+        outcome.duplicates[stream] += len(rows) - len(inserted) - len(differing)
+
+    def _isolate(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
+                 outcome: Outcome, exc: Exception) -> None:
+        if len(rows) == 1:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            state = getattr(exc, "sqlstate", None)
+            reason = f"the database refused this reading: {message}"
+            if state:
+                reason += f" (SQLSTATE {state})"
+            outcome.dead.append(DeadLetter(rows[0].origin, "database", reason))
+            return
+        middle = len(rows) // 2
+        self._write(conn, stream, rows[:middle], outcome)
+        self._write(conn, stream, rows[middle:], outcome)
+
+    def _dead_letter(self, conn: psycopg.Connection[Any], dead: list[DeadLetter]) -> None:
+        with conn.cursor() as cur, cur.copy(_DEAD_LETTER_COPY) as copy:
+            copy.set_types(_DEAD_LETTER_TYPES)
+            for letter in dead:
+                o = letter.origin
+                details: dict[str, Any] = {"category": letter.category}
+                if o.index is not None:
+                    details["index"] = o.index
+                copy.write_row((o.received_at, _text(o.topic), o.route, _text(letter.reason),
+                                o.payload, Jsonb(details)))
+
+
+def _text(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; a dead letter must never fail to store.
+    return value.replace("\x00", "\\u0000")
