@@ -30,6 +30,7 @@ from bmsd.config import Config, redact_url
 from bmsd.errors import BmsdError, DatabaseError
 from bmsd.health import HealthServer
 from bmsd.ingest import Ingestor
+from bmsd.lock import InstanceLock
 from bmsd.metrics import Metrics
 from bmsd.mqtt import Message, MqttSource
 
@@ -74,6 +75,7 @@ class Daemon:
             },
         )
         self._conn: psycopg.Connection[Any] | None = None
+        self._lock = InstanceLock(db.url, config.mqtt.client_id, db.connect_timeout_s)
         self._last_db_ok = 0.0
         self._db_ok = False
         self._heartbeat = time.monotonic()
@@ -103,6 +105,7 @@ class Daemon:
         self._pool.open(wait=False)
         try:
             self._with_db(self._ingest.prepare)
+            self._with_db(lambda conn: self._lock.acquire())
             self._source.start()
             self._loop()
             self._drain()
@@ -118,6 +121,7 @@ class Daemon:
         finally:
             self._source.close()
             self._release()
+            self._lock.release()
             self._pool.close(timeout=2)
             self.http.stop()
             log.info("bmsd_stopped")
@@ -143,7 +147,7 @@ class Daemon:
             if ingest.due():
                 self._with_db(ingest.flush)
             elif not ingest.pending and time.monotonic() - self._last_db_ok > _IDLE_PING_S:
-                self._with_db(lambda conn: conn.execute("SELECT 1"))
+                self._with_db(lambda conn: (conn.execute("SELECT 1"), self._lock.check()))
 
     def _drain(self) -> None:
         """Commit and acknowledge what is in hand, within the shutdown deadline."""

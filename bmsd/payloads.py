@@ -380,9 +380,9 @@ def _location(loc: tuple[int | str, ...], nested: bool) -> str:
 def _explain(err: Any) -> str:
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
     if kind in ("less_than_equal", "less_than"):
-        return f"value {value} above {ctx.get('le', ctx.get('lt'))}"
+        return f"value {_num(value)} above {_num(ctx.get('le', ctx.get('lt')))}"
     if kind in ("greater_than_equal", "greater_than"):
-        return f"value {value} below {ctx.get('ge', ctx.get('gt'))}"
+        return f"value {_num(value)} below {_num(ctx.get('ge', ctx.get('gt')))}"
     if kind == "finite_number":
         return "NaN and Infinity are not accepted"
     if kind in ("float_type", "float_parsing", "int_type", "int_parsing", "int_from_float"):
@@ -394,6 +394,13 @@ def _explain(err: Any) -> str:
     if kind in ("bool_type", "bool_parsing"):
         return f"expected true or false, got {value!r}"
     return str(err["msg"])
+
+
+def _num(value: object) -> str:
+    """Print 100.0 as 100, keep 7.2 as 7.2."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _cell_arrays_mismatch(reading: _Reading) -> str | None:

@@ -120,7 +120,12 @@ def bmsd_daemon(db_url: str, mqtt_broker: Any) -> Iterator[DaemonFactory]:
         n = next(_ids)
         client_id = client_id or f"bmsd-test-{os.getpid()}-{n}"
         path = folder / f"bmsd-{n}.toml"
-        path.write_text(f'log_format = "json"\n[mqtt]\nclient_id = "{client_id}"\n{config}')
+        line = f'client_id = "{client_id}"'
+        if "[mqtt]" in config:
+            config = config.replace("[mqtt]", f"[mqtt]\n{line}", 1)
+        else:
+            config += f"\n[mqtt]\n{line}\n"
+        path.write_text(f'log_format = "json"\n{config}')
         port = free_port()
         env = {**os.environ, "BMSD_DATABASE_URL": database_url or db_url,
                "BMSD_MQTT_URL": broker_url or mqtt_broker.url,

@@ -1,0 +1,44 @@
+"""Topic routing: templates, filters, and topics that match nothing."""
+
+from __future__ import annotations
+
+from bmsd.config import DEFAULT_ROUTES, RouteConfig
+from bmsd.routing import Match, Router
+
+ROUTER = Router(DEFAULT_ROUTES)
+
+
+def test_default_routes_subscribe_with_single_level_wildcards() -> None:
+    assert ROUTER.filters == ["site/+/+/telemetry", "site/+/+/battery", "factory/+/+/energy",
+                              "factory/+/+/production", "factory/+/+/environment"]
+
+
+def test_a_topic_resolves_to_its_stream_site_and_device() -> None:
+    match = ROUTER.match("factory/demo/compressor-1/energy")
+    assert isinstance(match, Match)
+    assert (match.route.stream, match.site, match.device) == (
+        "energy_readings", "demo", "compressor-1")
+    assert match.route.site_kind == "factory"
+    battery = ROUTER.match("site/alpha/pack-7/battery")
+    assert isinstance(battery, Match)
+    assert (battery.route.stream, battery.route.device_kind) == ("battery_telemetry",
+                                                                 "battery_pack")
+
+
+def test_segments_may_sit_anywhere_and_in_any_order() -> None:
+    router = Router((RouteConfig(topic="bms/{device}/at/{site}", stream="battery_telemetry",
+                                 device_kind="battery_pack"),))
+    match = router.match("bms/pack-1/at/north")
+    assert isinstance(match, Match)
+    assert (match.site, match.device) == ("north", "pack-1")
+    assert router.filters == ["bms/+/at/+"]
+
+
+def test_topics_that_match_nothing_say_why() -> None:
+    assert ROUTER.match("site/alpha/pack-1/unknown") == (
+        "topic 'site/alpha/pack-1/unknown' matches no route in the configuration")
+    assert ROUTER.match("site//pack-1/battery") == (
+        "topic 'site//pack-1/battery': the site level is empty")
+    long = "d" * 65
+    assert ROUTER.match(f"site/a/{long}/battery") == (
+        f"topic 'site/a/{long}/battery': the device level is longer than 64 characters")
