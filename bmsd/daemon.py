@@ -147,7 +147,7 @@ class Daemon:
             if ingest.due():
                 self._with_db(ingest.flush)
             elif not ingest.pending and time.monotonic() - self._last_db_ok > _IDLE_PING_S:
-                self._with_db(lambda conn: (conn.execute("SELECT 1"), self._lock.check()))
+                self._with_db(self._ping)
 
     def _drain(self) -> None:
         """Commit and acknowledge what is in hand, within the shutdown deadline."""
@@ -165,6 +165,11 @@ class Daemon:
             pending = self._ingest.pending
             self._with_db(self._ingest.flush)
             log.info("bmsd_drained", committed_messages=pending)
+
+    def _ping(self, conn: psycopg.Connection[Any]) -> None:
+        """Check the database while idle, and that we still hold our instance lock."""
+        conn.execute("SELECT 1")
+        self._lock.check()
 
     def _accept(self, message: Message) -> None:
         self._with_db(lambda conn: self._ingest.accept(conn, message))
