@@ -103,6 +103,11 @@ class MqttSource:
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until `close`."""
+        if not self._v5:
+            log.info("mqtt_window", receive_maximum=self._config.receive_maximum,
+                     meaning="with MQTT 3.1.1 the broker's max_inflight_messages sets how many"
+                             " unacknowledged messages it sends; it must equal [mqtt]"
+                             " receive_maximum, else batches wait for the flush timer")
         properties = None
         if self._v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

@@ -36,9 +36,10 @@ NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
 
 # --- round trips ----------------------------------------------------------------
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_every_stream_round_trips_exactly(bmsd_daemon: DaemonFactory, publisher: Publisher,
-                                          db_url: str) -> None:
-    bmsd_daemon()
+                                          db_url: str, protocol: str) -> None:
+    bmsd_daemon(f'[mqtt]\nprotocol = "{protocol}"\n')
     t = [NOW + timedelta(seconds=i) for i in range(10)]
     publisher.publish("site/alpha/ctrl-1/telemetry", {
         "timestamp": iso(t[0]), "batteryVoltage": 502.5, "batteryChargeLevel": 85.5,
@@ -251,9 +252,10 @@ def test_registration_is_capped_per_site_and_minute(
 def test_a_batch_is_flushed_when_the_in_flight_window_is_full(
     bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str
 ) -> None:
-    # A timer this long would hold 20 messages for a minute; the window forces
-    # the flush, so 200 messages arrive in a few seconds.
-    daemon = bmsd_daemon("[ingest]\nflush_interval_ms = 60000\n[mqtt]\nreceive_maximum = 20\n")
+    # A timer this long would hold 20 messages for a minute; the window (MQTT 5
+    # announces ours to the broker) forces the flush, so 200 arrive in seconds.
+    daemon = bmsd_daemon('[ingest]\nflush_interval_ms = 60000\n'
+                         '[mqtt]\nreceive_maximum = 20\nprotocol = "5"\n')
     publisher.publish_many(("factory/d/m1/energy",
                             {"timestamp": iso(NOW + timedelta(seconds=i)), "power_kw": i})
                            for i in range(200))
@@ -317,15 +319,16 @@ def test_a_second_instance_with_the_same_client_id_is_fatal(
     assert first.http("/readyz")[0] == 200
 
 
-def test_mqtt_3_1_1_keeps_a_persistent_session(
-    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_the_persistent_session_queues_what_is_published_while_away(
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, protocol: str
 ) -> None:
-    daemon = bmsd_daemon('[mqtt]\nprotocol = "3.1.1"\n')
+    daemon = bmsd_daemon(f'[mqtt]\nprotocol = "{protocol}"\n')
     assert daemon.stop() == 0
     # Published while bmsd is away: the broker queues it for the session.
     publisher.publish_many(("factory/d/m/energy", {"timestamp": iso(NOW + timedelta(seconds=i)),
                                                    "power_kw": i}) for i in range(25))
-    bmsd_daemon('[mqtt]\nprotocol = "3.1.1"\n', client_id=_client_id(daemon))
+    bmsd_daemon(f'[mqtt]\nprotocol = "{protocol}"\n', client_id=_client_id(daemon))
     wait_until(lambda: count(db_url, "energy_readings") == 25)
 
 

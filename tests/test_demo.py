@@ -1,0 +1,39 @@
+"""README's first command: the local demo stack starts bmsd, which stores what it receives."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bmsd.localstack import free_port
+
+
+@pytest.fixture
+def state_dir() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="bmsd-test-demo-"))
+    folder.chmod(0o755)  # the servers run as their own users when we are root
+    yield folder  # type: ignore[misc]
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_demo_starts_the_stack_and_bmsd_and_stops_cleanly(state_dir: Path) -> None:
+    env = {**os.environ, "BMSD_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+    run = subprocess.run([sys.executable, "-m", "bmsd", "demo", "--duration-s", "2",
+                          "--state-dir", str(state_dir / "state")],
+                         capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "bmsd is running on the local stack" in run.stdout
+    assert "psql 'postgresql://postgres@127.0.0.1:" in run.stdout
+    assert "bmsd stopped (exit code 0)" in run.stdout
+    # A second run reuses the state: the schema is already there.
+    again = subprocess.run([sys.executable, "-m", "bmsd", "demo", "--duration-s", "1",
+                            "--state-dir", str(state_dir / "state")],
+                           capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing to apply" in again.stdout
