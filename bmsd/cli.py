@@ -48,6 +48,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(config)
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+    from datetime import datetime
+
+    from bmsd.simulate import Options, format_summary, run
+
+    if args.messages is None and args.duration_s is None:
+        raise ConfigError("say when to stop: --messages N or --duration-s S")
+    options = Options(
+        sites=args.sites, devices_per_site=args.devices_per_site, messages=args.messages,
+        duration_s=args.duration_s, rate=args.rate, realtime=args.realtime,
+        per_message=args.per_message, qos=args.qos, seed=args.seed,
+        start=datetime.fromisoformat(args.start) if args.start else None,
+        malformed=args.malformed, duplicates=args.duplicates, out_of_order=args.out_of_order,
+        late=args.late, alerts=args.alerts)
+    url = args.mqtt_url or _config(args).mqtt.url
+    summary = run(url, options, client_id=args.client_id,
+                  progress=sys.stderr if sys.stderr.isatty() or args.progress else None)
+    print(format_summary(summary))
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    return 0 if summary.errors == 0 else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bmsd.demo import run_demo
 
@@ -80,6 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", "Run the ingest daemon: MQTT telemetry into TimescaleDB.")
     p.set_defaults(func=_cmd_run)
+
+    p = add("simulate", "Publish realistic field-gateway telemetry over MQTT.")
+    p.add_argument("--mqtt-url", help="default: BMSD_MQTT_URL, then the config file")
+    p.add_argument("--client-id", default="bmsd-simulator")
+    p.add_argument("--sites", type=int, default=2,
+                   help="even-numbered: battery sites; odd: factories (default 2)")
+    p.add_argument("--devices-per-site", type=int, default=6)
+    p.add_argument("--messages", type=int, help="stop after this many messages")
+    p.add_argument("--duration-s", type=float, help="stop after this many seconds")
+    p.add_argument("--rate", type=float, help="messages per second in all (default: as fast"
+                                               " as the broker takes them)")
+    p.add_argument("--realtime", action="store_true",
+                   help="publish at the devices' own intervals (compressor 1 s, ...)")
+    p.add_argument("--per-message", type=int, default=1, help="readings per message")
+    p.add_argument("--qos", type=int, choices=[0, 1, 2], default=1)
+    p.add_argument("--seed", type=int, default=1, help="same seed, same data")
+    p.add_argument("--start", help="first timestamp (ISO 8601); default: the run ends now")
+    for name, what in (("malformed", "bad payloads"), ("duplicates", "messages sent twice"),
+                       ("out-of-order", "messages sent after their successor"),
+                       ("late", "extra readings an hour old"),
+                       ("alerts", "readings past an alert threshold")):
+        p.add_argument(f"--{name}", type=float, default=0.0, metavar="SHARE",
+                       help=f"share (0-1) of {what}")
+    p.add_argument("--summary-json", type=Path, help="also write the summary here as JSON")
+    p.add_argument("--progress", action="store_true", help="progress line even without a TTY")
+    p.set_defaults(func=_cmd_simulate)
 
     p = add("demo", "Start a local TimescaleDB and Mosquitto, apply the schema, run bmsd.")
     p.add_argument("--state-dir", type=Path, default=Path(".state"),

@@ -16,11 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bmsd.config import load_config
 from bmsd.errors import LocalStackError
 from bmsd.localstack import LocalMosquitto, LocalPostgres, free_port
 from bmsd.migrate import migrate
+from bmsd.simulate import Options, run
 
 DEMO_DATABASE = "bmsd"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +72,12 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path) -> in
             print(f"  psql     : psql '{database_url}'")
             print(f"  broker   : {broker.url}  (publish to e.g. site/<site>/<device>/battery)")
             print(f"  config   : {config_path}")
-            print("\nbmsd is running on the local stack; Ctrl-C stops everything", flush=True)
-            stop.wait(duration_s)
+            print("\nbmsd is running on the local stack, fed by `bmsd simulate --realtime`"
+                  " (4 sites); Ctrl-C stops everything\n", flush=True)
+            simulator = _start_simulator(broker.url, stop)
+            _live_view(metrics_addr, database_url, stop, duration_s)
+            stop.set()
+            simulator.join(10)
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(30)
@@ -81,6 +87,58 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path) -> in
         broker.stop()
         pg.stop()
         print("stopped the local stack", flush=True)
+
+
+def _start_simulator(broker_url: str, stop: threading.Event) -> threading.Thread:
+    options = Options(sites=4, devices_per_site=8, realtime=True, duration_s=7 * 86400,
+                      malformed=0.01, alerts=0.02, seed=int(time.time()))
+
+    def publish() -> None:
+        run(broker_url, options, client_id="bmsd-demo-simulator", progress=None, stop=stop)
+
+    thread = threading.Thread(target=publish, name="simulator", daemon=True)
+    thread.start()
+    return thread
+
+
+def _live_view(metrics_addr: str, database_url: str, stop: threading.Event,
+               duration_s: float | None) -> None:
+    """Print what bmsd stored, its rate, rejects and unresolved alerts every 2 s."""
+    started = time.monotonic()
+    last_total, last_at = 0.0, started
+    tty = sys.stdout.isatty()
+    while not stop.wait(2.0):
+        rows = _metric_by_label(metrics_addr, "bmsd_rows_written_total", "table")
+        rejects = sum(_metric_by_label(metrics_addr, "bmsd_messages_rejected_total",
+                                       "reason").values())
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT count(*) FROM alerts WHERE status <> 'resolved'"
+                               ).fetchone()
+        alerts = row[0] if row else 0
+        now = time.monotonic()
+        total = sum(rows.values())
+        rate = (total - last_total) / (now - last_at)
+        last_total, last_at = total, now
+        streams = " | ".join(f"{t.split('_')[0]} {int(n)}" for t, n in sorted(rows.items()))
+        line = (f"stored: {streams or 'nothing yet'} | {rate:,.1f} rows/s | rejects"
+                f" {int(rejects)} | unresolved alerts {alerts}")
+        print(f"\r{line}   " if tty else line, end="" if tty else "\n", flush=True)
+        if duration_s is not None and now - started >= duration_s:
+            break
+    if tty:
+        print()
+
+
+def _metric_by_label(addr: str, name: str, label: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=2) as reply:
+        text = reply.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                key = sample.labels.get(label, "")
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
 
 
 def _start_daemon(state_dir: Path, config_path: Path, database_url: str,

@@ -24,13 +24,20 @@ def state_dir() -> Path:
 
 def test_demo_starts_the_stack_and_bmsd_and_stops_cleanly(state_dir: Path) -> None:
     env = {**os.environ, "BMSD_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
-    run = subprocess.run([sys.executable, "-m", "bmsd", "demo", "--duration-s", "2",
+    run = subprocess.run([sys.executable, "-m", "bmsd", "demo", "--duration-s", "9",
                           "--state-dir", str(state_dir / "state")],
                          capture_output=True, text=True, timeout=180, env=env, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "bmsd is running on the local stack" in run.stdout
     assert "psql 'postgresql://postgres@127.0.0.1:" in run.stdout
     assert "bmsd stopped (exit code 0)" in run.stdout
+    # The live view: the simulator's readings arrive (packs every 5 s,
+    # compressors every second; site controllers only every 10 s).
+    views = [line for line in run.stdout.splitlines() if line.startswith("stored: ")]
+    assert views, run.stdout
+    last = views[-1]
+    assert "battery " in last
+    assert "energy " in last
     # A second run reuses the state: the schema is already there.
     again = subprocess.run([sys.executable, "-m", "bmsd", "demo", "--duration-s", "1",
                             "--state-dir", str(state_dir / "state")],
