@@ -92,15 +92,17 @@ class Ingestor:
                             message.received_at)
             self._hold(message, [*dead, DeadLetter(origin, device.category, device.reason)])
             return
-        single = len(parsed.readings) == 1 and not dead
+        origin = Origin(message.topic, route.template, message.payload, None,
+                        message.received_at)
+        add = self._batch.add
+        stream = route.stream
         newest = message.received_at
         undated = 0
-        for index, reading in enumerate(parsed.readings):
-            origin = Origin(message.topic, route.template, message.payload,
-                            None if single else index, message.received_at)
-            self._batch.add(route.stream,
-                            Row((reading.time, device, *reading.values, reading.extra), origin))
-            newest = max(newest, reading.time)
+        for reading in parsed.readings:
+            add(stream, Row((reading.time, device, *reading.values, reading.extra), origin,
+                            reading.index))
+            if reading.time > newest:
+                newest = reading.time
             undated += not reading.timestamped
         if undated:
             self._metrics.readings_without_time.labels(route.template).inc(undated)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -128,6 +129,8 @@ MODELS: dict[str, type[_Reading]] = {
 }
 for _model in MODELS.values():
     _model.columns = tuple(_model.model_fields)
+# One C-level call gathers a reading's column values.
+_GETTERS = {stream: operator.attrgetter(*model.columns) for stream, model in MODELS.items()}
 
 #: Short names used in reasons, the same as the default topics' last level.
 LABELS = {"site_telemetry": "telemetry", "battery_telemetry": "battery",
@@ -169,6 +172,7 @@ class Reading:
     values: tuple[Any, ...]
     extra: dict[str, Any] | None
     timestamped: bool  # False: the reading had no time and got the arrival time
+    index: int | None = None  # its place in the message's array, if it came in one
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +242,9 @@ def parse_message(stream: str, payload: bytes, received_at: datetime,
         where = f"{label}[{index}]" if batch else label
         result = _parse_reading(model, stream, item, where, received_at, limits)
         if isinstance(result, Reading):
+            if batch:
+                result = Reading(result.time, result.values, result.extra, result.timestamped,
+                                 index)
             parsed.readings.append(result)
         else:
             category, reason = result
@@ -285,10 +292,11 @@ def _parse_reading(model: type[_Reading], stream: str, item: object, where: str,
     except ValidationError as exc:
         return "invalid", "; ".join(
             f"{where}.{_location(err['loc'], nested)}: {_explain(err)}" for err in exc.errors())
-    problem = _cell_arrays_mismatch(reading)
-    if problem:
-        return "invalid", f"{where}.{problem}"
-    values = tuple(getattr(reading, c) for c in model.columns)
+    if stream == "battery_telemetry":
+        problem = _cell_arrays_mismatch(reading)
+        if problem:
+            return "invalid", f"{where}.{problem}"
+    values = _GETTERS[stream](reading)
     extra = reading.model_extra or None
     return Reading(when, values, extra, timestamped)
 
@@ -404,8 +412,6 @@ def _num(value: object) -> str:
 
 
 def _cell_arrays_mismatch(reading: _Reading) -> str | None:
-    if not isinstance(reading, BatteryTelemetry):
-        return None
     lengths = {name: len(v) for name in ("cell_voltages", "cell_temperatures", "balancing")
                if (v := getattr(reading, name)) is not None}
     if len(set(lengths.values())) > 1:

@@ -60,10 +60,23 @@ class Origin:
 
 @dataclass(slots=True)
 class Row:
-    """One reading ready for COPY: (time, device_id, *fields, extra)."""
+    """One reading ready for COPY: (time, device_id, *fields, extra).
+
+    *index* is its place in its message's array (None for a lone reading);
+    the origin is shared by every reading of a message.
+    """
 
     values: tuple[Any, ...]
     origin: Origin
+    index: int | None = None
+
+    def dead(self, category: str, reason: str) -> DeadLetter:
+        """Return this row's dead letter."""
+        origin = self.origin
+        if self.index is not None:
+            origin = Origin(origin.topic, origin.route, origin.payload, self.index,
+                            origin.received_at)
+        return DeadLetter(origin, category, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +112,7 @@ class Batch:
         elif held.values == row.values:
             self.duplicates[stream] += 1
         else:
-            self.dead.append(DeadLetter(row.origin, "duplicate_conflict", _conflict(key[1])))
+            self.dead.append(row.dead("duplicate_conflict", _conflict(key[1])))
 
     def see(self, device_id: int, when: datetime) -> None:
         """Note that *device_id* was heard from at *when*."""
@@ -221,7 +234,7 @@ class Writer:
         by_key = {(r.values[1], r.values[0]): r for r in rows}
         for device_id, when in differing:
             row = by_key[(device_id, when)]
-            outcome.dead.append(DeadLetter(row.origin, "duplicate_conflict", _conflict(when)))
+            outcome.dead.append(row.dead("duplicate_conflict", _conflict(when)))
         outcome.written[stream] += len(inserted)
         outcome.duplicates[stream] += len(rows) - len(inserted) - len(differing)
 
@@ -233,7 +246,7 @@ class Writer:
             reason = f"the database refused this reading: {message}"
             if state:
                 reason += f" (SQLSTATE {state})"
-            outcome.dead.append(DeadLetter(rows[0].origin, "database", reason))
+            outcome.dead.append(rows[0].dead("database", reason))
             return
         middle = len(rows) // 2
         self._write(conn, stream, rows[:middle], outcome)

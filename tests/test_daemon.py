@@ -184,6 +184,21 @@ def test_a_row_the_database_refuses_is_isolated_and_dead_lettered(
     assert stored == set(range(40)) - {7, 23}
 
 
+def test_a_refused_reading_in_a_gateway_batch_is_named_by_its_place(
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str
+) -> None:
+    bmsd_daemon()
+    readings: list[dict[str, Any]] = [
+        {"timestamp": iso(NOW + timedelta(seconds=i)), "soc": 50} for i in range(4)]
+    readings[1]["soc"] = 150  # rejected by validation
+    readings[3]["firmware_version"] = "x\u0000"  # refused by the database
+    publisher.publish("site/a/pack-1/battery", {"readings": readings})
+    wait_until(lambda: count(db_url, "ingest_rejects") == 2)
+    assert sorted(d["index"] for (d,) in query(db_url, "SELECT details FROM ingest_rejects")) \
+        == [1, 3]
+    assert count(db_url, "battery_telemetry") == 2
+
+
 # --- duplicates -------------------------------------------------------------------------
 
 def test_the_same_message_twice_is_stored_once(bmsd_daemon: DaemonFactory,

@@ -1,0 +1,394 @@
+"""Benchmark bmsd against the limits of its machine, measured in the same run (not a test).
+
+    .venv/bin/python bench/run.py                 # the table; --results bench/RESULTS.md to save it
+
+Everything runs on this machine against a throwaway local TimescaleDB and
+Mosquitto (started like the test fixtures, fsync on). Repetitions are
+interleaved and medians reported, because the machine is noisy.
+
+- Load source: the backlog is published while the consumer is stopped, so the
+  broker queues it for the consumer's persistent session; the consumer is
+  then started and timed until the last reading is committed. The publisher
+  is therefore never the bottleneck.
+- Limit (a): a do-nothing paho-mqtt subscriber, same library, MQTT 3.1.1,
+  QoS 1, manual acks sent at once, draining the same backlog.
+- Limit (b): binary COPY of the same rows straight into the same hypertable,
+  5000 rows a transaction.
+- bmsd: `bmsd run` with the shipped defaults, 1 and 100 readings per message;
+  CPU seconds and peak RSS read from /proc. A run whose stored row count
+  differs from what was published is reported as FAILED.
+- Latency: publish-to-commit at half of bmsd's measured single-reading rate,
+  from the reading's timestamp (set at publish) to its transaction's commit
+  time (track_commit_timestamp), p50/p95/p99 over every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bmsd.localstack import LocalMosquitto, LocalPostgres, free_port
+from bmsd.migrate import migrate
+
+REPO = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- load -------------------------------------------------------------------------
+
+def _reading(n: int, k: int, start: datetime) -> dict[str, Any]:
+    return {"timestamp": (start + timedelta(milliseconds=n * 100 + k)).isoformat(),
+            "power_kw": float(k), "energy_kwh": 0.01, "voltage": 400.0}
+
+
+def publish_backlog(port: int, first: int, count: int, per_message: int, devices: int) -> None:
+    """Publish *count* QoS 1 messages and wait for every PUBACK (a process of its own)."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{first}",
+                         protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    start = datetime.now(UTC) - timedelta(hours=30)
+    infos = []
+    for n in range(first, first + count):
+        readings = [_reading(n, k, start) for k in range(per_message)]
+        payload = json.dumps(readings[0] if per_message == 1 else {"readings": readings})
+        infos.append(client.publish(f"factory/bench/m{n % devices}/energy", payload, qos=1))
+    for info in infos:
+        info.wait_for_publish(300)
+    client.disconnect()
+    client.loop_stop()
+
+
+def publish_live(port: int, name: str, rate: float, seconds: float) -> None:
+    """Publish at *rate* messages/s for *seconds*, each stamped with its publish time."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-live-{name}",
+                         protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    started = time.monotonic()
+    n = 0
+    infos = []
+    while (elapsed := time.monotonic() - started) < seconds:
+        due = n / rate
+        if due > elapsed:
+            time.sleep(due - elapsed)
+        payload = json.dumps({"timestamp": datetime.now(UTC).isoformat(), "power_kw": 1.0})
+        infos.append(client.publish(f"factory/live/{name}-{n % 20}/energy", payload, qos=1))
+        n += 1
+    for info in infos:
+        info.wait_for_publish(60)
+    client.disconnect()
+    client.loop_stop()
+
+
+def backlog(port: int, messages: int, per_message: int, publishers: int = 2) -> int:
+    per = messages // publishers
+    procs = [multiprocessing.Process(target=publish_backlog,
+                                     args=(port, i * per, per, per_message, 50))
+             for i in range(publishers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return per * publishers
+
+
+# --- the stack ----------------------------------------------------------------------
+
+class Stack:
+    """A throwaway TimescaleDB and Mosquitto for one benchmark run."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="bmsd-bench-"))
+        self.folder.chmod(0o755)  # the servers run as their own users when we are root
+        self.pg = LocalPostgres(self.folder / "pg",
+                                extra_settings="track_commit_timestamp = on\n").start()
+        self.broker = LocalMosquitto(self.folder / "mqtt", REPO / "mosquitto.conf").start()
+        self.runs = 0
+
+    def database(self) -> str:
+        self.runs += 1
+        name = f"bench_{self.runs}"
+        with psycopg.connect(self.pg.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        url = self.pg.url(name)
+        migrate(url, skip_community=True)
+        return url
+
+    def close(self) -> None:
+        self.broker.stop()
+        self.pg.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def stored(url: str, table: str = "energy_readings") -> int:
+    with psycopg.connect(url) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # type: ignore[index]
+
+
+# --- limit (a): a do-nothing subscriber -----------------------------------------------
+
+def subscriber_limit(stack: Stack, messages: int) -> dict[str, float]:
+    client_id = f"bench-null-{stack.runs}-{time.monotonic_ns()}"
+    received = 0
+    done = threading.Event()
+
+    def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        nonlocal received
+        client.ack(message.mid, message.qos)
+        received += 1
+        if received >= messages:
+            done.set()
+
+    def connect() -> paho.Client:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=paho.MQTTv311, clean_session=False, manual_ack=True)
+        client.on_message = on_message
+        client.connect("127.0.0.1", stack.broker.port)
+        client.subscribe("factory/+/+/energy", qos=1)
+        return client
+
+    first = connect()
+    first.loop_start()
+    time.sleep(0.5)
+    first.disconnect()
+    first.loop_stop()
+    sent = backlog(stack.broker.port, messages, 1)
+    started = time.perf_counter()
+    client = connect()
+    client.loop_start()
+    if not done.wait(300):
+        raise SystemExit(f"FAILED: the null subscriber got {received} of {sent}")
+    elapsed = time.perf_counter() - started
+    client.disconnect()
+    client.loop_stop()
+    return {"messages_per_s": sent / elapsed}
+
+
+# --- limit (b): binary COPY ---------------------------------------------------------------
+
+def copy_limit(stack: Stack, rows: int) -> dict[str, float]:
+    url = stack.database()
+    start = datetime.now(UTC) - timedelta(hours=30)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO organizations (slug, name) VALUES ('o', 'o')")
+        conn.execute("INSERT INTO sites (organization_id, slug, name) VALUES (1, 's', 's')")
+        for d in range(50):
+            conn.execute("INSERT INTO devices (site_id, slug, kind) VALUES (1, %s, 'meter')",
+                         (f"m{d}",))
+        data = [(start + timedelta(milliseconds=n * 100), n % 50 + 1, 0.0, 0.01, 400.0)
+                for n in range(rows)]
+        started = time.perf_counter()
+        for i in range(0, rows, 5000):
+            with conn.transaction(), conn.cursor() as cur, cur.copy(
+                "COPY energy_readings (time, device_id, power_kw, energy_kwh, voltage)"
+                " FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["timestamptz", "int4", "float8", "float8", "float8"])
+                for row in data[i:i + 5000]:
+                    copy.write_row(row)
+        elapsed = time.perf_counter() - started
+    if stored(url) != rows:
+        raise SystemExit("FAILED: COPY stored a different number of rows")
+    return {"rows_per_s": rows / elapsed}
+
+
+# --- bmsd -----------------------------------------------------------------------------
+
+class Bmsd:
+    """`bmsd run` on the benchmark stack."""
+
+    def __init__(self, stack: Stack, url: str, client_id: str) -> None:
+        self.state = Path(tempfile.mkdtemp(prefix="bmsd-bench-run-"))
+        config = self.state / "bmsd.toml"
+        config.write_text(f'log_format = "json"\nlog_level = "warning"\n'
+                          f'[mqtt]\nclient_id = "{client_id}"\n')
+        self.env = {**os.environ, "BMSD_DATABASE_URL": url, "BMSD_MQTT_URL": stack.broker.url,
+                    "BMSD_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        self.argv = [sys.executable, "-m", "bmsd", "run", "--config", str(config)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env,
+                                     stdout=(self.state / "bmsd.log").open("ab"),
+                                     stderr=subprocess.STDOUT)
+
+    def usage(self) -> tuple[float, float]:
+        """Return (CPU seconds, peak RSS in MB) of the running process."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / TICKS
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+        return cpu, int(hwm.split()[1]) / 1024
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise SystemExit(f"bmsd exited: {(self.state / 'bmsd.log').read_text()[-2000:]}")
+
+
+def bmsd_drain(stack: Stack, messages: int, per_message: int) -> dict[str, float]:
+    url = stack.database()
+    daemon = Bmsd(stack, url, f"bench-bmsd-{stack.runs}")
+    daemon.start()  # create the session and its subscriptions, then stop
+    time.sleep(2.5)
+    daemon.stop()
+    sent = backlog(stack.broker.port, messages, per_message)
+    expected = sent * per_message
+    daemon = Bmsd(stack, url, f"bench-bmsd-{stack.runs}")
+    cpu_before = 0.0
+    daemon.start()
+    started = time.perf_counter()
+    while (count := stored(url)) < expected:
+        daemon.check_alive()
+        if count == 0:
+            # Start the clock at the first commit, not at process start-up.
+            started = time.perf_counter()
+            cpu_before = daemon.usage()[0]
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    cpu, rss = daemon.usage()
+    daemon.stop()
+    final = stored(url)
+    if final != expected:
+        raise SystemExit(f"FAILED: bmsd stored {final} readings of {expected} published")
+    return {"messages_per_s": sent / elapsed, "rows_per_s": expected / elapsed,
+            "cpu_s_per_1000": (cpu - cpu_before) / expected * 1000, "peak_rss_mb": rss}
+
+
+def bmsd_latency(stack: Stack, rate: float, seconds: float) -> dict[str, float]:
+    url = stack.database()
+    daemon = Bmsd(stack, url, f"bench-latency-{stack.runs}")
+    daemon.start()
+    time.sleep(3)
+    procs = [multiprocessing.Process(target=publish_live,
+                                     args=(stack.broker.port, f"p{i}", rate / 2, seconds))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    time.sleep(2)
+    daemon.check_alive()
+    daemon.stop()
+    with psycopg.connect(url) as conn:
+        row = conn.execute("""
+            SELECT count(*), percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (
+                       ORDER BY extract(epoch FROM pg_xact_commit_timestamp(xmin) - time))
+              FROM energy_readings""").fetchone()
+    assert row is not None
+    count, (p50, p95, p99) = row
+    return {"rows": count, "rate": count / seconds, "p50": p50, "p95": p95, "p99": p99}
+
+
+# --- the table ----------------------------------------------------------------------------
+
+def median(results: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=30_000,
+                        help="single-reading messages per drain")
+    parser.add_argument("--batched-messages", type=int, default=600,
+                        help="messages of 100 readings per drain")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency-s", type=float, default=20)
+    parser.add_argument("--results", type=Path, help="write the table as Markdown here")
+    args = parser.parse_args()
+
+    stack = Stack()
+    runs: dict[str, list[dict[str, float]]] = {"null": [], "copy": [], "single": [],
+                                               "batched": []}
+    steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
+        ("null", lambda: subscriber_limit(stack, args.messages)),
+        ("copy", lambda: copy_limit(stack, args.batched_messages * 100)),
+        ("single", lambda: bmsd_drain(stack, args.messages, 1)),
+        ("batched", lambda: bmsd_drain(stack, args.batched_messages, 100)),
+    ]
+    try:
+        for rep in range(args.repeat):
+            for name, step in steps:
+                result = step()
+                runs[name].append(result)
+                print(f"run {rep + 1} {name:8} " + " ".join(f"{k}={v:,.2f}"
+                                                           for k, v in result.items()),
+                      flush=True)
+        single_rate = median(runs["single"], "messages_per_s")
+        latency = bmsd_latency(stack, single_rate / 2, args.latency_s)
+        print(f"latency  " + " ".join(f"{k}={v:,.3f}" for k, v in latency.items()), flush=True)
+    finally:
+        stack.close()
+
+    null = median(runs["null"], "messages_per_s")
+    copy = median(runs["copy"], "rows_per_s")
+    single = runs["single"]
+    batched = runs["batched"]
+    lower = min(null, copy)
+    rows = [
+        ("Limit (a): do-nothing paho subscriber, QoS 1", f"{null:,.0f} msg/s", "", ""),
+        ("Limit (b): binary COPY into the hypertable", f"{copy:,.0f} rows/s", "", ""),
+        ("bmsd, 1 reading per message", f"{median(single, 'messages_per_s'):,.0f} msg/s",
+         f"{median(single, 'messages_per_s') / lower:.2f} × lower limit",
+         f"≥ 0.70 × lower limit"),
+        ("bmsd, 100 readings per message", f"{median(batched, 'rows_per_s'):,.0f} rows/s",
+         f"{median(batched, 'rows_per_s') / copy:.2f} × COPY", "≥ 0.50 × COPY"),
+        ("CPU s per 1000 readings (1 / 100 per msg)",
+         f"{median(single, 'cpu_s_per_1000'):.3f} / {median(batched, 'cpu_s_per_1000'):.3f}",
+         "", ""),
+        ("peak RSS (1 / 100 per msg)", f"{max(r['peak_rss_mb'] for r in single):.0f} /"
+         f" {max(r['peak_rss_mb'] for r in batched):.0f} MB", "", "< 150 MB"),
+        (f"publish→commit at {latency['rate']:,.0f} msg/s (half load) p50/p95/p99",
+         f"{latency['p50'] * 1000:.0f} / {latency['p95'] * 1000:.0f} /"
+         f" {latency['p99'] * 1000:.0f} ms", "", "p99 < 500 ms"),
+    ]
+    table = ["| measure | median | ratio | target |", "|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    machine = (f"{platform.node()}: {os.cpu_count()} cores,"
+               f" {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB,"
+               f" {platform.platform()}, Python {platform.python_version()}")
+    text = "\n".join(table)
+    print()
+    print(text)
+    if args.results:
+        command = "bench/run.py " + " ".join(sys.argv[1:])
+        args.results.write_text(
+            f"# Benchmark results\n\nMeasured {datetime.now(UTC):%Y-%m-%d} on {machine}"
+            f" with `.venv/bin/python {command.strip()}` ({args.repeat} interleaved repetitions,"
+            f" medians; {args.messages} single-reading messages and {args.batched_messages}"
+            f" messages of 100 readings per drain).\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
