@@ -72,6 +72,52 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if summary.errors == 0 else 1
 
 
+_LIST_ALERTS = """
+    SELECT a.id, a.severity, a.rule_code, s.slug, d.slug, a.status, a.triggered_at, a.message
+      FROM alerts a JOIN devices d ON d.id = a.device_id JOIN sites s ON s.id = a.site_id
+     WHERE a.status <> 'resolved'
+       AND (%(site)s::text IS NULL OR s.slug = %(site)s)
+       AND (%(severity)s::text IS NULL OR a.severity = %(severity)s)
+     ORDER BY array_position(ARRAY['critical', 'error', 'warning', 'info'], a.severity),
+              a.triggered_at
+"""
+
+
+def _cmd_alerts(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from bmsd.errors import DatabaseError
+
+    url = args.database_url or _config(args).database.url
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            if args.action == "ack":
+                if args.id is None or not args.by:
+                    raise ConfigError("usage: bmsd alerts ack ID --by NAME")
+                try:
+                    row = conn.execute(
+                        "SELECT id, rule_code, status FROM acknowledge_alert(%s, %s)",
+                        (args.id, args.by)).fetchone()
+                except psycopg.errors.RaiseException as exc:
+                    print(f"bmsd alerts: {exc.diag.message_primary}", file=sys.stderr)
+                    return 1
+                assert row is not None
+                print(f"alert {row[0]} ({row[1]}) {row[2]} by {args.by}")
+                return 0
+            rows = conn.execute(_LIST_ALERTS, {"site": args.site,
+                                               "severity": args.severity}).fetchall()
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot reach the database: {exc}") from exc
+    if not rows:
+        print("no unresolved alerts")
+        return 0
+    print(f"{'ID':>6}  {'SEVERITY':8}  {'CODE':26}  {'SITE/DEVICE':28}  {'STATUS':12}  SINCE")
+    for id_, severity, code, site, device, status, since, message in rows:
+        print(f"{id_:>6}  {severity:8}  {code:26}  {site + '/' + device:28}  {status:12}"
+              f"  {since:%Y-%m-%d %H:%M:%S%z}\n        {message}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bmsd.demo import run_demo
 
@@ -104,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", "Run the ingest daemon: MQTT telemetry into TimescaleDB.")
     p.set_defaults(func=_cmd_run)
+
+    p = add("alerts", "List unresolved alerts, or acknowledge one: bmsd alerts ack ID --by NAME.")
+    p.add_argument("action", nargs="?", choices=["list", "ack"], default="list")
+    p.add_argument("id", nargs="?", type=int, help="with ack: the alert's id")
+    p.add_argument("--by", help="with ack: who acknowledges")
+    p.add_argument("--site", help="only this site (slug)")
+    p.add_argument("--severity", choices=["info", "warning", "error", "critical"])
+    p.add_argument("--database-url", help="default: BMSD_DATABASE_URL, then the config file")
+    p.set_defaults(func=_cmd_alerts)
 
     p = add("simulate", "Publish realistic field-gateway telemetry over MQTT.")
     p.add_argument("--mqtt-url", help="default: BMSD_MQTT_URL, then the config file")

@@ -110,6 +110,16 @@ class IngestConfig(_Frozen):
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
 
+class AlertsConfig(_Frozen):
+    """Inline alert evaluation."""
+
+    enabled: bool = True
+    rules_file: Path | None = None  # default: the shipped config/alerts.toml
+    mqtt_prefix: str | None = "bmsd/alerts"  # "" turns publishing off
+    limits_refresh_s: PositiveInt = 60
+    offline_check_s: PositiveInt = 5
+
+
 class MetricsConfig(_Frozen):
     """Where the Prometheus endpoint listens."""
 
@@ -180,6 +190,7 @@ class Config(_Frozen):
     mqtt: MqttConfig = MqttConfig()
     ingest: IngestConfig = IngestConfig()
     metrics: MetricsConfig = MetricsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     routes: tuple[RouteConfig, ...] = DEFAULT_ROUTES
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

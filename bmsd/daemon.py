@@ -11,6 +11,7 @@ second signal exits at once. A fatal condition exits 1 with its reason.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import random
@@ -18,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -26,13 +28,15 @@ import structlog
 from prometheus_client import CollectorRegistry
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from bmsd.alerts import AlertEngine, Plan
 from bmsd.config import Config, redact_url
-from bmsd.errors import BmsdError, DatabaseError
+from bmsd.errors import BmsdError, ConfigError, DatabaseError
 from bmsd.health import HealthServer
 from bmsd.ingest import Ingestor
 from bmsd.lock import InstanceLock
 from bmsd.metrics import Metrics
 from bmsd.mqtt import Message, MqttSource
+from bmsd.rules import load_rules
 
 log = structlog.get_logger("bmsd")
 T = TypeVar("T")
@@ -56,9 +60,16 @@ class Daemon:
         self.stop = threading.Event()
         self._deadline: float | None = None
         self._inbox: queue.Queue[Message] = queue.Queue(maxsize=2 * config.mqtt.receive_maximum)
-        self._ingest = Ingestor(config, self.metrics, ack=self._ack)
+        self._alerts: AlertEngine | None = None
+        if config.alerts.enabled:
+            self._alerts = AlertEngine(
+                load_rules(config.alerts.rules_file), self.metrics, publish=self._publish,
+                topic_prefix=config.alerts.mqtt_prefix or None,
+                offline_after_s={r.stream: r.offline_after_s for r in config.routes})
+        self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts)
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
                                   self.metrics)
+        self.reload = threading.Event()
         db = config.database
         self._pool = ConnectionPool(
             db.url, min_size=db.pool_min_size, max_size=db.pool_max_size, open=False,
@@ -106,6 +117,8 @@ class Daemon:
         try:
             self._with_db(self._ingest.prepare)
             self._with_db(lambda conn: self._lock.acquire())
+            if self._alerts is not None:
+                self._with_db(self._alerts.load)
             self._source.start()
             self._loop()
             self._drain()
@@ -128,10 +141,37 @@ class Daemon:
 
     def _loop(self) -> None:
         inbox, ingest = self._inbox, self._ingest
+        republished = False
+        next_offline = next_limits = time.monotonic()
+        backlog_seen = datetime.now(UTC)
+        window_flushes = 0
         while not self.stop.is_set():
             self._heartbeat = time.monotonic()
             if self._source.fatal is not None:
                 raise self._source.fatal
+            engine = self._alerts
+            if engine is not None:
+                if not republished and self._source.subscribed.is_set():
+                    # Re-announce what is unresolved: a crash between a commit and
+                    # its publish must lose no notification.
+                    republished = True
+                    log.info("alerts_republished", count=engine.republish())
+                if self.reload.is_set():
+                    self.reload.clear()
+                    self._reload_rules(engine)
+                now = time.monotonic()
+                if now >= next_limits:
+                    next_limits = now + self.config.alerts.limits_refresh_s
+                    self._with_db(functools.partial(self._read_limits, engine))
+                if ingest.window_flushes != window_flushes or inbox.qsize() > 0:
+                    # Draining a backlog: every device would look silent.
+                    window_flushes = ingest.window_flushes
+                    backlog_seen = datetime.now(UTC)
+                if now >= next_offline and self._source.subscribed.is_set():
+                    next_offline = now + self.config.alerts.offline_check_s
+                    since = max(self._source.subscribed_at, backlog_seen)
+                    engine.apply(self._with_db(functools.partial(self._offline, engine,
+                                                                 since=since)))
             try:
                 message = inbox.get(timeout=min(max(ingest.seconds_to_due(), 0.001), 0.5))
             except queue.Empty:
@@ -165,6 +205,31 @@ class Daemon:
             pending = self._ingest.pending
             self._with_db(self._ingest.flush)
             log.info("bmsd_drained", committed_messages=pending)
+
+    @staticmethod
+    def _offline(engine: AlertEngine, conn: psycopg.Connection[Any], since: datetime) -> Plan:
+        with conn.transaction():
+            return engine.plan_offline(conn, datetime.now(UTC), since)
+
+    @staticmethod
+    def _read_limits(engine: AlertEngine, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            engine.load_limits(conn)
+
+    def _reload_rules(self, engine: AlertEngine) -> None:
+        path = self.config.alerts.rules_file
+        try:
+            rules = load_rules(path)
+        except ConfigError as exc:
+            log.error("alert_rules_refused", error=str(exc),
+                      meaning="the new rules are invalid; the old ones stay in force")
+            return
+        engine.set_rules(rules)
+        self._with_db(functools.partial(self._read_limits, engine))
+        log.info("alert_rules_reloaded", rules=len(rules))
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self._source.publish(topic, payload, retain)
 
     def _ping(self, conn: psycopg.Connection[Any]) -> None:
         """Check the database while idle, and that we still hold our instance lock."""
@@ -237,8 +302,12 @@ def install_signal_handlers(daemon: Daemon) -> None:
         log.info("bmsd_stopping", signal=signal.Signals(signum).name)
         daemon.stop.set()
 
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        daemon.reload.set()
+
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGHUP, hangup)
 
 
 def run(config: Config) -> int:

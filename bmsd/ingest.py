@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from bmsd.alerts import AlertEngine
 from bmsd.config import Config
 from bmsd.metrics import Metrics
 from bmsd.mqtt import Message
@@ -35,6 +36,7 @@ class Ingestor:
 
     def __init__(self, config: Config, metrics: Metrics,
                  ack: Callable[[list[Message]], int],
+                 alerts: AlertEngine | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         ingest = config.ingest
         self._limits = Limits(max_message_bytes=ingest.max_message_bytes,
@@ -46,6 +48,8 @@ class Ingestor:
         self._writer = Writer()
         self._metrics = metrics
         self._ack = ack
+        self._alerts = alerts
+        self.window_flushes = 0  # flushes forced by a full in-flight window: a backlog
         self._clock = clock
         self._max_rows = ingest.max_batch_rows
         self._interval_s = ingest.flush_interval_ms / 1000
@@ -140,8 +144,14 @@ class Ingestor:
     def flush(self, conn: psycopg.Connection[Any]) -> Outcome:
         """Commit the batch, then acknowledge its messages; errors leave it for a retry."""
         started = time.perf_counter()
-        outcome = self._writer.commit(conn, self._batch)
+        engine = self._alerts
+        outcome, plan = self._writer.commit(conn, self._batch,
+                                            also=engine.plan if engine else None)
         committed = datetime.now(UTC)
+        if engine is not None and plan is not None:
+            engine.apply(plan)
+        if len(self._pending) >= self._window:
+            self.window_flushes += 1
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_rows.observe(sum(outcome.written.values()))
         for table, count in outcome.written.items():

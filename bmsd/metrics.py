@@ -56,4 +56,12 @@ class Metrics:
             "bmsd_db_errors", "Database operations that failed and were retried", ["kind"],
             registry=r)
         self.db_up = Gauge("bmsd_db_up", "1 while the database answers", registry=r)
+        self.alerts_unresolved = Gauge(
+            "bmsd_alerts_unresolved", "Unresolved alerts", ["severity"], registry=r)
+        self.alert_transitions = Counter(
+            "bmsd_alert_transitions", "Alerts raised and resolved", ["code", "kind"],
+            registry=r)
+        self.alert_seconds = Histogram(
+            "bmsd_alert_evaluation_seconds", "Time to evaluate and write one batch's alerts",
+            buckets=_LATENCY_BUCKETS, registry=r)
         self.broker_dropped.set(-1)

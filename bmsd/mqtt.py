@@ -71,6 +71,7 @@ class MqttSource:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.fatal: BrokerError | None = None
+        self.subscribed_at = datetime.now(UTC)
         self._fatal_event = threading.Event()
         url = urlsplit(config.url)
         self._host = url.hostname or "127.0.0.1"
@@ -139,6 +140,10 @@ class MqttSource:
         self._fatal_event.wait(timeout_s)
         return self.fatal
 
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Publish with QoS 1; paho queues it while disconnected."""
+        self._client.publish(topic, payload, qos=1, retain=retain)
+
     @property
     def generation(self) -> int:
         return self._generation
@@ -200,6 +205,7 @@ class MqttSource:
                 f"broker refused QoS 1 subscriptions to {', '.join(refused)}; bmsd needs them"
                 " (check the broker's ACL for this user)"))
             return
+        self.subscribed_at = datetime.now(UTC)
         self.subscribed.set()
         log.info("mqtt_subscribed", filters=self._filters)
 

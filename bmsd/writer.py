@@ -17,9 +17,10 @@ or not at all; only after the commit are the messages acknowledged.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -45,6 +46,7 @@ _DEAD_LETTER_COPY = (
     " FROM STDIN (FORMAT BINARY)"
 )
 _DEAD_LETTER_TYPES = ["timestamptz", "text", "text", "text", "bytea", "jsonb"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,11 +166,18 @@ class Writer:
             self._columns[stream] = wanted
             self._types[stream] = [found[c] for c in wanted]
 
-    def commit(self, conn: psycopg.Connection[Any], batch: Batch) -> Outcome:
-        """Write *batch* in one transaction and commit it."""
+    def commit(self, conn: psycopg.Connection[Any], batch: Batch,
+               also: Callable[[psycopg.Connection[Any], Batch], T] | None = None
+               ) -> tuple[Outcome, T | None]:
+        """Write *batch* in one transaction and commit it.
+
+        *also* runs in the same transaction after the rows are written (the
+        alert engine); what it returns is returned after the commit.
+        """
         if not self._columns:
             self.prepare(conn)
         outcome = Outcome()
+        extra: T | None = None
         outcome.duplicates.update(batch.duplicates)
         with conn.transaction():
             for stream, rows in batch.rows.items():
@@ -179,8 +188,10 @@ class Writer:
                 self._dead_letter(conn, dead)
             if batch.seen:
                 conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
+            if also is not None:
+                extra = also(conn, batch)
         outcome.dead = dead
-        return outcome
+        return outcome, extra
 
     def _write(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
                outcome: Outcome) -> None:

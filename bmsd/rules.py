@@ -1,0 +1,153 @@
+"""Alert rules: what a reading is compared with, and the shipped defaults.
+
+A rule watches one value of one stream - a stored field, or a derived one
+such as ``grid_frequency_deviation`` - with an operator and a threshold,
+clears at its own clear threshold (hysteresis), and may need the condition
+to hold for ``for_s`` seconds. A rule that names a ``limit`` takes its
+threshold, per device, from the active ``safety_constraints`` row, keeping
+the rule's gap between threshold and clear threshold.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bmsd.config import Stream
+from bmsd.errors import ConfigError
+from bmsd.payloads import MODELS
+
+Severity = Literal["info", "warning", "error", "critical"]
+SEVERITIES = ("info", "warning", "error", "critical")
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+#: Values computed from a reading rather than stored as such.
+DERIVED: dict[str, dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], float | None]]] = {
+    "battery_telemetry": {
+        "max_cell_voltage":
+            lambda r, d: max(r["cell_voltages"]) if r.get("cell_voltages") else None,
+        "min_cell_voltage":
+            lambda r, d: min(r["cell_voltages"]) if r.get("cell_voltages") else None,
+        "max_cell_temperature":
+            lambda r, d: max(r["cell_temperatures"]) if r.get("cell_temperatures") else None,
+        "min_cell_temperature":
+            lambda r, d: min(r["cell_temperatures"]) if r.get("cell_temperatures") else None,
+        "cell_temperature_spread":
+            lambda r, d: (max(r["cell_temperatures"]) - min(r["cell_temperatures"]))
+            if r.get("cell_temperatures") else None,
+    },
+    "site_telemetry": {
+        "grid_frequency_deviation":
+            lambda r, d: abs(r["grid_frequency"] - d["nominal_grid_frequency_hz"])
+            if r.get("grid_frequency") is not None else None,
+    },
+}
+#: safety_constraints columns a rule may take its threshold from.
+LIMITS = ("max_cell_voltage", "min_cell_voltage", "max_charge_current",
+          "max_discharge_current", "max_cell_temperature", "min_cell_temperature",
+          "max_temperature_delta", "max_soc", "min_soc")
+
+
+class Rule(BaseModel):
+    """One threshold rule."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    code: Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]*$", max_length=64)]
+    title: str
+    stream: Stream
+    value: str
+    op: Literal["<", "<=", ">", ">="]
+    threshold: float
+    clear: float | None = None  # default: the threshold
+    for_s: Annotated[float, Field(ge=0)] = 0
+    severity: Severity
+    category: str
+    message: str = "{device} at {site}: {title} ({value} against {threshold})"
+    device_kind: str | None = None
+    site: str | None = None  # a shell-style pattern of site slugs
+    limit: Literal[LIMITS] | None = None  # type: ignore[valid-type]
+    limit_sign: Literal[1, -1] = 1  # -1: the limit is a magnitude, the value negative
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rule:
+        known = set(MODELS[self.stream].columns) | set(DERIVED.get(self.stream, {}))
+        if self.value not in known:
+            raise ValueError(f"rule {self.code}: {self.stream} has no value {self.value!r};"
+                             f" known: {', '.join(sorted(known))}")
+        clear = self.threshold if self.clear is None else self.clear
+        if (self.op in ("<", "<=") and clear < self.threshold) or (
+                self.op in (">", ">=") and clear > self.threshold):
+            raise ValueError(f"rule {self.code}: the clear threshold {clear} must lie on the"
+                             f" safe side of the threshold {self.threshold}")
+        try:
+            self.message.format(value=0.0, threshold=0.0, site="s", device="d", title="t")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"rule {self.code}: message template: {exc}; use {{value}},"
+                             " {threshold}, {site}, {device}, {title}") from exc
+        return self
+
+    def applies(self, kind: str, site: str) -> bool:
+        """Return whether the rule watches devices of *kind* at *site*."""
+        if self.device_kind is not None and kind != self.device_kind:
+            return False
+        return self.site is None or fnmatch.fnmatchcase(site, self.site)
+
+    def thresholds(self, limits: Mapping[str, float] | None) -> tuple[float, float]:
+        """Return (threshold, clear) for a device with these safety limits."""
+        clear = self.threshold if self.clear is None else self.clear
+        if self.limit is not None and limits and limits.get(self.limit) is not None:
+            threshold = float(limits[self.limit]) * self.limit_sign
+            return threshold, threshold + (clear - self.threshold)
+        return self.threshold, clear
+
+    def breached(self, value: float, threshold: float) -> bool:
+        return _OPS[self.op](value, threshold)
+
+    def cleared(self, value: float, clear: float) -> bool:
+        """Return whether *value* reached the clear threshold from the unsafe side."""
+        return value >= clear if self.op in ("<", "<=") else value <= clear
+
+
+class RuleSet(BaseModel):
+    """The rules file: a list of ``[[rules]]`` tables."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rules: tuple[Rule, ...]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> RuleSet:
+        codes = [r.code for r in self.rules]
+        doubled = sorted({c for c in codes if codes.count(c) > 1})
+        if doubled:
+            raise ValueError(f"rule codes must be unique; twice: {', '.join(doubled)}")
+        return self
+
+
+DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "config" / "alerts.toml"
+
+
+def load_rules(path: Path | None = None) -> tuple[Rule, ...]:
+    """Read and validate a rules file (default: the shipped config/alerts.toml)."""
+    path = path or DEFAULT_RULES_PATH
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such rules file ([alerts] rules_file)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return RuleSet.model_validate(raw).rules
+    except ValidationError as exc:
+        lines = [f"{path}: {exc.error_count()} error(s) in the alert rules:"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc or '(file)'}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("\n".join(lines)) from exc
