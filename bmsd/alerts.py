@@ -218,9 +218,23 @@ class AlertEngine:
         for stream, rows in batch.rows.items():
             if not rows:
                 continue
-            columns = MODELS[stream].columns
             rules = self._by_stream.get(stream, ())
-            for (device_id, when), row in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            if not rules and stream != "battery_telemetry":
+                # Nothing to evaluate per reading: only each device's newest one
+                # moves its mark and ends a DEVICE_OFFLINE.
+                newest: dict[int, datetime] = {}
+                for device_id, when in rows:
+                    if when > newest.get(device_id, when.min.replace(tzinfo=UTC)):
+                        newest[device_id] = when
+                for device_id, when in newest.items():
+                    key = (device_id, stream)
+                    mark = self._marks.get(key)
+                    if mark is None or when > mark:
+                        plan.marks[key] = when
+                        self._offline_resolves(plan, opened, self._devices[device_id], when)
+                continue
+            columns = MODELS[stream].columns
+            for (device_id, when), row in sorted(rows.items(), key=lambda kv: kv[0]):
                 key = (device_id, stream)
                 mark = plan.marks.get(key) or self._marks.get(key)
                 if mark is not None and when <= mark:

@@ -29,6 +29,11 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             print(line)
     if report.applied:
         print(f"applied {len(report.applied)} script(s)")
+    if args.demo_data:
+        from bmsd.migrate import load_demo_data
+
+        for name in load_demo_data(url, sql_dir=args.sql_dir):
+            print(f"loaded demo data sql/demo/{name}")
     return 0
 
 
@@ -143,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-community-features", action="store_true",
                    help="on TimescaleDB's Apache-only edition, apply everything but the"
                         " continuous aggregates and policies, and record those as skipped")
+    p.add_argument("--demo-data", action="store_true",
+                   help="also load the demo plants, devices, tariffs and carbon factors"
+                        " of sql/demo/ (never for a production database)")
     p.set_defaults(func=_cmd_migrate)
 
     p = add("check-config", "Validate a configuration file; exit 2 if it is wrong.")

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bmsd.config import load_config
 from bmsd.errors import LocalStackError
 from bmsd.localstack import LocalMosquitto, LocalPostgres, free_port
-from bmsd.migrate import migrate
+from bmsd.migrate import load_demo_data, migrate
 from bmsd.simulate import Options, run
 
 DEMO_DATABASE = "bmsd"
@@ -61,6 +61,8 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path) -> in
         report = migrate(database_url, skip_community=True)
         for line in report.lines():
             print(line)
+        loaded = load_demo_data(database_url)
+        print(f"loaded demo data: {', '.join(loaded)}")
         metrics_addr = load_config(config_path if config_path.exists() else None).metrics.addr
         daemon = _start_daemon(state_dir, config_path, database_url, broker.url)
         try:

@@ -47,6 +47,25 @@ _EDITION = """
 """
 
 
+def load_demo_data(database_url: str, sql_dir: Path | None = None) -> list[str]:
+    """Apply the demo data scripts of ``sql/demo/`` (idempotent); return their names."""
+    folder = (sql_dir or default_sql_dir()) / "demo"
+    names = []
+    try:
+        conn = psycopg.connect(database_url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to the database: {exc}".strip()) from exc
+    with conn:
+        for path in sorted(folder.glob("*.sql")):
+            try:
+                with conn.transaction():
+                    conn.execute(sql.SQL(path.read_text()))  # our own file's text
+            except psycopg.Error as exc:
+                raise MigrationError(f"sql/demo/{path.name} failed: {exc}") from exc
+            names.append(path.name)
+    return names
+
+
 def default_sql_dir() -> Path:
     """Return the ``sql/`` folder that ships beside the ``bmsd`` package."""
     return Path(__file__).resolve().parent.parent / "sql"

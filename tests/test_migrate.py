@@ -241,3 +241,25 @@ def test_migrate_without_timescaledb_loaded_says_what_to_do(pg_server: PgServer)
     finally:
         local.stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_demo_data_loads_on_request_only_and_twice_without_harm(empty_db_url: str) -> None:
+    first = bmsd("migrate", "--database-url", empty_db_url, "--skip-community-features")
+    assert first.returncode == 0, first.stderr
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM sites").fetchone() == (0,)
+    for _ in range(2):
+        run = bmsd("migrate", "--database-url", empty_db_url, "--skip-community-features",
+                   "--demo-data")
+        assert run.returncode == 0, run.stderr
+        assert "loaded demo data sql/demo/demo_data.sql" in run.stdout
+    with psycopg.connect(empty_db_url) as conn:
+        machines = {r[0] for r in conn.execute(
+            "SELECT d.name FROM devices d JOIN sites s ON s.id = d.site_id"
+            " WHERE s.slug IN ('demo', 'europe')")}
+        assert machines == {"Compressor-1", "HVAC-Main", "Conveyor-A", "Hydraulic-Pump-1",
+                            "Injection-Molding-1", "Compressor-EU-1", "HVAC-EU-North"}
+        assert conn.execute("SELECT count(*) FROM energy_tariffs").fetchone() == (28,)
+        assert conn.execute("SELECT count(*) FROM carbon_factors").fetchone() == (2,)
+        assert "demo_data.sql" not in {r[0] for r in conn.execute(
+            "SELECT name FROM bmsd_migrations")}
