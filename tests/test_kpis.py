@@ -173,6 +173,7 @@ def test_carbon_uses_the_factor_in_force_each_hour(db: psycopg.Connection[Any],
     (kwh, co2, produced, per_unit), = db.execute(
         "SELECT * FROM calculate_carbon_intensity(%s, %s, %s)",
         (plant["m1"], START, END)).fetchall()
+    assert close(kwh, sum(e for t, e in ENERGY.items() if in_range(t)))
     assert close(co2, kg)
     assert produced == units
     assert close(per_unit, kg / units)
