@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+from timing import time_query
 
 from bmsd.localstack import LocalPostgres
 from bmsd.migrate import load_demo_data, migrate
@@ -79,14 +79,8 @@ def main() -> None:
                 ("v_site_overview", "SELECT * FROM v_site_overview", ()),
             ]
             for label, query, params in queries:
-                conn.execute(query, params).fetchall()
-                times = []
-                for _ in range(args.repeat):
-                    t0 = time.perf_counter()
-                    result = conn.execute(query, params).fetchall()
-                    times.append((time.perf_counter() - t0) * 1000)
-                print(f"{label:30} {len(result):4} rows  median {statistics.median(times):8.1f} ms"
-                      f"  max {max(times):8.1f} ms")
+                rows, median, worst = time_query(conn, query, params, args.repeat)
+                print(f"{label:30} {rows:4} rows  median {median:8.1f} ms  max {worst:8.1f} ms")
     finally:
         pg.stop()
         shutil.rmtree(folder, ignore_errors=True)

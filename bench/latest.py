@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+from timing import time_query
 
 from bmsd.localstack import LocalPostgres
 from bmsd.migrate import migrate
@@ -64,14 +63,9 @@ def main() -> None:
                 ("one site", "SELECT * FROM latest_readings(%s)", ("site-3",)),
                 ("all sites", "SELECT * FROM latest_readings()", ()),
             ):
-                conn.execute(query, params).fetchall()
-                times = []
-                for _ in range(args.repeat):
-                    started = time.perf_counter()
-                    got = conn.execute(query, params).fetchall()
-                    times.append((time.perf_counter() - started) * 1000)
-                print(f"latest_readings, {label:9}: {len(got):5} rows, median"
-                      f" {statistics.median(times):7.2f} ms, max {max(times):7.2f} ms")
+                rows, median, worst = time_query(conn, query, params, args.repeat)
+                print(f"latest_readings, {label:9}: {rows:5} rows, median {median:7.2f} ms,"
+                      f" max {worst:7.2f} ms")
     finally:
         pg.stop()
         shutil.rmtree(folder, ignore_errors=True)

@@ -64,15 +64,21 @@ def _reading(n: int, k: int, start: datetime, battery: bool = False) -> dict[str
     return {"timestamp": stamp, "power_kw": float(k), "energy_kwh": 0.01, "voltage": 400.0}
 
 
-def publish_backlog(port: int, first: int, count: int, per_message: int, devices: int,
-                    battery: bool = False) -> None:
-    """Publish *count* QoS 1 messages and wait for every PUBACK (a process of its own)."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{first}",
+def _publisher(port: int, client_id: str) -> paho.Client:
+    """Return a connected QoS 1 publisher with a wide in-flight window."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv311)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
     client.loop_start()
+    return client
+
+
+def publish_backlog(port: int, first: int, count: int, per_message: int, devices: int,
+                    battery: bool = False) -> None:
+    """Publish *count* QoS 1 messages and wait for every PUBACK (a process of its own)."""
+    client = _publisher(port, f"bench-pub-{first}")
     start = datetime.now(UTC) - timedelta(hours=30)
     infos = []
     for n in range(first, first + count):
@@ -89,12 +95,7 @@ def publish_backlog(port: int, first: int, count: int, per_message: int, devices
 
 def publish_live(port: int, name: str, rate: float, seconds: float) -> None:
     """Publish at *rate* messages/s for *seconds*, each stamped with its publish time."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-live-{name}",
-                         protocol=paho.MQTTv311)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
+    client = _publisher(port, f"bench-live-{name}")
     started = time.monotonic()
     n = 0
     infos = []

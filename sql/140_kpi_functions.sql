@@ -77,6 +77,17 @@ BEGIN
 END
 $$;
 
+-- Hourly energy (kWh) of devices together: the hours that carry energy.
+CREATE FUNCTION bmsd_hourly_kwh(p_devices integer[], p_start timestamptz, p_end timestamptz)
+    RETURNS TABLE (hour timestamptz, kwh double precision)
+    LANGUAGE sql STABLE
+AS $$
+    SELECT b.hour, sum(b.energy_kwh)
+      FROM bmsd_energy_by_hour(p_devices, p_start, p_end) b
+     WHERE b.energy_kwh IS NOT NULL
+     GROUP BY b.hour
+$$;
+
 -- 15-minute average power (kW) of devices: whole quarters from
 -- energy_readings_15m, the partial quarters at the edges from raw rows.
 CREATE FUNCTION bmsd_demand_by_quarter(p_devices integer[], p_start timestamptz,
@@ -219,9 +230,7 @@ CREATE FUNCTION calculate_energy_cost(p_device integer, p_start timestamptz,
     LANGUAGE sql STABLE
 AS $$
     WITH hours AS (
-        SELECT b.hour, sum(b.energy_kwh) AS kwh
-          FROM bmsd_energy_by_hour(ARRAY[p_device], p_start, p_end) b
-         WHERE b.energy_kwh IS NOT NULL GROUP BY b.hour
+        SELECT * FROM bmsd_hourly_kwh(ARRAY[p_device], p_start, p_end)
     ), priced AS (
         SELECT coalesce(t.band, 'unpriced') AS band, h.kwh,
                h.kwh::numeric * t.price_per_kwh AS cost, t.currency
@@ -246,9 +255,7 @@ CREATE FUNCTION calculate_carbon_intensity(p_device integer, p_start timestamptz
     LANGUAGE sql STABLE
 AS $$
     WITH hours AS (
-        SELECT b.hour, sum(b.energy_kwh) AS kwh
-          FROM bmsd_energy_by_hour(ARRAY[p_device], p_start, p_end) b
-         WHERE b.energy_kwh IS NOT NULL GROUP BY b.hour
+        SELECT * FROM bmsd_hourly_kwh(ARRAY[p_device], p_start, p_end)
     ), kg AS (
         SELECT sum(h.kwh) AS kwh,
                sum(h.kwh * bmsd_carbon_factor_at(
@@ -323,6 +330,7 @@ AS $$
           FROM devs, bmsd_energy_by_hour(devs.ids, p_start, p_end) b
          WHERE b.energy_kwh IS NOT NULL
     ), site_hours AS (
+        -- the same sums as bmsd_hourly_kwh, from the rows already read above
         SELECT h.hour, sum(h.energy_kwh) AS kwh FROM hourly h GROUP BY h.hour
     ), priced AS (
         SELECT sum(sh.kwh) AS kwh, sum(sh.kwh::numeric * t.price_per_kwh) AS cost,

@@ -29,33 +29,31 @@ SELECT d.id AS device_id, s.slug AS site, d.slug AS device, d.kind,
 -- packs' latest readings, else its site controllers') and latest power flows.
 CREATE VIEW v_site_overview AS
 SELECT s.id AS site_id, s.slug AS site, s.kind,
-       count(d.id) FILTER (WHERE d.last_seen_at > now() - interval '15 minutes')
-           AS devices_reporting,
-       count(d.id) FILTER (WHERE d.last_seen_at IS NULL
-                              OR d.last_seen_at <= now() - interval '15 minutes')
+       (SELECT count(*) FROM devices d WHERE d.site_id = s.id
+           AND d.last_seen_at > now() - interval '15 minutes') AS devices_reporting,
+       (SELECT count(*) FROM devices d WHERE d.site_id = s.id
+           AND (d.last_seen_at IS NULL OR d.last_seen_at <= now() - interval '15 minutes'))
            AS devices_silent,
-       (SELECT count(*) FROM alerts a WHERE a.site_id = s.id AND a.status <> 'resolved'
-           AND a.severity = 'critical') AS alerts_critical,
-       (SELECT count(*) FROM alerts a WHERE a.site_id = s.id AND a.status <> 'resolved'
-           AND a.severity = 'error') AS alerts_error,
-       (SELECT count(*) FROM alerts a WHERE a.site_id = s.id AND a.status <> 'resolved'
-           AND a.severity = 'warning') AS alerts_warning,
-       (SELECT count(*) FROM alerts a WHERE a.site_id = s.id AND a.status <> 'resolved'
-           AND a.severity = 'info') AS alerts_info,
+       coalesce(a.critical, 0) AS alerts_critical, coalesce(a.error, 0) AS alerts_error,
+       coalesce(a.warning, 0) AS alerts_warning, coalesce(a.info, 0) AS alerts_info,
        coalesce((SELECT avg(b.soc) FROM latest_battery_telemetry b WHERE b.site_id = s.id),
-                (SELECT avg(t.battery_charge_level) FROM latest_site_telemetry t
-                  WHERE t.site_id = s.id)) AS latest_soc,
-       (SELECT sum(t.solar_power_kw) FROM latest_site_telemetry t WHERE t.site_id = s.id)
-           AS solar_power_kw,
-       (SELECT sum(t.grid_power_kw) FROM latest_site_telemetry t WHERE t.site_id = s.id)
-           AS grid_power_kw,
-       (SELECT sum(t.load_power_kw) FROM latest_site_telemetry t WHERE t.site_id = s.id)
-           AS load_power_kw,
-       (SELECT sum(t.battery_power_kw) FROM latest_site_telemetry t WHERE t.site_id = s.id)
-           AS battery_power_kw
+                f.charge_level) AS latest_soc,
+       f.solar_power_kw, f.grid_power_kw, f.load_power_kw, f.battery_power_kw
   FROM sites s
-  LEFT JOIN devices d ON d.site_id = s.id
- GROUP BY s.id;
+  LEFT JOIN (SELECT al.site_id,
+                    count(*) FILTER (WHERE al.severity = 'critical') AS critical,
+                    count(*) FILTER (WHERE al.severity = 'error') AS error,
+                    count(*) FILTER (WHERE al.severity = 'warning') AS warning,
+                    count(*) FILTER (WHERE al.severity = 'info') AS info
+               FROM alerts al WHERE al.status <> 'resolved' GROUP BY al.site_id) a
+         ON a.site_id = s.id
+  LEFT JOIN (SELECT t.site_id, avg(t.battery_charge_level) AS charge_level,
+                    sum(t.solar_power_kw) AS solar_power_kw,
+                    sum(t.grid_power_kw) AS grid_power_kw,
+                    sum(t.load_power_kw) AS load_power_kw,
+                    sum(t.battery_power_kw) AS battery_power_kw
+               FROM latest_site_telemetry t GROUP BY t.site_id) f
+         ON f.site_id = s.id;
 
 GRANT SELECT ON v_machines_current_status, v_site_overview TO bmsd_reader;
 

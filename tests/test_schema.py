@@ -299,3 +299,38 @@ def test_sql_folder_holds_only_numbered_scripts() -> None:
     names = [p.name for p in Path(default_sql_dir()).iterdir() if p.is_file()]
     assert names
     assert all(n[:3].isdigit() and n.endswith(".sql") for n in names)
+
+
+def test_overview_views_show_latest_state_alerts_and_flows(db: Conn) -> None:
+    machine = add_device(db, "plant", "press-1", kind="injection_molding")
+    db.execute("UPDATE sites SET kind = 'factory' WHERE slug = 'plant'")
+    pack = add_device(db, "solar", "pack-1")
+    ctrl = add_device(db, "solar", "ctrl-1", kind="site_controller")
+    now = datetime.now(UTC).replace(microsecond=0)
+    db.execute("INSERT INTO device_streams VALUES (%s, 'production_data'),"
+               " (%s, 'energy_readings'), (%s, 'battery_telemetry'), (%s, 'site_telemetry')",
+               (machine, machine, pack, ctrl))
+    db.execute("INSERT INTO production_data (time, device_id, machine_state) VALUES"
+               " (%s, %s, 'idle'), (%s, %s, 'running')",
+               (now - 2 * DAY, machine, now - DAY, machine))
+    db.execute("INSERT INTO energy_readings (time, device_id, power_kw) VALUES (%s, %s, 42.5)",
+               (now, machine))
+    db.execute("INSERT INTO battery_telemetry (time, device_id, soc) VALUES (%s, %s, 61.5)",
+               (now, pack))
+    db.execute("INSERT INTO site_telemetry (time, device_id, solar_power_kw, grid_power_kw,"
+               " load_power_kw, battery_power_kw) VALUES (%s, %s, 10, -2, 7, -1)", (now, ctrl))
+    db.execute("UPDATE devices SET last_seen_at = now() WHERE id IN (%s, %s)", (machine, pack))
+    _alert(db, machine)
+    db.execute("""INSERT INTO alerts (site_id, device_id, rule_code, severity, category,
+                  message, triggered_at)
+                  SELECT site_id, id, 'X', 'critical', 'c', 'm', now() FROM devices
+                   WHERE id = %s""", (pack,))
+    assert db.execute("SELECT site, device, machine_state, power_kw, unresolved_alerts"
+                      " FROM v_machines_current_status").fetchall() == [
+        ("plant", "press-1", "running", 42.5, 1)]
+    rows = {r[0]: r[1:] for r in db.execute(
+        "SELECT site, devices_reporting, devices_silent, alerts_critical, alerts_warning,"
+        " latest_soc, solar_power_kw, grid_power_kw, load_power_kw, battery_power_kw"
+        " FROM v_site_overview")}
+    assert rows["plant"] == (1, 0, 0, 1, None, None, None, None, None)
+    assert rows["solar"] == (1, 1, 1, 0, 61.5, 10.0, -2.0, 7.0, -1.0)
