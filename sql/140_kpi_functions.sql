@@ -120,34 +120,51 @@ BEGIN
 END
 $$;
 
--- Units produced and rejected by devices.
-CREATE FUNCTION bmsd_units(p_devices integer[], p_start timestamptz, p_end timestamptz)
+-- Units produced and rejected by devices, in parts: one row per device and
+-- piece of the range (each a plain range query, so chunks are excluded).
+CREATE FUNCTION bmsd_units_parts(p_devices integer[], p_start timestamptz, p_end timestamptz)
     RETURNS TABLE (device_id integer, produced bigint, rejected bigint)
     LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     piece record;
 BEGIN
-    RETURN QUERY
-    WITH parts AS (
-        SELECT p.kind, p.lo, p.hi FROM bmsd_range_pieces(p_start, p_end) p
-    ), rows AS (
-        SELECT r.device_id, r.units_produced::bigint AS produced,
-               r.units_rejected::bigint AS rejected
-          FROM parts JOIN production_data r ON parts.kind = 'raw'
-               AND r.device_id = ANY(p_devices) AND r.time >= parts.lo AND r.time < parts.hi
-        UNION ALL
-        SELECT h.device_id, h.units_produced_sum, h.units_rejected_sum
-          FROM parts JOIN production_data_1h h ON parts.kind = 'hour'
-               AND h.device_id = ANY(p_devices) AND h.bucket >= parts.lo AND h.bucket < parts.hi
-        UNION ALL
-        SELECT d.device_id, d.units_produced_sum, d.units_rejected_sum
-          FROM parts JOIN production_data_1d d ON parts.kind = 'day'
-               AND d.device_id = ANY(p_devices) AND d.bucket >= parts.lo AND d.bucket < parts.hi
-    )
-    SELECT rows.device_id, sum(rows.produced)::bigint, sum(rows.rejected)::bigint
-      FROM rows GROUP BY rows.device_id;
+    FOR piece IN SELECT * FROM bmsd_range_pieces(p_start, p_end) LOOP
+        IF piece.kind = 'raw' THEN
+            RETURN QUERY
+                SELECT r.device_id, sum(r.units_produced)::bigint, sum(r.units_rejected)::bigint
+                  FROM production_data r
+                 WHERE r.device_id = ANY(p_devices) AND r.time >= piece.lo AND r.time < piece.hi
+                 GROUP BY r.device_id;
+        ELSIF piece.kind = 'hour' THEN
+            RETURN QUERY
+                SELECT h.device_id, sum(h.units_produced_sum)::bigint,
+                       sum(h.units_rejected_sum)::bigint
+                  FROM production_data_1h h
+                 WHERE h.device_id = ANY(p_devices) AND h.bucket >= piece.lo
+                   AND h.bucket < piece.hi
+                 GROUP BY h.device_id;
+        ELSE
+            RETURN QUERY
+                SELECT d.device_id, sum(d.units_produced_sum)::bigint,
+                       sum(d.units_rejected_sum)::bigint
+                  FROM production_data_1d d
+                 WHERE d.device_id = ANY(p_devices) AND d.bucket >= piece.lo
+                   AND d.bucket < piece.hi
+                 GROUP BY d.device_id;
+        END IF;
+    END LOOP;
 END
+$$;
+
+-- Units produced and rejected by devices.
+CREATE FUNCTION bmsd_units(p_devices integer[], p_start timestamptz, p_end timestamptz)
+    RETURNS TABLE (device_id integer, produced bigint, rejected bigint)
+    LANGUAGE sql STABLE
+AS $$
+    SELECT u.device_id, sum(u.produced)::bigint, sum(u.rejected)::bigint
+      FROM bmsd_units_parts(p_devices, p_start, p_end) u
+     GROUP BY u.device_id
 $$;
 
 -- The tariff band and price in force for a site at an instant (site-local
@@ -314,6 +331,76 @@ AS $$
       LEFT JOIN calculate_carbon_intensity(p_device, p_start, p_end) k ON true
 $$;
 
+-- A site's machines together, in one pass over the hourly aggregate (raw rows
+-- at the edges): per hour, their energy and an upper bound on any 15-minute
+-- average of their summed power in that hour (the sum of each machine's
+-- highest sample); and, per machine, whether it reported any energy reading.
+CREATE FUNCTION bmsd_site_hours(p_devices integer[], p_start timestamptz, p_end timestamptz)
+    RETURNS TABLE (hour timestamptz, device_id integer, kwh double precision,
+                   upper_kw double precision)
+    LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    piece record;
+BEGIN
+    FOR piece IN SELECT * FROM bmsd_range_pieces(p_start, p_end) LOOP
+        IF piece.kind = 'raw' THEN
+            RETURN QUERY
+                SELECT x.hour, x.device_id, sum(x.kwh), sum(x.top)
+                  FROM (SELECT date_trunc('hour', r.time, 'UTC') AS hour, r.device_id,
+                               sum(r.energy_kwh) AS kwh, max(r.power_kw) AS top
+                          FROM energy_readings r
+                         WHERE r.device_id = ANY(p_devices) AND r.time >= piece.lo
+                           AND r.time < piece.hi
+                         GROUP BY 1, 2) x
+                 GROUP BY GROUPING SETS ((x.hour), (x.device_id));
+        ELSE
+            RETURN QUERY
+                SELECT h.bucket, h.device_id, sum(h.energy_kwh_sum), sum(h.power_kw_max)
+                  FROM energy_readings_1h h
+                 WHERE h.device_id = ANY(p_devices) AND h.bucket >= piece.lo
+                   AND h.bucket < piece.hi
+                 GROUP BY GROUPING SETS ((h.bucket), (h.device_id));
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The highest 15-minute average of the devices' summed power, searching the
+-- hours in decreasing order of their upper bound and stopping when no hour
+-- left can beat the best quarter found (exact, and reads few quarters).
+CREATE FUNCTION bmsd_site_peak(p_devices integer[], p_start timestamptz, p_end timestamptz,
+                               p_hours timestamptz[], p_upper double precision[])
+    RETURNS TABLE (peak_kw double precision, peak_at timestamptz)
+    LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    best double precision;
+    best_at timestamptz;
+    candidate record;
+    q record;
+BEGIN
+    FOR candidate IN
+        SELECT c.hour, c.upper FROM unnest(p_hours, p_upper) AS c (hour, upper)
+         WHERE c.upper IS NOT NULL ORDER BY c.upper DESC, c.hour
+    LOOP
+        EXIT WHEN best IS NOT NULL AND candidate.upper < best;
+        SELECT d.quarter, sum(d.avg_kw) AS kw INTO q
+          FROM bmsd_demand_by_quarter(p_devices, greatest(candidate.hour, p_start),
+                                      least(candidate.hour + interval '1 hour', p_end)) d
+         GROUP BY d.quarter ORDER BY kw DESC, d.quarter LIMIT 1;
+        IF q.kw IS NOT NULL AND (best IS NULL OR q.kw > best
+                                 OR (q.kw = best AND q.quarter < best_at)) THEN
+            best := q.kw;
+            best_at := q.quarter;
+        END IF;
+    END LOOP;
+    IF best IS NOT NULL THEN
+        RETURN QUERY SELECT best, best_at;
+    END IF;
+END
+$$;
+
 -- One row per site: energy, cost, carbon, units, SEC, peak demand (the highest
 -- 15-minute average of the site's machines together), devices reporting.
 CREATE FUNCTION get_factory_summary(p_site integer, p_start timestamptz, p_end timestamptz)
@@ -325,33 +412,34 @@ CREATE FUNCTION get_factory_summary(p_site integer, p_start timestamptz, p_end t
 AS $$
     WITH devs AS (
         SELECT array_agg(d.id) AS ids FROM devices d WHERE d.site_id = p_site
-    ), hourly AS (
-        SELECT b.device_id, b.hour, b.energy_kwh
-          FROM devs, bmsd_energy_by_hour(devs.ids, p_start, p_end) b
-         WHERE b.energy_kwh IS NOT NULL
+    ), pass AS MATERIALIZED (
+        SELECT sh.* FROM devs, bmsd_site_hours(devs.ids, p_start, p_end) sh
     ), site_hours AS (
-        -- the same sums as bmsd_hourly_kwh, from the rows already read above
-        SELECT h.hour, sum(h.energy_kwh) AS kwh FROM hourly h GROUP BY h.hour
+        SELECT p.hour, sum(p.kwh) AS kwh, sum(p.upper_kw) AS upper
+          FROM pass p WHERE p.hour IS NOT NULL GROUP BY p.hour
     ), priced AS (
         SELECT sum(sh.kwh) AS kwh, sum(sh.kwh::numeric * t.price_per_kwh) AS cost,
                max(t.currency) AS currency,
                sum(sh.kwh * bmsd_carbon_factor_at(p_site, sh.hour)) AS kg
           FROM site_hours sh LEFT JOIN LATERAL bmsd_tariff_at(p_site, sh.hour) t ON true
+         WHERE sh.kwh IS NOT NULL
     ), units AS (
         SELECT sum(u.produced)::bigint AS produced, array_agg(u.device_id) AS ids
           FROM devs, bmsd_units(devs.ids, p_start, p_end) u
          WHERE u.produced IS NOT NULL OR u.rejected IS NOT NULL
     ), peak AS (
-        SELECT q.quarter, sum(q.avg_kw) AS kw
-          FROM devs, bmsd_demand_by_quarter(devs.ids, p_start, p_end) q
-         GROUP BY q.quarter ORDER BY kw DESC, q.quarter LIMIT 1
+        SELECT pk.* FROM devs, bmsd_site_peak(
+            devs.ids, p_start, p_end,
+            (SELECT array_agg(sh.hour) FROM site_hours sh),
+            (SELECT array_agg(sh.upper) FROM site_hours sh)) pk
     ), reporting AS (
         SELECT count(DISTINCT x) AS n
-          FROM (SELECT device_id AS x FROM hourly
+          FROM (SELECT p.device_id AS x FROM pass p
+                 WHERE p.device_id IS NOT NULL AND p.kwh IS NOT NULL
                 UNION SELECT unnest(units.ids) FROM units) r
     )
     SELECT s.id, s.slug, priced.kwh, round(priced.cost, 4), priced.currency, priced.kg,
-           units.produced, priced.kwh / nullif(units.produced, 0), peak.kw, peak.quarter,
+           units.produced, priced.kwh / nullif(units.produced, 0), peak.peak_kw, peak.peak_at,
            reporting.n
       FROM sites s, priced, units, reporting
       LEFT JOIN peak ON true

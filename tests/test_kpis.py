@@ -279,3 +279,32 @@ def test_battery_and_site_flows_per_local_day(db: psycopg.Connection[Any]) -> No
     assert close(exported, 0.25 * 4)
     assert close(load, samples * 0.5)
     assert close(ratio, (samples - 1.0) / samples)
+
+
+def test_site_peak_search_looks_past_an_hour_with_a_brief_spike(
+    db: psycopg.Connection[Any],
+) -> None:
+    # Hour 1: one 100 kW sample among zeros (its quarter averages 25 kW) gives
+    # that hour the highest upper bound; hour 3 holds 50 kW all along. The peak
+    # is hour 3's, so the search must not stop at hour 1.
+    db.execute("INSERT INTO organizations (slug, name) VALUES ('o', 'O')")
+    db.execute("INSERT INTO sites (organization_id, slug, name, kind)"
+               " VALUES (1, 'p', 'P', 'factory')")
+    (m,), = db.execute("INSERT INTO devices (site_id, slug, kind) VALUES (1, 'm', 'pump')"
+                       " RETURNING id").fetchall()
+    samples = []
+    for minute in range(0, 4 * 60, 5):
+        t = D + timedelta(minutes=minute)
+        kw = 50.0 if 180 <= minute < 240 else (100.0 if minute == 70 else 0.0)
+        samples.append((t, m, kw, kw / 12))
+    with db.cursor() as cur, cur.copy(
+            "COPY energy_readings (time, device_id, power_kw, energy_kwh) FROM STDIN") as copy:
+        for row in samples:
+            copy.write_row(row)
+    for view in ("energy_readings_1m", "energy_readings_15m", "energy_readings_1h"):
+        db.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, NULL)")
+    row = db.execute("SELECT peak_kw, peak_at FROM get_factory_summary(1, %s, %s)",
+                     (D, D + timedelta(hours=4))).fetchone()
+    assert row == (50.0, D + timedelta(hours=3))
+    assert db.execute("SELECT * FROM calculate_peak_demand(%s, %s, %s)",
+                      (m, D, D + timedelta(hours=4))).fetchone() == (50.0, D + timedelta(hours=3))
