@@ -26,7 +26,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from bmsd import aggregates
-from tests.helpers import add_device
+from tests.helpers import add_device, refresh
 
 Row = dict[str, Any]
 Check = Callable[[list[Row]], Any]
@@ -250,8 +250,7 @@ def test_every_level_agrees_with_the_raw_rows_before_and_after_refresh(db_url: s
         for phase in ("real-time", "materialised"):
             if phase == "materialised":
                 for family in aggregates.FAMILIES:
-                    for level in family.levels:
-                        db.execute(f"CALL refresh_continuous_aggregate('{level.name}', NULL, NULL)")
+                    refresh(db, *(level.name for level in family.levels))
                 assert db.execute(
                     "SELECT count(*) AS n FROM energy_readings_1d WHERE readings > 0"
                 ).fetchone() == {"n": 4}

@@ -16,6 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.helpers import refresh
+
 pytestmark = pytest.mark.community
 
 D = (datetime.now(UTC) - timedelta(days=5)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -96,9 +98,8 @@ def plant(db: psycopg.Connection[Any]) -> dict[str, int]:
     db.execute("INSERT INTO carbon_factors (site_id, kg_co2_per_kwh, valid_from, valid_until)"
                " VALUES (%(s)s, 0.4, %(d)s, %(c)s), (%(s)s, 0.3, %(c)s, NULL)",
                {"s": site, "d": D - timedelta(days=1), "c": FACTOR_CHANGE})
-    for view in ("energy_readings_1m", "energy_readings_15m", "energy_readings_1h",
-                 "energy_readings_1d", "production_data_1h", "production_data_1d"):
-        db.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, NULL)")
+    refresh(db, "energy_readings_1m", "energy_readings_15m", "energy_readings_1h",
+            "energy_readings_1d", "production_data_1h", "production_data_1d")
     return ids
 
 
@@ -253,8 +254,7 @@ def test_battery_and_site_flows_per_local_day(db: psycopg.Connection[Any]) -> No
             db.execute("INSERT INTO site_telemetry (time, device_id, solar_energy_kwh,"
                        " grid_energy_kwh, load_energy_kwh) VALUES (%s, %s, 1.0, %s, 0.5)",
                        (t, ctrl, -0.25 if hour == 12 else 0.1))
-    for view in ("battery_telemetry_1h", "site_telemetry_1h"):
-        db.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, NULL)")
+    refresh(db, "battery_telemetry_1h", "site_telemetry_1h")
     day = (D + timedelta(hours=2)).date()
     rows = db.execute("SELECT * FROM battery_daily_metrics(%s, %s, %s)",
                       (pack, D - timedelta(days=1), D + timedelta(days=1))).fetchall()
@@ -301,8 +301,7 @@ def test_site_peak_search_looks_past_an_hour_with_a_brief_spike(
             "COPY energy_readings (time, device_id, power_kw, energy_kwh) FROM STDIN") as copy:
         for row in samples:
             copy.write_row(row)
-    for view in ("energy_readings_1m", "energy_readings_15m", "energy_readings_1h"):
-        db.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, NULL)")
+    refresh(db, "energy_readings_1m", "energy_readings_15m", "energy_readings_1h")
     row = db.execute("SELECT peak_kw, peak_at FROM get_factory_summary(1, %s, %s)",
                      (D, D + timedelta(hours=4))).fetchone()
     assert row == (50.0, D + timedelta(hours=3))
