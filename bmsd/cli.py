@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,7 +127,12 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bmsd.demo import run_demo
 
-    return run_demo(state_dir=args.state_dir, duration_s=args.duration_s,
+    state_dir = args.state_dir
+    if state_dir is None:
+        # As root the servers run as their own users, who cannot enter a clone
+        # under /root: keep the state where they can.
+        state_dir = Path("/var/lib/bmsd/demo") if os.geteuid() == 0 else Path(".state")
+    return run_demo(state_dir=state_dir, duration_s=args.duration_s,
                     config_path=args.config or DEFAULT_CONFIG_PATH)
 
 
@@ -195,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_simulate)
 
     p = add("demo", "Start a local TimescaleDB and Mosquitto, apply the schema, run bmsd.")
-    p.add_argument("--state-dir", type=Path, default=Path(".state"),
-                   help="where the local servers keep their data (default: .state)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where the local servers keep their data (default: .state, or"
+                        " /var/lib/bmsd/demo when run as root)")
     p.add_argument("--duration-s", type=float, default=None,
                    help="stop after this many seconds (default: run until Ctrl-C)")
     p.set_defaults(func=_cmd_demo)

@@ -106,6 +106,21 @@ def _hand_over(path: Path, user: pwd.struct_passwd | None) -> None:
             os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid)
 
 
+def _check_reachable(path: Path, user: pwd.struct_passwd | None) -> None:
+    """Fail clearly if *user* cannot enter every folder above *path*."""
+    if user is None:
+        return
+    for folder in [path.resolve(), *path.resolve().parents]:
+        if not folder.exists():
+            continue
+        st = folder.stat()
+        if st.st_uid != user.pw_uid and not st.st_mode & 0o001:
+            raise LocalStackError(
+                f"the server runs as user {user.pw_name!r}, which cannot enter {folder}"
+                f" (mode {st.st_mode & 0o777:o}); choose a state folder others may enter,"
+                " e.g. --state-dir /var/lib/bmsd/demo")
+
+
 def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
     """Return Popen arguments that run a server as *user* (our direct child, so
     signals reach it unchanged)."""
@@ -140,6 +155,7 @@ class LocalPostgres:
         """Create the cluster if needed, start it, and wait until it accepts connections."""
         bindir = postgres_bindir()
         user = _system_user("postgres")
+        _check_reachable(self.state_dir, user)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)  # noqa: S103 - the server's user must enter it
         self.port = self.port or free_port()
@@ -221,6 +237,7 @@ class LocalMosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise LocalStackError("mosquitto is not installed; run scripts/install.sh")
+        _check_reachable(self.state_dir, _system_user("mosquitto"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)  # noqa: S103 - the server's user must enter it
         self.port = self.port or free_port()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bmsd.localstack import free_port
+from bmsd.errors import LocalStackError
+from bmsd.localstack import LocalPostgres, free_port
 
 
 @pytest.fixture
@@ -44,3 +45,14 @@ def test_demo_starts_the_stack_and_bmsd_and_stops_cleanly(state_dir: Path) -> No
                            capture_output=True, text=True, timeout=180, env=env, check=False)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing to apply" in again.stdout
+
+
+def test_a_state_folder_the_server_cannot_enter_is_refused_with_advice() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root hands the servers to their own users")
+    private = Path(tempfile.mkdtemp(prefix="bmsd-test-private-"))  # mode 0700
+    try:
+        with pytest.raises(LocalStackError, match=r"cannot enter .*bmsd-test-private.*--state-dir"):
+            LocalPostgres(private / "pg").start()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
