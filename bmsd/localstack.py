@@ -107,10 +107,14 @@ def _hand_over(path: Path, user: pwd.struct_passwd | None) -> None:
 
 
 def _check_reachable(path: Path, user: pwd.struct_passwd | None) -> None:
-    """Fail clearly if *user* cannot enter every folder above *path*."""
+    """Fail clearly if *user* cannot enter every folder above *path*.
+
+    *path* itself is made the server's own by `start`; its parents must let
+    others through.
+    """
     if user is None:
         return
-    for folder in [path.resolve(), *path.resolve().parents]:
+    for folder in path.resolve().parents:
         if not folder.exists():
             continue
         st = folder.stat()
