@@ -17,7 +17,6 @@ import contextlib
 import random
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -251,11 +250,3 @@ class MqttSource:
             log.error("mqtt_fatal", error=str(error))
         self._fatal_event.set()
 
-
-def wait_connected(source: MqttSource, timeout_s: float) -> bool:
-    """Wait until *source* is subscribed; return False on timeout or a fatal error."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and source.fatal is None:
-        if source.subscribed.wait(0.05):
-            return True
-    return False

@@ -88,7 +88,6 @@ class Device:
     charging: bool = True
     drift: list[float] = field(default_factory=list)
     state: str = "running"
-    late_sent: int = 0
 
     def reading(self, stream: str, when: datetime, interval_s: float,
                 alert: bool) -> dict[str, Any]:
@@ -290,7 +289,6 @@ def plan(options: Options) -> Iterator[Outgoing]:
         if rng.random() < options.duplicates:
             yield Outgoing(s.topic, message.payload, s.stream, 0, "duplicate", s.clock)
         if rng.random() < options.late:
-            s.device.late_sent += 1
             # One hour back, half a millisecond off the grid of normal readings,
             # so it never collides with one of them.
             when = s.clock - timedelta(hours=1, microseconds=500)

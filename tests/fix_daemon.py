@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,11 +33,11 @@ class DaemonProcess:
     """A running `bmsd run` and how to reach it."""
 
     config_path: Path
+    client_id: str
     env: dict[str, str]
     log_path: Path
     metrics_port: int
     proc: subprocess.Popen[bytes] | None = None
-    logs: list[str] = field(default_factory=list)
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         log = self.log_path.open("ab")
@@ -130,7 +130,7 @@ def bmsd_daemon(db_url: str, mqtt_broker: Any) -> Iterator[DaemonFactory]:
         env = {**os.environ, "BMSD_DATABASE_URL": database_url or db_url,
                "BMSD_MQTT_URL": broker_url or mqtt_broker.url,
                "BMSD_METRICS_ADDR": f"127.0.0.1:{port}"}
-        daemon = DaemonProcess(path, env, folder / f"bmsd-{n}.log", port)
+        daemon = DaemonProcess(path, client_id, env, folder / f"bmsd-{n}.log", port)
         started.append(daemon)
         return daemon.start(wait_ready=wait_ready)
 

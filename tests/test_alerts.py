@@ -174,7 +174,7 @@ def test_after_kill_9_there_is_still_exactly_one_alert_and_it_resolves(
     # The retained notification is lost (say the broker dropped it): the
     # restarted bmsd must announce it again from the database.
     publisher.publish("bmsd/alerts/north/ctrl-1/BATTERY_LOW", b"", retain=True)
-    restarted = bmsd_daemon(client_id=_client_id(daemon))
+    restarted = bmsd_daemon(client_id=daemon.client_id)
     wait_until(lambda: any(e.get("event") == "alerts_republished" and e.get("count") == 1
                            for e in restarted.events()))
     seen = retained(mqtt_broker.url, "bmsd/alerts/north/ctrl-1/BATTERY_LOW")
@@ -186,12 +186,6 @@ def test_after_kill_9_there_is_still_exactly_one_alert_and_it_resolves(
     assert len(alerts(db_url)) == 1
     assert restarted.metric("bmsd_alerts_unresolved", severity="warning") == 0
 
-
-def _client_id(daemon: Any) -> str:
-    for line in daemon.config_path.read_text().splitlines():
-        if line.startswith("client_id"):
-            return line.split('"')[1]
-    raise AssertionError("no client_id")
 
 
 def retained(url: str, topic: str, wait_s: float = 3.0) -> dict[str, Any] | None:

@@ -301,16 +301,10 @@ def test_graceful_shutdown_commits_what_it_holds_and_endpoints_tell_the_truth(
     assert events[-1] == "bmsd_stopped"
 
     # Acknowledged: a restart with the same session gets nothing again.
-    again = bmsd_daemon(client_id=_client_id(daemon))
+    again = bmsd_daemon(client_id=daemon.client_id)
     time.sleep(1.5)
     assert again.metric("bmsd_messages_received_total") == 0
 
-
-def _client_id(daemon: Any) -> str:
-    for line in daemon.config_path.read_text().splitlines():
-        if line.startswith("client_id"):
-            return line.split('"')[1]
-    raise AssertionError("no client_id")
 
 
 def test_a_database_without_the_schema_stops_bmsd_with_advice(
@@ -326,7 +320,7 @@ def test_a_second_instance_with_the_same_client_id_is_fatal(
     bmsd_daemon: DaemonFactory,
 ) -> None:
     first = bmsd_daemon()
-    second = bmsd_daemon(client_id=_client_id(first), wait_ready=False)
+    second = bmsd_daemon(client_id=first.client_id, wait_ready=False)
     assert second.proc is not None
     assert second.proc.wait(30) == 1
     assert "another bmsd with MQTT client id" in second.output()
@@ -343,7 +337,7 @@ def test_the_persistent_session_queues_what_is_published_while_away(
     # Published while bmsd is away: the broker queues it for the session.
     publisher.publish_many(("factory/d/m/energy", {"timestamp": iso(NOW + timedelta(seconds=i)),
                                                    "power_kw": i}) for i in range(25))
-    bmsd_daemon(f'[mqtt]\nprotocol = "{protocol}"\n', client_id=_client_id(daemon))
+    bmsd_daemon(f'[mqtt]\nprotocol = "{protocol}"\n', client_id=daemon.client_id)
     wait_until(lambda: count(db_url, "energy_readings") == 25)
 
 
@@ -383,7 +377,7 @@ def test_kill_9_mid_stream_loses_and_doubles_nothing(
     daemon.kill()
     stored_at_kill = count(db_url, "energy_readings")
     assert stored_at_kill < N
-    restarted = bmsd_daemon(client_id=_client_id(daemon))
+    restarted = bmsd_daemon(client_id=daemon.client_id)
     sender.join(60)
     assert_exactly(db_url, N)
     # Some messages were committed but not yet acknowledged when killed: the
@@ -423,7 +417,7 @@ def test_a_graceful_broker_restart_under_load_loses_and_doubles_nothing(
     publisher = Publisher(broker.url)
     publisher.publish_many(load(N))
     publisher.close()
-    daemon = bmsd_daemon(broker_url=broker.url, client_id=_client_id(first))
+    daemon = bmsd_daemon(broker_url=broker.url, client_id=first.client_id)
     wait_until(lambda: count(db_url, "energy_readings") > N // 10)
     broker.stop()  # SIGTERM: Mosquitto saves its queues on exit
     broker.start()
