@@ -5,26 +5,47 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bmsd.config import DEFAULT_CONFIG_PATH, Config, load_config
-from bmsd.errors import BmsdError, ConfigError, EditionError
+from bmsd.config import SYSTEM_CONFIG_PATH, Config, describe, find_config, load_config
+from bmsd.errors import BmsdError, ConfigError, DatabaseError, EditionError
 
 
 def _config(args: argparse.Namespace) -> Config:
-    path: Path | None = args.config
-    if path is None and DEFAULT_CONFIG_PATH.exists():
-        path = DEFAULT_CONFIG_PATH
-    return load_config(path)
+    return load_config(find_config(args.config))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bmsd")
+    except PackageNotFoundError:  # run from a clone that was never installed
+        return "unknown"
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from bmsd.migrate import migrate
 
-    url = args.database_url or _config(args).database.url
-    report = migrate(url, sql_dir=args.sql_dir, skip_community=args.skip_community_features,
-                     on_progress=lambda line: print(line, flush=True))
+    database = _config(args).database
+    if args.database_url:
+        database = database.model_copy(update={"url": args.database_url})
+    delay = 1.0
+    while True:
+        try:
+            report = migrate(database, sql_dir=args.sql_dir,
+                             skip_community=args.skip_community_features,
+                             on_progress=lambda line: print(line, flush=True))
+            break
+        except DatabaseError as exc:
+            if not args.wait_for_database:
+                raise
+            print(f"bmsd migrate: {exc}; trying again in {delay:.0f} s", file=sys.stderr,
+                  flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
     for line in report.lines():
         if not line.startswith("applied "):  # already printed as "applying ..."
             print(line)
@@ -33,24 +54,37 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     if args.demo_data:
         from bmsd.migrate import load_demo_data
 
-        for name in load_demo_data(url, sql_dir=args.sql_dir):
+        for name in load_demo_data(database, sql_dir=args.sql_dir):
             print(f"loaded demo data sql/demo/{name}")
     return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = _config(args)
-    where = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else "defaults")
-    print(f"{where}: configuration is valid ({len(config.routes)} routes)")
+    from bmsd.resources import package_file
+
+    if args.example:
+        print(package_file("defaults", "bmsd.toml").read_text(), end="")
+        return 0
+    path = find_config(args.config)
+    config = load_config(path)
+    print(f"# {path or 'built-in defaults (no --config, $BMSD_CONFIG or'} "
+          f"{'' if path else str(SYSTEM_CONFIG_PATH) + ')'}: configuration is valid"
+          f" ({len(config.routes)} routes); in effect, secrets redacted:")
+    print(describe(config))
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import structlog
+
     from bmsd.daemon import run
     from bmsd.logs import configure_logging
 
-    config = _config(args)
+    path = find_config(args.config)
+    config = load_config(path)
     configure_logging(config.log_format, config.log_level)
+    structlog.get_logger("bmsd").info(
+        "config_loaded", path=str(path) if path else "built-in defaults", version=_version())
     return run(config)
 
 
@@ -92,11 +126,13 @@ _LIST_ALERTS = """
 def _cmd_alerts(args: argparse.Namespace) -> int:
     import psycopg
 
-    from bmsd.errors import DatabaseError
+    from bmsd.database import connect
 
-    url = args.database_url or _config(args).database.url
+    database = _config(args).database
+    if args.database_url:
+        database = database.model_copy(update={"url": args.database_url})
     try:
-        with psycopg.connect(url, autocommit=True) as conn:
+        with connect(database, "bmsd-alerts") as conn:
             if args.action == "ack":
                 if args.id is None or not args.by:
                     raise ConfigError("usage: bmsd alerts ack ID --by NAME")
@@ -107,13 +143,14 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
                 except psycopg.errors.RaiseException as exc:
                     print(f"bmsd alerts: {exc.diag.message_primary}", file=sys.stderr)
                     return 1
-                assert row is not None
+                if row is None:  # the function raises rather than return nothing
+                    raise DatabaseError(f"acknowledge_alert({args.id}) returned no row")
                 print(f"alert {row[0]} ({row[1]}) {row[2]} by {args.by}")
                 return 0
             rows = conn.execute(_LIST_ALERTS, {"site": args.site,
                                                "severity": args.severity}).fetchall()
-    except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot reach the database: {exc}") from exc
+    except psycopg.Error as exc:
+        raise DatabaseError(f"the database failed: {exc}".strip()) from exc
     if not rows:
         print("no unresolved alerts")
         return 0
@@ -133,19 +170,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         # under /root: keep the state where they can.
         state_dir = Path("/var/lib/bmsd/demo") if os.geteuid() == 0 else Path(".state")
     return run_demo(state_dir=state_dir, duration_s=args.duration_s,
-                    config_path=args.config or DEFAULT_CONFIG_PATH)
+                    config_path=find_config(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bmsd", description="Battery and energy telemetry from MQTT into TimescaleDB."
     )
+    parser.add_argument("--version", action="version", version=f"bmsd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--config", type=Path, default=None,
-                       help=f"TOML configuration (default: {DEFAULT_CONFIG_PATH} if present)")
+                       help="TOML configuration (default: $BMSD_CONFIG, else"
+                            f" {SYSTEM_CONFIG_PATH} if present, else built-in defaults)")
         return p
 
     p = add("migrate", "Apply the schema scripts of sql/ to the database.")
@@ -154,12 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-community-features", action="store_true",
                    help="on TimescaleDB's Apache-only edition, apply everything but the"
                         " continuous aggregates and policies, and record those as skipped")
+    p.add_argument("--wait-for-database", action="store_true",
+                   help="while the database cannot be reached, keep trying (with backoff)"
+                        " instead of exiting 1; for bmsd-migrate.service")
     p.add_argument("--demo-data", action="store_true",
                    help="also load the demo plants, devices, tariffs and carbon factors"
                         " of sql/demo/ (never for a production database)")
     p.set_defaults(func=_cmd_migrate)
 
-    p = add("check-config", "Validate a configuration file; exit 2 if it is wrong.")
+    p = add("check-config", "Validate the configuration and print it, secrets redacted;"
+                             " exit 2 if it is wrong.")
+    p.add_argument("--example", action="store_true",
+                   help="print the shipped example configuration (every key, its default)")
     p.set_defaults(func=_cmd_check_config)
 
     p = add("run", "Run the ingest daemon: MQTT telemetry into TimescaleDB.")

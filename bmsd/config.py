@@ -1,9 +1,14 @@
 """Load and validate bmsd's configuration, once, at start-up.
 
-The file is TOML; a few secrets and endpoints come from the environment and
-override it (``BMSD_DATABASE_URL``, ``BMSD_MQTT_URL``, ``BMSD_METRICS_ADDR``).
-Everything is parsed into frozen pydantic models that are passed down; no
-other module reads the environment.
+The file is the first of: ``--config``, ``$BMSD_CONFIG``,
+``/etc/bmsd/bmsd.toml``; with none, the built-in defaults. A few endpoints
+come from the environment and override it (``BMSD_DATABASE_URL``,
+``BMSD_MQTT_URL``, ``BMSD_METRICS_ADDR``). Passwords, where the URL has
+none, come from a ``password_file`` key, else from the systemd credential
+``bmsd-database-password`` / ``bmsd-mqtt-password`` (``LoadCredential=``,
+read from ``$CREDENTIALS_DIRECTORY``), else libpq's own ``PGPASSFILE`` and
+service files for the database. Everything is parsed into frozen pydantic
+models that are passed down; no other module reads the environment.
 """
 
 from __future__ import annotations
@@ -13,14 +18,22 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bmsd.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = Path("config/bmsd.toml")
+SYSTEM_CONFIG_PATH = Path("/etc/bmsd/bmsd.toml")
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/bmsd"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_METRICS_ADDR = "127.0.0.1:29108"
@@ -49,10 +62,22 @@ class DatabaseConfig(_Frozen):
     """Where the database is and how connections behave."""
 
     url: str = DEFAULT_DATABASE_URL
-    pool_min_size: Annotated[int, Field(ge=1)] = 1
-    pool_max_size: Annotated[int, Field(ge=1)] = 4
+    # Read at start-up when the URL has no password (module docstring).
+    password_file: Path | None = None
+    password: SecretStr | None = Field(default=None, exclude=True)
     connect_timeout_s: PositiveInt = 5
     statement_timeout_ms: PositiveInt = 30_000
+    # The client gives up on one operation (a batch's whole transaction)
+    # after this long, closes the connection and retries (bmsd/database.py).
+    operation_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    idle_in_transaction_timeout_ms: PositiveInt = 60_000
+    # TCP keepalives and tcp_user_timeout, set on both ends of every
+    # connection: the server frees a dead bmsd's sessions and locks within
+    # dead_peer_bound_s (README, "Failure behaviour").
+    keepalives_idle_s: PositiveInt = 10
+    keepalives_interval_s: PositiveInt = 5
+    keepalives_count: PositiveInt = 3
+    tcp_user_timeout_ms: PositiveInt = 30_000
     retry_max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
 
     @field_validator("url")
@@ -62,11 +87,25 @@ class DatabaseConfig(_Frozen):
             raise ValueError("must start with postgresql:// (e.g. postgresql://user@host:5432/db)")
         return value
 
+    @model_validator(mode="after")
+    def _operation_outlasts_a_statement(self) -> DatabaseConfig:
+        if self.operation_timeout_s * 1000 <= self.statement_timeout_ms:
+            raise ValueError("operation_timeout_s must be longer than statement_timeout_ms")
+        return self
+
+    @property
+    def dead_peer_bound_s(self) -> float:
+        """Return how long the server keeps the session of a peer that stopped answering."""
+        idle = self.keepalives_idle_s + self.keepalives_interval_s * self.keepalives_count
+        return float(max(idle, self.tcp_user_timeout_ms / 1000))
+
 
 class MqttConfig(_Frozen):
     """Where the broker is and how the session is kept."""
 
     url: str = DEFAULT_MQTT_URL
+    password_file: Path | None = None
+    password: SecretStr | None = Field(default=None, exclude=True)
     client_id: Annotated[str, Field(min_length=1, max_length=64)] = "bmsd"
     # 3.1.1 drains ~35 % faster with paho-mqtt (no per-message properties to
     # parse; README, "MQTT 5 or 3.1.1"); 5 lets the client set its own window.
@@ -192,7 +231,7 @@ class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
     routes: tuple[RouteConfig, ...] = DEFAULT_ROUTES
-    log_format: Literal["auto", "json", "console"] = "auto"
+    log_format: Literal["auto", "json", "console", "journal"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -212,24 +251,38 @@ _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
 }
 
 
+def find_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Return the config file to read: *path*, ``$BMSD_CONFIG``, the system one, or None."""
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        return path
+    if environ.get("BMSD_CONFIG"):
+        return Path(environ["BMSD_CONFIG"])
+    return SYSTEM_CONFIG_PATH if SYSTEM_CONFIG_PATH.exists() else None
+
+
 def load_config(
     path: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
-    """Read a TOML file (optional), apply environment overrides, and validate.
+    """Read a TOML file (optional), apply environment overrides and secrets, and validate.
 
     Raise `ConfigError` naming the file and the key at fault.
     """
     environ = os.environ if environ is None else environ
     raw: dict[str, object] = {}
-    source = "defaults"
+    source = "built-in defaults"
     if path is not None:
         source = str(path)
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(
-                f"{path}: no such config file; pass --config PATH or copy config/bmsd.toml"
+                f"{path}: no such config file; pass --config PATH, or copy the example"
+                " (bmsd check-config --example > PATH)"
             ) from None
+        except PermissionError:
+            raise ConfigError(f"{path}: not readable by this user; check its owner and"
+                              " mode") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     for var, (section, key) in _ENV_OVERRIDES.items():
@@ -238,10 +291,81 @@ def load_config(
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: [{section}] must be a table")
             table[key] = environ[var]
+    for section in ("database", "mqtt"):
+        table = raw.get(section)
+        if isinstance(table, dict) and "password" in table:
+            raise ConfigError(f"{source}: [{section}] password: not a key; put the password"
+                              " in a file and name it with password_file")
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(source, exc)) from exc
+    return config.model_copy(update={
+        "database": _with_password(config.database, "database", source, environ),
+        "mqtt": _with_password(config.mqtt, "mqtt", source, environ),
+    })
+
+
+_DatabaseOrMqtt = TypeVar("_DatabaseOrMqtt", "DatabaseConfig", "MqttConfig")
+
+
+def _with_password(section: _DatabaseOrMqtt, name: str, source: str,
+                   environ: Mapping[str, str]) -> _DatabaseOrMqtt:
+    """Return *section* with its password read from its file or systemd credential."""
+    if urlsplit(section.url).password is not None:
+        return section
+    path, where = section.password_file, f"{source}: [{name}] password_file"
+    if path is None and environ.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / f"bmsd-{name}-password"
+        if candidate.exists():
+            path, where = candidate, f"systemd credential bmsd-{name}-password"
+    if path is None:
+        return section
+    try:
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        raise ConfigError(f"{where} = {path}: no such file; create it (mode 0600, the"
+                          " password on one line) or remove the key") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} = {path}: cannot read it ({exc.strerror}); bmsd's user"
+                          " must be able to read it") from None
+    if not secret:
+        return section
+    return section.model_copy(update={"password": SecretStr(secret)})
+
+
+def describe(config: Config) -> str:
+    """Return the effective configuration as TOML-like text, every secret redacted."""
+    lines: list[str] = []
+    data = config.model_dump(mode="json", exclude={"routes"})
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml(value)}")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            section = getattr(config, key)
+            for name, item in value.items():
+                if name == "url":
+                    item = redact_url(item)
+                lines.append(f"{name} = {_toml(item)}")
+            if getattr(section, "password", None) is not None:
+                lines.append('# password = "***" (read from its file)')
+    for route in config.routes:
+        lines.append("\n[[routes]]")
+        lines += [f"{k} = {_toml(v)}" for k, v in route.model_dump(mode="json").items()
+                  if v is not None]
+    return "\n".join(lines)
+
+
+def _toml(value: object) -> str:
+    if value is None:
+        return '""  # not set'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _explain(source: str, exc: ValidationError) -> str:

@@ -2,62 +2,96 @@
 
 The main thread runs the ingest loop; paho's thread receives messages into a
 bounded queue (bounded twice over: the broker sends no more than the
-in-flight window until we acknowledge). Signal handlers only set a flag. On
-SIGTERM/SIGINT bmsd stops taking messages, commits and acknowledges what it
-holds, disconnects and exits 0 within ``shutdown_timeout_s``; what it could
-not commit by then stays unacknowledged and the broker redelivers it. A
-second signal exits at once. A fatal condition exits 1 with its reason.
+in-flight window until we acknowledge). Signal handlers only record what
+was asked (`Signals`); the loop acts on it. On SIGTERM/SIGINT bmsd stops
+taking messages, commits and acknowledges what it holds, disconnects and
+exits 0 within ``shutdown_timeout_s``; what it could not commit by then
+stays unacknowledged and the broker redelivers it. A second signal exits 1
+at once, even while the loop is blocked on the database. A fatal condition
+exits 1 with its reason.
+
+Under systemd (bmsd/notify.py) the daemon says READY=1 once the database
+answers with the schema this bmsd expects, the instance lock is held and the
+subscription is acknowledged; STATUS= every few seconds; WATCHDOG=1 only
+from the loop, after a commit or a database round trip.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
-import random
 import signal
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import structlog
 from prometheus_client import CollectorRegistry
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bmsd.alerts import AlertEngine, Plan
 from bmsd.config import Config, redact_url
-from bmsd.errors import BmsdError, ConfigError, DatabaseError
+from bmsd.database import Database
+from bmsd.errors import BmsdError, ConfigError
 from bmsd.health import HealthServer
 from bmsd.ingest import Ingestor
 from bmsd.lock import InstanceLock
 from bmsd.metrics import Metrics
+from bmsd.migrate import all_scripts, missing_scripts
 from bmsd.mqtt import Message, MqttSource
+from bmsd.notify import Notifier
 from bmsd.rules import load_rules
 
 log = structlog.get_logger("bmsd")
-T = TypeVar("T")
 
-# Errors after which retrying may succeed: the connection, the server, a timeout.
-_TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 _IDLE_PING_S = 10.0
 _ALIVE_WITHIN_S = 60.0
+_STATUS_EVERY_S = 5.0
 
 
 class _GaveUp(Exception):
     """The shutdown deadline passed while the database was failing."""
 
 
-class Daemon:
-    """One bmsd process: broker session, ingest loop, database pool, metrics."""
+class Signals:
+    """What the signal handlers asked for; the handlers do nothing else.
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    A handler that logged, or took a lock, could deadlock against the very
+    code it interrupted (structlog's and logging's locks are not
+    re-entrant). Plain attribute writes cannot.
+    """
+
+    def __init__(self) -> None:
+        self.stops = 0
+        self.reloads = 0
+
+    def install(self) -> None:
+        """Route SIGTERM/SIGINT to `stops` and SIGHUP to `reloads`."""
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.stops += 1
+
+        def reload(signum: int, frame: FrameType | None) -> None:
+            self.reloads += 1
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+
+class Daemon:
+    """One bmsd process: broker session, ingest loop, database, metrics."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self.metrics = Metrics(registry or CollectorRegistry())
+        self.signals = Signals()
         self.stop = threading.Event()
+        self.notifier = notifier or Notifier()
         self._deadline: float | None = None
         self._inbox: queue.Queue[Message] = queue.Queue(maxsize=2 * config.mqtt.receive_maximum)
         self._alerts: AlertEngine | None = None
@@ -69,27 +103,13 @@ class Daemon:
         self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts)
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
                                   self.metrics)
-        self.reload = threading.Event()
-        db = config.database
-        self._pool = ConnectionPool(
-            db.url, min_size=db.pool_min_size, max_size=db.pool_max_size, open=False,
-            name="bmsd", timeout=db.connect_timeout_s, reconnect_timeout=0,
-            check=ConnectionPool.check_connection,
-            kwargs={
-                "autocommit": True, "application_name": "bmsd",
-                "connect_timeout": db.connect_timeout_s,
-                "options": f"-c statement_timeout={db.statement_timeout_ms}",
-                "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-                "keepalives_count": 3,
-                # A write hung on a dead peer fails instead of stalling for ever.
-                "tcp_user_timeout": db.statement_timeout_ms + 10_000,
-            },
-        )
-        self._conn: psycopg.Connection[Any] | None = None
-        self._lock = InstanceLock(db.url, config.mqtt.client_id, db.connect_timeout_s)
-        self._last_db_ok = 0.0
-        self._db_ok = False
+        self._db = Database(config.database, self.metrics, sleep=self._sleep)
+        self._lock = InstanceLock(config.database, config.mqtt.client_id)
+        self._waiting_for = "the database"
         self._heartbeat = time.monotonic()
+        self._rows = 0  # committed since start, for STATUS
+        self._last_commit: float | None = None
+        self._started = time.monotonic()
         host, port = config.metrics.host, config.metrics.port
         self.http = HealthServer(host, port, self.metrics.registry, self._alive, self._ready)
 
@@ -101,9 +121,13 @@ class Daemon:
 
     def _ready(self) -> tuple[bool, dict[str, object]]:
         subscribed = self._source.subscribed.is_set()
-        db = self._db_ok
-        return subscribed and db and not self.stop.is_set(), {
+        db = self._db.up
+        ready = subscribed and db and not self.stop.is_set()
+        details: dict[str, object] = {
             "mqtt_subscribed": subscribed, "database": db, "stopping": self.stop.is_set()}
+        if not ready and self._waiting_for:
+            details["waiting_for"] = self._waiting_for
+        return ready, details
 
     # --- running ------------------------------------------------------------------
 
@@ -113,13 +137,11 @@ class Daemon:
         log.info("bmsd_starting", database=redact_url(self.config.database.url),
                  broker=redact_url(self.config.mqtt.url), client_id=self.config.mqtt.client_id,
                  metrics=f"http://{self.config.metrics.addr}/metrics")
-        self._pool.open(wait=False)
+        watcher = threading.Thread(target=self._watch_signals, name="bmsd-signals",
+                                   daemon=True)
+        watcher.start()
         try:
-            self._with_db(self._ingest.prepare)
-            self._with_db(lambda conn: self._lock.acquire())
-            if self._alerts is not None:
-                self._with_db(self._alerts.load)
-            self._source.start()
+            self._start_up()
             self._loop()
             self._drain()
             return 0
@@ -130,23 +152,89 @@ class Daemon:
             return 0
         except BmsdError as exc:
             log.error("bmsd_fatal", error=str(exc))
+            self.notifier.status(f"failed: {exc}")
             return 1
         finally:
             self._source.close()
-            self._release()
             self._lock.release()
-            self._pool.close(timeout=2)
+            self._db.close()
             self.http.stop()
             log.info("bmsd_stopped")
 
+    def _start_up(self) -> None:
+        """Check the schema, take the instance lock, load alerts, subscribe; then READY=1."""
+        self._set_waiting("the database")
+        self._db.run(self._check_schema)
+        self._db.run(self._ingest.prepare)
+        self._db.run(lambda conn: self._lock.acquire(on_wait=self._set_waiting))
+        if self._alerts is not None:
+            self._db.run(self._alerts.load)
+        self._set_waiting("the MQTT subscription")
+        self._source.start()
+        while not self._source.subscribed.wait(0.1):
+            self._heartbeat = time.monotonic()
+            if self._source.fatal is not None:
+                raise self._source.fatal
+            if self.stop.is_set():
+                return
+        self._waiting_for = ""
+        self.notifier.ready(self._status_line())
+        self.notifier.progress()
+        log.info("bmsd_ready", client_id=self.config.mqtt.client_id)
+
+    def _set_waiting(self, what: str) -> None:
+        if self.stop.is_set():
+            raise _GaveUp
+        if what != self._waiting_for:
+            self._waiting_for = what
+            log.info("bmsd_waiting", waiting_for=what)
+        self.notifier.status(f"starting: waiting for {what}")
+
+    def _check_schema(self, conn: psycopg.Connection[Any]) -> None:
+        missing = missing_scripts(conn)
+        if missing and missing == all_scripts():
+            raise ConfigError("the database has no bmsd schema: run `bmsd migrate` first")
+        if missing:
+            raise ConfigError(
+                f"the database schema is older than this bmsd: {len(missing)} script(s) not"
+                f" applied ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''});"
+                " run `bmsd migrate` first (with this version), then start bmsd again")
+
+    def _watch_signals(self) -> None:
+        """Act on signals outside the handlers: start the drain, or force an exit."""
+        seen = 0
+        while True:
+            time.sleep(0.05)
+            stops = self.signals.stops
+            if stops == seen:
+                continue
+            seen = stops
+            if stops == 1:
+                log.info("bmsd_stopping", meaning="committing what is in hand; a second"
+                                                  " signal exits at once")
+                self._begin_shutdown()
+            else:
+                log.warning("bmsd_forced_exit", unacknowledged=self._ingest.pending,
+                            meaning="unacknowledged messages will be redelivered by the broker")
+                os._exit(1)
+
+    def _begin_shutdown(self) -> None:
+        """Stop the loop, and bound by the shutdown deadline whatever it is waiting on."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.config.ingest.shutdown_timeout_s
+            self._db.deadline.cap = self._deadline
+        self.stop.set()
+
     def _loop(self) -> None:
-        inbox, ingest = self._inbox, self._ingest
+        inbox, ingest, db = self._inbox, self._ingest, self._db
         republished = False
-        next_offline = next_limits = time.monotonic()
+        next_offline = next_limits = next_status = time.monotonic()
         backlog_seen = datetime.now(UTC)
         window_flushes = 0
+        reloads = self.signals.reloads
+        ping_every = min(_IDLE_PING_S, self.notifier.watchdog_interval_s or _IDLE_PING_S)
         while not self.stop.is_set():
-            self._heartbeat = time.monotonic()
+            now = self._heartbeat = time.monotonic()
             if self._source.fatal is not None:
                 raise self._source.fatal
             engine = self._alerts
@@ -156,13 +244,12 @@ class Daemon:
                     # its publish must lose no notification.
                     republished = True
                     log.info("alerts_republished", count=engine.republish())
-                if self.reload.is_set():
-                    self.reload.clear()
+                if self.signals.reloads != reloads:
+                    reloads = self.signals.reloads
                     self._reload_rules(engine)
-                now = time.monotonic()
                 if now >= next_limits:
                     next_limits = now + self.config.alerts.limits_refresh_s
-                    self._with_db(functools.partial(self._read_limits, engine))
+                    db.run(functools.partial(self._read_limits, engine))
                 if ingest.window_flushes != window_flushes or inbox.qsize() > 0:
                     # Draining a backlog: every device would look silent.
                     window_flushes = ingest.window_flushes
@@ -170,8 +257,11 @@ class Daemon:
                 if now >= next_offline and self._source.subscribed.is_set():
                     next_offline = now + self.config.alerts.offline_check_s
                     since = max(self._source.subscribed_at, backlog_seen)
-                    engine.apply(self._with_db(functools.partial(self._offline, engine,
-                                                                 since=since)))
+                    engine.apply(db.run(functools.partial(self._offline, engine,
+                                                          since=since)))
+            if now >= next_status:
+                next_status = now + _STATUS_EVERY_S
+                self.notifier.status(self._status_line())
             try:
                 message = inbox.get(timeout=min(max(ingest.seconds_to_due(), 0.001), 0.5))
             except queue.Empty:
@@ -185,14 +275,32 @@ class Daemon:
                     except queue.Empty:
                         break
             if ingest.due():
-                self._with_db(ingest.flush)
-            elif not ingest.pending and time.monotonic() - self._last_db_ok > _IDLE_PING_S:
-                self._with_db(self._ping)
+                self._flush()
+            elif not ingest.pending and time.monotonic() - db.last_ok > ping_every:
+                db.run(self._ping)
+                self.notifier.progress()
+
+    def _flush(self) -> None:
+        outcome = self._db.run(self._ingest.flush)
+        self._rows += sum(outcome.written.values())
+        self._last_commit = time.monotonic()
+        self.notifier.progress()
+
+    def _status_line(self) -> str:
+        """Return the one line `systemctl status` shows."""
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        since = ("no commit yet" if self._last_commit is None
+                 else f"last commit {time.monotonic() - self._last_commit:.0f} s ago")
+        alerts = self._alerts.unresolved if self._alerts is not None else 0
+        return (f"ingesting: {self._rows / elapsed:.0f} rows/s since start,"
+                f" {self._ingest.pending + self._inbox.qsize()} messages waiting, {since},"
+                f" {alerts} unresolved alerts")
 
     def _drain(self) -> None:
         """Commit and acknowledge what is in hand, within the shutdown deadline."""
+        self.notifier.stopping()
         self._source.stop_intake()
-        self._deadline = time.monotonic() + self.config.ingest.shutdown_timeout_s
+        self._begin_shutdown()
         while True:
             try:
                 message = self._inbox.get_nowait()
@@ -200,10 +308,10 @@ class Daemon:
                 break
             self._accept(message)
             if self._ingest.due():
-                self._with_db(self._ingest.flush)
+                self._flush()
         if self._ingest.pending:
             pending = self._ingest.pending
-            self._with_db(self._ingest.flush)
+            self._flush()
             log.info("bmsd_drained", committed_messages=pending)
 
     @staticmethod
@@ -217,16 +325,18 @@ class Daemon:
             engine.load_limits(conn)
 
     def _reload_rules(self, engine: AlertEngine) -> None:
+        self.notifier.reloading()
         path = self.config.alerts.rules_file
         try:
             rules = load_rules(path)
         except ConfigError as exc:
             log.error("alert_rules_refused", error=str(exc),
                       meaning="the new rules are invalid; the old ones stay in force")
-            return
-        engine.set_rules(rules)
-        self._with_db(functools.partial(self._read_limits, engine))
-        log.info("alert_rules_reloaded", rules=len(rules))
+        else:
+            engine.set_rules(rules)
+            self._db.run(functools.partial(self._read_limits, engine))
+            log.info("alert_rules_reloaded", rules=len(rules))
+        self.notifier.ready(self._status_line())
 
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self._source.publish(topic, payload, retain)
@@ -234,46 +344,18 @@ class Daemon:
     def _ping(self, conn: psycopg.Connection[Any]) -> None:
         """Check the database while idle, and that we still hold our instance lock."""
         conn.execute("SELECT 1")
-        self._lock.check()
+        lock_conn = self._lock.connection
+        with self._db.deadline.watch(lock_conn) if lock_conn else contextlib.nullcontext():
+            self._lock.check()
 
     def _accept(self, message: Message) -> None:
-        self._with_db(lambda conn: self._ingest.accept(conn, message))
+        self._db.run(lambda conn: self._ingest.accept(conn, message))
 
     def _ack(self, messages: list[Message]) -> int:
         return self._source.ack(messages)
 
-    # --- the database, with retries ------------------------------------------------
-
-    def _with_db(self, action: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run *action* on our connection; retry transient failures with backoff."""
-        backoff = 0.5
-        cap = self.config.database.retry_max_backoff_s
-        while True:
-            try:
-                if self._conn is None:
-                    self._conn = self._pool.getconn()
-                result = action(self._conn)
-            except _TRANSIENT as exc:
-                self._release()
-                self.metrics.db_errors.labels(type(exc).__name__).inc()
-                self.metrics.db_up.set(0)
-                self._db_ok = False
-                log.warning("db_unavailable", error=str(exc).strip().splitlines()[0:1],
-                            retry_in_s=round(backoff, 2),
-                            meaning="nothing is acknowledged meanwhile; the broker keeps it")
-                self._sleep(backoff)
-                backoff = min(cap, backoff * 2) * random.uniform(0.8, 1.2)  # noqa: S311
-                continue
-            except psycopg.Error as exc:
-                raise DatabaseError(
-                    f"the database refused an operation that retrying will not fix: {exc}"
-                    " (is the schema migrated and are the role's grants in place?)") from exc
-            self._last_db_ok = time.monotonic()
-            self.metrics.db_up.set(1)
-            self._db_ok = True
-            return result
-
     def _sleep(self, seconds: float) -> None:
+        """Wait between database retries; stop waiting on shutdown or a fatal condition."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             self._heartbeat = time.monotonic()
@@ -283,35 +365,9 @@ class Daemon:
                 raise self._source.fatal
             time.sleep(min(left, 0.1))
 
-    def _release(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            try:
-                self._pool.putconn(conn)
-            except Exception:  # noqa: BLE001 - a broken connection is simply dropped
-                log.debug("db_connection_dropped")
-
-
-def install_signal_handlers(daemon: Daemon) -> None:
-    """First SIGTERM/SIGINT: orderly shutdown. Second: exit at once."""
-    def handle(signum: int, frame: FrameType | None) -> None:
-        if daemon.stop.is_set():
-            log.warning("bmsd_forced_exit", signal=signal.Signals(signum).name,
-                        meaning="unacknowledged messages will be redelivered by the broker")
-            os._exit(1)
-        log.info("bmsd_stopping", signal=signal.Signals(signum).name)
-        daemon.stop.set()
-
-    def hangup(signum: int, frame: FrameType | None) -> None:
-        daemon.reload.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGHUP, hangup)
-
 
 def run(config: Config) -> int:
     """Run the daemon in this (main) thread; return its exit code."""
     daemon = Daemon(config)
-    install_signal_handlers(daemon)
+    daemon.signals.install()
     return daemon.run()

@@ -39,7 +39,7 @@ def _port(state_dir: Path, name: str) -> int:
     return port
 
 
-def run_demo(state_dir: Path, duration_s: float | None, config_path: Path) -> int:
+def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None) -> int:
     """Start the local stack, apply the schema, and keep it up until stopped."""
     state_dir = state_dir.resolve()
     pg = LocalPostgres(state_dir / "postgres", port=_port(state_dir, "postgres"))
@@ -63,7 +63,7 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path) -> in
             print(line)
         loaded = load_demo_data(database_url)
         print(f"loaded demo data: {', '.join(loaded)}")
-        metrics_addr = load_config(config_path if config_path.exists() else None).metrics.addr
+        metrics_addr = load_config(config_path).metrics.addr
         daemon = _start_daemon(state_dir, config_path, database_url, broker.url)
         try:
             _wait_ready(daemon, metrics_addr, state_dir / "bmsd.log")
@@ -73,7 +73,7 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path) -> in
             print(f"  database : {database_url}")
             print(f"  psql     : psql '{database_url}'")
             print(f"  broker   : {broker.url}  (publish to e.g. site/<site>/<device>/battery)")
-            print(f"  config   : {config_path}")
+            print(f"  config   : {config_path or 'built-in defaults'}")
             print("\nbmsd is running on the local stack, fed by `bmsd simulate --realtime`"
                   " (4 sites); Ctrl-C stops everything\n", flush=True)
             simulator = _start_simulator(broker.url, stop)
@@ -143,11 +143,11 @@ def _metric_by_label(addr: str, name: str, label: str) -> dict[str, float]:
     return out
 
 
-def _start_daemon(state_dir: Path, config_path: Path, database_url: str,
+def _start_daemon(state_dir: Path, config_path: Path | None, database_url: str,
                   broker_url: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "BMSD_DATABASE_URL": database_url, "BMSD_MQTT_URL": broker_url}
     argv = [sys.executable, "-m", "bmsd", "run"]
-    if config_path.exists():
+    if config_path is not None:
         argv += ["--config", str(config_path)]
     log = (state_dir / "bmsd.log").open("ab")
     try:

@@ -4,52 +4,109 @@ Two daemons with the same client id would take the broker session from each
 other in turn, each receiving part of the stream (Mosquitto closes the older
 connection without telling it why). So before connecting to the broker, bmsd
 takes an advisory lock named after its client id on a connection of its own,
-and holds it while it runs; a second instance stops with a message saying so.
+and holds it while it runs.
+
+A bmsd that died while the network to the database was down leaves its
+session - and this lock - on the server until the server notices the peer
+is gone. Every bmsd connection asks the server to probe within
+`DatabaseConfig.dead_peer_bound_s` (bmsd/database.py), so a restarted bmsd
+waits that long, and a little more, before it concludes that the holder is
+alive; it then says what it knows of the holder, not what it guesses.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import psycopg
+from psycopg.rows import class_row
 
+from bmsd.config import DatabaseConfig
+from bmsd.database import connect_kwargs
 from bmsd.errors import SessionTakenOver
 
 # The lock's first key: bmsd's own namespace among advisory locks.
 _NAMESPACE = 0x626D7364
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+# A two-key advisory lock shows its keys as classid and objid (an oid, so
+# the signed hash is read back unsigned), with objsubid 2.
+_HOLDER = """
+    SELECT a.pid, host(a.client_addr) AS client_addr, a.application_name, a.state,
+           a.state_change
+      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+       AND l.classid = %s AND l.objid::bigint = (hashtext(%s)::bigint & 4294967295)
+"""
+#: Beyond the server's own bound on a dead peer: time for its probes to run.
+_MARGIN_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The session that holds the lock, as the server sees it."""
+
+    pid: int
+    client_addr: str | None
+    application_name: str
+    state: str | None
+    state_change: datetime | None
+
+    def describe(self) -> str:
+        where = f"from {self.client_addr}" if self.client_addr else "over a local socket"
+        since = f" since {self.state_change:%Y-%m-%d %H:%M:%S%z}" if self.state_change else ""
+        return (f"server session {self.pid} {where} ({self.application_name or 'no name'},"
+                f" {self.state or 'state unknown'}{since})")
 
 
 class InstanceLock:
     """Hold the advisory lock of one client id for as long as we run."""
 
-    def __init__(self, database_url: str, client_id: str, connect_timeout_s: int) -> None:
-        self._url = database_url
+    def __init__(self, config: DatabaseConfig, client_id: str) -> None:
+        self._config = config
         self._client_id = client_id
-        self._timeout = connect_timeout_s
-        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self.wait_s = config.dead_peer_bound_s + _MARGIN_S
 
-    def acquire(self, wait_s: float = 10.0) -> None:
-        """Take the lock; raise SessionTakenOver if another instance keeps it.
+    def acquire(self, on_wait: Callable[[str], None] | None = None) -> None:
+        """Take the lock; raise SessionTakenOver if its holder outlives our wait.
 
-        Waits up to *wait_s* first: a predecessor killed a moment ago may not
-        have been noticed by its server yet.
+        *on_wait* is told, about once a second, why we are still waiting.
         """
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + self.wait_s
         while True:
-            if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self._url, autocommit=True,
-                                             connect_timeout=self._timeout,
-                                             application_name="bmsd-instance-lock")
-            row = self._conn.execute(_TRY_LOCK, (_NAMESPACE, self._client_id)).fetchone()
+            conn = self._conn
+            if conn is None or conn.closed:
+                # A failure to connect is the caller's to retry (Database.run).
+                conn = self._conn = psycopg.connect(
+                    self._config.url, autocommit=True,
+                    **connect_kwargs(self._config, "bmsd-instance-lock"))
+            row = conn.execute(_TRY_LOCK, (_NAMESPACE, self._client_id)).fetchone()
             if row is not None and row[0]:
                 return
+            with conn.cursor(row_factory=class_row(Holder)) as cur:
+                holder = cur.execute(_HOLDER, (_NAMESPACE, self._client_id)).fetchone()
             if time.monotonic() > deadline:
                 raise SessionTakenOver(
-                    f"another bmsd with MQTT client id {self._client_id!r} is running against"
-                    " this database; two instances would steal the broker session from each"
-                    " other. Stop the other one, or give this one its own [mqtt] client_id")
-            time.sleep(0.5)
+                    f"the instance lock of MQTT client id {self._client_id!r} is held by"
+                    f" {holder.describe() if holder else 'a session that just ended'}, after"
+                    f" waiting {self.wait_s:.0f} s, longer than this server takes to drop the"
+                    " session of a bmsd that died ([database] keepalives_*). So it is most likely"
+                    " another bmsd with this client id; two would steal the broker session from"
+                    " each other. Stop it, or give this one its own [mqtt] client_id")
+            if on_wait is not None:
+                left = max(deadline - time.monotonic(), 0)
+                on_wait(f"waiting up to {left:.0f} s for the instance lock of client id"
+                        f" {self._client_id!r}, held by "
+                        f"{holder.describe() if holder else 'a session that just ended'}")
+            time.sleep(1.0)
+
+    @property
+    def connection(self) -> psycopg.Connection[Any] | None:
+        return self._conn
 
     def check(self) -> None:
         """Re-take the lock if its connection was lost (a database restart)."""

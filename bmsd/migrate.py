@@ -15,11 +15,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from bmsd.errors import DatabaseError, EditionError, MigrationError
+from bmsd.config import DatabaseConfig
+from bmsd.database import connect
+from bmsd.errors import EditionError, MigrationError
+from bmsd.resources import package_file
 
 COMMUNITY_MARKER = "-- requires: timescaledb-community"
 SCRIPT_NAME = re.compile(r"^\d{3}_[a-z0-9_]+\.sql$")
@@ -47,15 +51,17 @@ _EDITION = """
 """
 
 
-def load_demo_data(database_url: str, sql_dir: Path | None = None) -> list[str]:
+def _connect(database: str | DatabaseConfig) -> psycopg.Connection[Any]:
+    """Connect with bmsd's timeouts, but no statement timeout: a script may take long."""
+    config = DatabaseConfig(url=database) if isinstance(database, str) else database
+    return connect(config, "bmsd-migrate", statement_timeout_ms=0)
+
+
+def load_demo_data(database: str | DatabaseConfig, sql_dir: Path | None = None) -> list[str]:
     """Apply the demo data scripts of ``sql/demo/`` (idempotent); return their names."""
     folder = (sql_dir or default_sql_dir()) / "demo"
     names = []
-    try:
-        conn = psycopg.connect(database_url, autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to the database: {exc}".strip()) from exc
-    with conn:
+    with _connect(database) as conn:
         for path in sorted(folder.glob("*.sql")):
             try:
                 with conn.transaction():
@@ -67,8 +73,20 @@ def load_demo_data(database_url: str, sql_dir: Path | None = None) -> list[str]:
 
 
 def default_sql_dir() -> Path:
-    """Return the ``sql/`` folder that ships beside the ``bmsd`` package."""
-    return Path(__file__).resolve().parent.parent / "sql"
+    """Return the schema scripts shipped inside the ``bmsd`` package."""
+    return package_file("sql")
+
+
+def all_scripts(sql_dir: Path | None = None) -> list[str]:
+    """Return the names of the schema scripts this bmsd ships, in order."""
+    return [s.name for s in load_scripts(sql_dir or default_sql_dir())]
+
+
+def missing_scripts(conn: psycopg.Connection[Any], sql_dir: Path | None = None) -> list[str]:
+    """Return the scripts of this bmsd that the database has not applied (nor skipped)."""
+    records = _records(conn)
+    return [s.name for s in load_scripts(sql_dir or default_sql_dir())
+            if s.name not in records]
 
 
 @dataclass(frozen=True)
@@ -172,19 +190,15 @@ def detect_edition(conn: psycopg.Connection[tuple[object, ...]]) -> Edition:
 
 
 def migrate(
-    database_url: str,
+    database: str | DatabaseConfig,
     *,
     sql_dir: Path | None = None,
     skip_community: bool = False,
     on_progress: Callable[[str], None] | None = None,
 ) -> Report:
-    """Apply every pending script of *sql_dir* to the database at *database_url*."""
+    """Apply every pending script of *sql_dir* to *database* (a URL or its configuration)."""
     scripts = load_scripts(sql_dir or default_sql_dir())
-    try:
-        conn = psycopg.connect(database_url, autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to the database: {exc}".strip()) from exc
-    with conn:
+    with _connect(database) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
         edition = detect_edition(conn)
         report = Report(edition=edition)
@@ -196,7 +210,7 @@ def migrate(
         return report
 
 
-def _records(conn: psycopg.Connection[tuple[object, ...]]) -> dict[str, tuple[str | None, str]]:
+def _records(conn: psycopg.Connection[Any]) -> dict[str, tuple[str | None, str]]:
     exists = conn.execute("SELECT to_regclass('bmsd_migrations') IS NOT NULL").fetchone()
     if not exists or not exists[0]:
         return {}

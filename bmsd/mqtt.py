@@ -31,7 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bmsd.config import MqttConfig
-from bmsd.errors import BrokerError, SessionTakenOver
+from bmsd.errors import BrokerError, ConfigError, SessionTakenOver
 from bmsd.metrics import Metrics
 
 log = structlog.get_logger("bmsd.mqtt")
@@ -82,15 +82,22 @@ class MqttSource:
             clean_session=None if v5 else False, manual_ack=True,
         )
         if url.username:
-            client.username_pw_set(unquote(url.username),
-                                   unquote(url.password) if url.password else None)
+            password = unquote(url.password) if url.password else None
+            if password is None and config.password is not None:
+                password = config.password.get_secret_value()
+            client.username_pw_set(unquote(url.username), password)
         if url.scheme == "mqtts":
-            client.tls_set(
-                ca_certs=str(config.ca_file) if config.ca_file else None,
-                certfile=str(config.cert_file) if config.cert_file else None,
-                keyfile=str(config.key_file) if config.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=str(config.ca_file) if config.ca_file else None,
+                    certfile=str(config.cert_file) if config.cert_file else None,
+                    keyfile=str(config.key_file) if config.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"[mqtt] TLS files (ca_file, cert_file, key_file) cannot be used: {exc};"
+                    " check the paths and that bmsd's user can read them") from exc
         self._jitter_backoff(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

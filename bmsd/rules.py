@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bmsd.config import Stream
 from bmsd.errors import ConfigError
 from bmsd.payloads import MODELS
+from bmsd.resources import package_file
 
 Severity = Literal["info", "warning", "error", "critical"]
 SEVERITIES = ("info", "warning", "error", "critical")
@@ -131,7 +132,7 @@ class RuleSet(BaseModel):
         return self
 
 
-DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "config" / "alerts.toml"
+DEFAULT_RULES_PATH = package_file("defaults", "alerts.toml")
 
 
 def load_rules(path: Path | None = None) -> tuple[Rule, ...]:

@@ -116,7 +116,8 @@ def bmsd_daemon(db_url: str, mqtt_broker: Any) -> Iterator[DaemonFactory]:
     started: list[DaemonProcess] = []
 
     def start(config: str = "", *, broker_url: str | None = None, database_url: str | None = None,
-              client_id: str | None = None, wait_ready: bool = True) -> DaemonProcess:
+              client_id: str | None = None, wait_ready: bool = True,
+              env: dict[str, str] | None = None) -> DaemonProcess:
         n = next(_ids)
         client_id = client_id or f"bmsd-test-{os.getpid()}-{n}"
         path = folder / f"bmsd-{n}.toml"
@@ -129,7 +130,7 @@ def bmsd_daemon(db_url: str, mqtt_broker: Any) -> Iterator[DaemonFactory]:
         port = free_port()
         env = {**os.environ, "BMSD_DATABASE_URL": database_url or db_url,
                "BMSD_MQTT_URL": broker_url or mqtt_broker.url,
-               "BMSD_METRICS_ADDR": f"127.0.0.1:{port}"}
+               "BMSD_METRICS_ADDR": f"127.0.0.1:{port}", **(env or {})}
         daemon = DaemonProcess(path, client_id, env, folder / f"bmsd-{n}.log", port)
         started.append(daemon)
         return daemon.start(wait_ready=wait_ready)

@@ -319,11 +319,27 @@ def test_a_database_without_the_schema_stops_bmsd_with_advice(
 def test_a_second_instance_with_the_same_client_id_is_fatal(
     bmsd_daemon: DaemonFactory,
 ) -> None:
-    first = bmsd_daemon()
-    second = bmsd_daemon(client_id=first.client_id, wait_ready=False)
+    # The second one waits out the server's bound on a dead peer (here
+    # 2 s, plus a margin) before it concludes the holder is alive.
+    quick = ("[database]\nkeepalives_idle_s = 1\nkeepalives_interval_s = 1\n"
+             "keepalives_count = 1\ntcp_user_timeout_ms = 2000\n")
+    first = bmsd_daemon(quick)
+    second = bmsd_daemon(quick, client_id=first.client_id, wait_ready=False)
     assert second.proc is not None
+
+    def why_not_ready() -> str:
+        try:
+            body = second.http("/readyz")[1]
+        except OSError:  # not listening yet
+            return ""
+        return body if "instance lock" in body else ""
+
+    waiting = wait_until(why_not_ready, what="readiness to say why it waits")
+    assert "instance lock" in waiting
+    assert "bmsd-instance-lock" in waiting
     assert second.proc.wait(30) == 1
-    assert "another bmsd with MQTT client id" in second.output()
+    assert "another bmsd with this client id" in second.output()
+    assert "(bmsd-instance-lock, idle since" in second.output()
     assert "give this one its own [mqtt] client_id" in second.output()
     assert first.http("/readyz")[0] == 200
 
