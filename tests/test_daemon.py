@@ -15,7 +15,7 @@ import pytest
 
 from bmsd.localstack import LocalMosquitto
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
-from tests.fix_db import PgServer
+from tests.fix_proxy import ProxyFactory
 
 
 def query(db_url: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -402,14 +402,16 @@ def test_kill_9_mid_stream_loses_and_doubles_nothing(
 
 
 def test_a_database_outage_under_load_loses_and_doubles_nothing(
-    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, pg_server: PgServer
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, tcp_proxy: ProxyFactory
 ) -> None:
-    if pg_server.local is None:
-        pytest.skip("needs the local PostgreSQL of the test harness to stop and start it")
-    daemon = bmsd_daemon()
+    # The database goes away for bmsd alone: every connection reset, new
+    # ones refused for 10 s; the shared server stays up for other tests.
+    database = tcp_proxy(db_url)
+    daemon = bmsd_daemon(database_url=database.url(db_url))
     sender = publish_in_background(publisher, load(N))
     wait_until(lambda: count(db_url, "energy_readings") > N // 10)
-    pg_server.local.stop()
+    database.refuse()
+    database.cut()
     try:
         wait_until(lambda: daemon.metric("bmsd_db_up") == 0, what="bmsd to notice")
         assert daemon.http("/readyz")[0] == 503
@@ -417,7 +419,7 @@ def test_a_database_outage_under_load_loses_and_doubles_nothing(
         assert daemon.proc is not None
         assert daemon.proc.poll() is None
     finally:
-        pg_server.local.start()
+        database.heal()
     sender.join(60)
     assert_exactly(db_url, N)
     assert daemon.metric("bmsd_db_errors_total") >= 1
