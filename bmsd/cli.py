@@ -67,9 +67,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return 0
     path = find_config(args.config)
     config = load_config(path)
-    print(f"# {path or 'built-in defaults (no --config, $BMSD_CONFIG or'} "
-          f"{'' if path else str(SYSTEM_CONFIG_PATH) + ')'}: configuration is valid"
-          f" ({len(config.routes)} routes); in effect, secrets redacted:")
+    where = str(path) if path else (
+        f"built-in defaults (no --config, $BMSD_CONFIG or {SYSTEM_CONFIG_PATH})")
+    print(f"# {where}: configuration is valid ({len(config.routes)} routes);"
+          " in effect, secrets redacted:")
     print(describe(config))
     return 0
 

@@ -146,9 +146,10 @@ class Daemon:
             self._drain()
             return 0
         except _GaveUp:
-            log.warning("bmsd_shutdown_incomplete", unacknowledged=self._ingest.pending,
-                        meaning="the database did not answer before shutdown_timeout_s; the"
-                                " broker redelivers these messages to the next bmsd")
+            if self._ingest.pending:
+                log.warning("bmsd_shutdown_incomplete", unacknowledged=self._ingest.pending,
+                            meaning="the database did not answer before shutdown_timeout_s;"
+                                    " the broker redelivers these messages to the next bmsd")
             return 0
         except BmsdError as exc:
             log.error("bmsd_fatal", error=str(exc))
@@ -359,8 +360,9 @@ class Daemon:
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             self._heartbeat = time.monotonic()
-            if self._deadline is not None and time.monotonic() > self._deadline:
-                raise _GaveUp
+            if self._deadline is not None and (time.monotonic() > self._deadline
+                                               or not self._ingest.pending):
+                raise _GaveUp  # past the deadline, or nothing in hand to commit
             if self._source.fatal is not None:
                 raise self._source.fatal
             time.sleep(min(left, 0.1))

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from bmsd.config import DEFAULT_ROUTES, Config, load_config, redact_url
+from bmsd.config import (
+    DEFAULT_ROUTES,
+    SYSTEM_CONFIG_PATH,
+    Config,
+    describe,
+    load_config,
+    redact_url,
+)
+from bmsd.database import connect_kwargs
 from bmsd.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "bmsd.toml"
@@ -69,3 +79,94 @@ def test_environment_overrides_the_file() -> None:
 def test_passwords_are_redacted_for_logs() -> None:
     assert redact_url("mqtts://gw:secret@broker:8883") == "mqtts://gw:***@broker:8883"
     assert redact_url("postgresql://db/x") == "postgresql://db/x"
+
+
+# --- where the configuration and the secrets come from ----------------------------------
+
+
+def bmsd(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bmsd", *args], capture_output=True,
+                          text=True, check=False, timeout=60, cwd=cwd, env=env)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items()
+            if not k.startswith(("BMSD_", "CREDENTIALS_DIRECTORY", "JOURNAL_STREAM"))}
+    return {**keep, **extra}
+
+
+def test_the_file_comes_from_bmsd_config_and_check_config_shows_what_is_in_effect(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text("[database]\nurl = 'postgresql://bmsd:hunter2@db.example:5432/bmsd'\n"
+                    "[ingest]\nmax_batch_rows = 77\n")
+    run = bmsd("check-config", env=clean_env(BMSD_CONFIG=str(path)), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"# {path}: configuration is valid")
+    assert "max_batch_rows = 77" in run.stdout
+    assert "postgresql://bmsd:***@db.example:5432/bmsd" in run.stdout
+    assert "hunter2" not in run.stdout + run.stderr
+
+
+def test_without_any_file_the_built_in_defaults_apply(tmp_path: Path) -> None:
+    run = bmsd("check-config", env=clean_env(), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    if not SYSTEM_CONFIG_PATH.exists():
+        assert run.stdout.startswith("# built-in defaults")
+    example = bmsd("check-config", "--example", env=clean_env(), cwd=tmp_path)
+    assert example.stdout == SHIPPED.read_text()
+
+
+def test_passwords_come_from_a_file_or_a_systemd_credential(tmp_path: Path) -> None:
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cret-from-file\n")
+    path = tmp_path / "bmsd.toml"
+    path.write_text(f"[database]\nurl = 'postgresql://bmsd@db/bmsd'\npassword_file = '{secret}'\n"
+                    "[mqtt]\nurl = 'mqtt://bmsd@broker:1883'\n")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "bmsd-mqtt-password").write_text("s3cret-credential")
+    config = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert config.database.password is not None
+    assert config.database.password.get_secret_value() == "s3cret-from-file"
+    assert connect_kwargs(config.database, "t")["password"] == "s3cret-from-file"
+    assert config.mqtt.password is not None
+    assert config.mqtt.password.get_secret_value() == "s3cret-credential"
+    shown = describe(config) + repr(config)
+    assert "s3cret" not in shown
+
+    # A password in the URL wins; an empty file means none.
+    secret.write_text("")
+    assert load_config(path, environ={}).database.password is None
+
+
+@pytest.mark.parametrize("problem", ["missing", "unreadable"])
+def test_a_secret_file_that_cannot_be_read_is_one_clear_line_and_exit_2(
+    tmp_path: Path, problem: str
+) -> None:
+    secret = tmp_path / "db-password"
+    if problem == "unreadable":
+        secret.mkdir()  # reading a folder fails for root too
+    path = tmp_path / "bmsd.toml"
+    path.write_text(f"[database]\npassword_file = '{secret}'\n")
+    run = bmsd("check-config", "--config", str(path), env=clean_env(), cwd=tmp_path)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert f"[database] password_file = {secret}" in lines[0]
+    assert "Traceback" not in run.stderr
+
+
+def test_a_password_key_is_refused_with_advice(tmp_path: Path) -> None:
+    path = tmp_path / "bmsd.toml"
+    path.write_text("[mqtt]\npassword = 'x'\n")
+    with pytest.raises(ConfigError, match="put the password in a file and name it with"
+                                          " password_file"):
+        load_config(path, environ={})
+
+
+def test_version() -> None:
+    run = subprocess.run([sys.executable, "-m", "bmsd", "--version"], capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert run.stdout.strip() == f"bmsd {version('bmsd')}"

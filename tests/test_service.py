@@ -184,18 +184,21 @@ def test_one_signal_ends_a_drain_stuck_on_the_database_at_its_deadline(
     daemon = bmsd_daemon("[database]\noperation_timeout_s = 120.0\n"
                          "[ingest]\nshutdown_timeout_s = 2.0\n",
                          database_url=database.url(db_url))
+    topic = "site/sig/pack-1/battery"
+    publisher.publish(topic, {"timestamp": "2026-12-03T10:00:00Z", "soc": 50.0, "voltage": 1.0})
+    wait_until(lambda: _count(db_url) == 1, what="the device known to bmsd")
     database.blackhole()
-    publisher.publish("site/sig/pack-1/battery",
-                      {"timestamp": "2026-12-03T10:00:00Z", "soc": 50.0, "voltage": 400.0})
-    time.sleep(0.5)
+    # The device is known, so this one is held, and its commit hangs.
+    publisher.publish(topic, {"timestamp": "2026-12-03T10:00:01Z", "soc": 50.0, "voltage": 1.0})
+    time.sleep(1.0)
     started = time.monotonic()
     assert daemon.stop(timeout_s=15) == 0
     assert time.monotonic() - started < 6
-    assert "bmsd_shutdown_incomplete" in daemon.output()
+    assert '"unacknowledged": 1' in daemon.output()  # bmsd_shutdown_incomplete
 
     database.heal()
     bmsd_daemon(client_id=daemon.client_id)
-    wait_until(lambda: _count(db_url) == 1, what="the redelivered reading")
+    wait_until(lambda: _count(db_url) == 2, what="the redelivered reading")
 
 
 def test_an_older_schema_stops_bmsd_with_advice(bmsd_daemon: DaemonFactory,
