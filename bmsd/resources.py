@@ -1,8 +1,8 @@
 """Files bmsd reads at run time, shipped inside the package.
 
-``bmsd/sql`` and ``bmsd/defaults`` are links to the repository's top-level
-``sql/`` and ``config/`` folders, which stay where operators and the
-container's init scripts expect them; a built wheel carries their files
+``bmsd/sql``, ``bmsd/defaults`` and ``bmsd/systemd`` are links to the
+repository's top-level ``sql/``, ``config/`` and ``systemd/`` folders, which
+stay where operators and the container's init scripts expect them; a built wheel carries their files
 (pyproject.toml, package-data), so an installed bmsd works from any folder.
 """
 

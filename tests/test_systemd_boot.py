@@ -147,7 +147,7 @@ def container(installed_venv: Path) -> Iterator[Container]:
         proc = subprocess.Popen(
             ["systemd-nspawn", "-D", str(tree), "-b", "--register=no", "--keep-unit",
              "--console=pipe", "--volatile=overlay", "--machine=bmsd-test",
-             f"--bind-ro={installed_venv}", f"--bind-ro={REPO / 'systemd'}:/srv/bmsd-units"],
+             f"--bind-ro={installed_venv}"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         pid = wait_until(lambda: proc.poll() is None and _init_pid(proc), timeout_s=60,
@@ -188,7 +188,8 @@ def test_bmsd_as_a_systemd_service(
     skip = "" if pg_template.community else " --skip-community-features"
     container.sh(f"""set -e
         ln -s {installed_venv} /opt/bmsd
-        cp /srv/bmsd-units/bmsd.service /srv/bmsd-units/bmsd-migrate.service /etc/systemd/system/
+        units=$(/opt/bmsd/bin/python -c 'import bmsd.resources as r; print(r.package_file("systemd"))')
+        install -m 644 "$units/bmsd.service" "$units/bmsd-migrate.service" /etc/systemd/system/
         install -d -m 0755 /etc/bmsd
         install -d -m 0700 /etc/bmsd/credentials
         install -m 0600 /dev/null /etc/bmsd/credentials/database-password
@@ -205,7 +206,7 @@ def test_bmsd_as_a_systemd_service(
 
     # 1. Not active before READY: READY waits for the subscription.
     broker.refuse()
-    container.sh("systemctl start --no-block bmsd.service")
+    container.sh("systemctl enable --now --no-block bmsd.service")
     wait_until(lambda: container.show("bmsd-migrate.service", "Result") == "success"
                and "bmsd_waiting" in container.journal("bmsd.service"),
                timeout_s=90, what="migration done and bmsd waiting for the broker")
