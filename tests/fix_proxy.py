@@ -26,11 +26,12 @@ import pytest
 
 
 class Proxy:
-    """Forward 127.0.0.1:<port> to a target, with faults on request."""
+    """Forward <listen_host>:<port> to a target, with faults on request."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host = listen_host
+        self._listener = socket.create_server((listen_host, 0))
         self.port: int = self._listener.getsockname()[1]
         self.mode = "forward"  # forward | blackhole
         self.delay_s = 0.0
@@ -44,7 +45,8 @@ class Proxy:
         """Return *url* with its host and port replaced by the proxy's."""
         parts = urlsplit(url)
         userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        address = f"{self.host}:{self.port}"
+        netloc = f"{userinfo}@{address}" if userinfo else address
         return urlunsplit(parts._replace(netloc=netloc))
 
     # --- faults -----------------------------------------------------------------
@@ -138,7 +140,7 @@ def _reset(sock: socket.socket) -> None:
         sock.close()
 
 
-ProxyFactory = Callable[[str], Proxy]
+ProxyFactory = Callable[..., Proxy]
 
 
 @pytest.fixture
@@ -146,9 +148,9 @@ def tcp_proxy() -> Iterator[ProxyFactory]:
     """Return a function that starts a proxy in front of the server of a URL."""
     proxies: list[Proxy] = []
 
-    def start(url: str) -> Proxy:
+    def start(url: str, listen_host: str = "127.0.0.1") -> Proxy:
         parts = urlsplit(url)
-        proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+        proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432, listen_host)
         proxies.append(proxy)
         return proxy
 

@@ -188,7 +188,8 @@ def test_bmsd_as_a_systemd_service(
     skip = "" if pg_template.community else " --skip-community-features"
     container.sh(f"""set -e
         ln -s {installed_venv} /opt/bmsd
-        units=$(/opt/bmsd/bin/python -c 'import bmsd.resources as r; print(r.package_file("systemd"))')
+        units=$(/opt/bmsd/bin/python -c \
+            'import bmsd.resources as r; print(r.package_file("systemd"))')
         install -m 644 "$units/bmsd.service" "$units/bmsd-migrate.service" /etc/systemd/system/
         install -d -m 0755 /etc/bmsd
         install -d -m 0700 /etc/bmsd/credentials
