@@ -68,6 +68,7 @@ def _publisher(port: int, client_id: str) -> paho.Client:
     """Return a connected QoS 1 publisher with a wide in-flight window."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv311)
+    client.username_pw_set("bench", "bench")
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
@@ -117,6 +118,7 @@ def forget_session(port: int, client_id: str) -> None:
     every later backlog for it too, and each run is slower than the one before."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv311, clean_session=True)
+    client.username_pw_set("bench", "bench")
     client.connect("127.0.0.1", port)
     client.loop_start()
     time.sleep(0.2)
@@ -147,7 +149,9 @@ class Stack:
         self.folder.chmod(0o755)  # the servers run as their own users when we are root
         self.pg = LocalPostgres(self.folder / "pg",
                                 extra_settings="track_commit_timestamp = on\n").start()
-        self.broker = LocalMosquitto(self.folder / "mqtt", REPO / "mosquitto.conf").start()
+        self.broker = LocalMosquitto(self.folder / "mqtt", REPO / "mosquitto.conf",
+                                     users={"bmsd": "bench", "bench": "bench"},
+                                     extra_acl="user bench\ntopic readwrite #\n").start()
         self.runs = 0
 
     def database(self) -> str:
@@ -194,6 +198,7 @@ def subscriber_limit(stack: Stack, messages: int) -> dict[str, float]:
     def connect() -> paho.Client:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=paho.MQTTv311, clean_session=False, manual_ack=True)
+        client.username_pw_set("bench", "bench")
         client.on_message = on_message
         client.connect("127.0.0.1", stack.broker.port)
         client.subscribe("factory/+/+/energy", qos=1)

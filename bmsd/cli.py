@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 from bmsd.config import SYSTEM_CONFIG_PATH, Config, describe, find_config, load_config
 from bmsd.errors import BmsdError, ConfigError, DatabaseError, EditionError
@@ -59,6 +60,23 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_create_login(args: argparse.Namespace) -> int:
+    from bmsd.migrate import ensure_login
+
+    try:
+        password = args.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"--password-file {args.password_file}: cannot read it"
+                          f" ({exc.strerror})") from None
+    if not password:
+        raise ConfigError(f"--password-file {args.password_file} is empty")
+    database = _config(args).database
+    if args.database_url:
+        database = database.model_copy(update={"url": args.database_url})
+    print(ensure_login(database, args.name, args.member_of, password))
+    return 0
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from bmsd.resources import package_file
 
@@ -104,7 +122,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         start=datetime.fromisoformat(args.start) if args.start else None,
         malformed=args.malformed, duplicates=args.duplicates, out_of_order=args.out_of_order,
         late=args.late, alerts=args.alerts)
-    url = args.mqtt_url or _config(args).mqtt.url
+    url = args.mqtt_url
+    if url is None:
+        mqtt = _config(args).mqtt
+        url = mqtt.url
+        parts = urlsplit(url)
+        if mqtt.password is not None and parts.username and parts.password is None:
+            # The password of [mqtt] password_file, as bmsd run would use it.
+            secret = quote(mqtt.password.get_secret_value(), safe="")
+            url = parts._replace(netloc=f"{parts.username}:{secret}@{parts.netloc.split('@')[-1]}"
+                                 ).geturl()
     summary = run(url, options, client_id=args.client_id,
                   progress=sys.stderr if sys.stderr.isatty() or args.progress else None)
     print(format_summary(summary))
@@ -201,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also load the demo plants, devices, tariffs and carbon factors"
                         " of sql/demo/ (never for a production database)")
     p.set_defaults(func=_cmd_migrate)
+
+    p = add("create-login", "Create (or update) a login role for bmsd or Grafana, with its"
+                             " password from a file; run after migrate.")
+    p.add_argument("name", help="the login role, e.g. bmsd_app or grafana")
+    p.add_argument("--member-of", required=True, choices=["bmsd_ingest", "bmsd_reader"],
+                   help="bmsd_ingest for the daemon, bmsd_reader for dashboards")
+    p.add_argument("--password-file", type=Path, required=True)
+    p.add_argument("--database-url", help="a role that may create roles; default:"
+                                          " BMSD_DATABASE_URL, then the config file")
+    p.set_defaults(func=_cmd_create_login)
 
     p = add("check-config", "Validate the configuration and print it, secrets redacted;"
                              " exit 2 if it is wrong.")

@@ -104,6 +104,9 @@ class Daemon:
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
                                   self.metrics)
         self._db = Database(config.database, self.metrics, sleep=self._sleep)
+        # Read at each scrape, so it tells the truth while the loop is stuck:
+        # what is in the batch and what waits in the queue before it.
+        self.metrics.inflight.set_function(lambda: self._ingest.pending + self._inbox.qsize())
         self._lock = InstanceLock(config.database, config.mqtt.client_id)
         self._waiting_for = "the database"
         self._heartbeat = time.monotonic()
@@ -174,6 +177,9 @@ class Daemon:
         self._source.start()
         while not self._source.subscribed.wait(0.1):
             self._heartbeat = time.monotonic()
+            refused = self._source.refused
+            self._set_waiting("the MQTT subscription"
+                              + (f" (the broker refused us: {refused})" if refused else ""))
             if self._source.fatal is not None:
                 raise self._source.fatal
             if self.stop.is_set():
@@ -285,6 +291,7 @@ class Daemon:
         outcome = self._db.run(self._ingest.flush)
         self._rows += sum(outcome.written.values())
         self._last_commit = time.monotonic()
+        self.metrics.last_commit.set(time.time())
         self.notifier.progress()
 
     def _status_line(self) -> str:

@@ -7,6 +7,7 @@ reuses it. Ctrl-C (or the duration running out) stops everything.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -39,12 +40,24 @@ def _port(state_dir: Path, name: str) -> int:
     return port
 
 
+def _password(state_dir: Path, user: str) -> str:
+    """Return the demo broker's password for *user*, made once and kept in the state folder."""
+    path = state_dir / f"{user}.password"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(18))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None) -> int:
     """Start the local stack, apply the schema, and keep it up until stopped."""
     state_dir = state_dir.resolve()
     pg = LocalPostgres(state_dir / "postgres", port=_port(state_dir, "postgres"))
     broker = LocalMosquitto(state_dir / "mosquitto", REPO_ROOT / "mosquitto.conf",
-                            port=_port(state_dir, "mosquitto"))
+                            port=_port(state_dir, "mosquitto"),
+                            users={"bmsd": _password(state_dir, "bmsd"),
+                                   "simulator": _password(state_dir, "simulator")})
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -72,11 +85,12 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None
             print(f"  metrics  : http://{metrics_addr}/metrics  (/readyz, /healthz)")
             print(f"  database : {database_url}")
             print(f"  psql     : psql '{database_url}'")
-            print(f"  broker   : {broker.url}  (publish to e.g. site/<site>/<device>/battery)")
+            print(f"  broker   : {broker.url_as('simulator')}  (publish to e.g."
+                  " site/<site>/<device>/battery; bmsd logs in as user bmsd)")
             print(f"  config   : {config_path or 'built-in defaults'}")
             print("\nbmsd is running on the local stack, fed by `bmsd simulate --realtime`"
                   " (4 sites); Ctrl-C stops everything\n", flush=True)
-            simulator = _start_simulator(broker.url, stop)
+            simulator = _start_simulator(broker.url_as("simulator"), stop)
             _live_view(metrics_addr, database_url, stop, duration_s)
             stop.set()
             simulator.join(10)

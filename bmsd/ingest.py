@@ -124,7 +124,6 @@ class Ingestor:
             self._first_at = self._clock()
         self._pending.append(message)
         self._pending_bytes += len(message.payload)
-        self._metrics.inflight.set(len(self._pending))
 
     def due(self) -> bool:
         """Return whether the batch should be flushed now."""
@@ -169,5 +168,4 @@ class Ingestor:
         self._pending_bytes = 0
         self._first_at = None
         self._lag_times = []
-        self._metrics.inflight.set(0)
         return outcome

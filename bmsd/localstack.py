@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from bmsd.errors import LocalStackError
 
@@ -203,17 +204,23 @@ class LocalPostgres:
         self.proc = None
 
 
-def mosquitto_config(template: str, port: int, state_dir: Path) -> str:
-    """Adapt the repo's mosquitto.conf to a port and a persistence folder."""
+def mosquitto_config(template: str, port: int, state_dir: Path,
+                     host: str = "127.0.0.1") -> str:
+    """Adapt the repo's mosquitto.conf to a port, a persistence folder and our own
+    password and ACL files (which `LocalMosquitto` writes into *state_dir*)."""
     out = []
+    replaced = ("listener", "persistence_location", "log_dest", "pid_file", "user",
+                "password_file", "acl_file")
     for line in template.splitlines():
         key = line.split(None, 1)[0] if line.strip() and not line.startswith("#") else ""
-        if key in ("listener", "persistence_location", "log_dest", "pid_file", "user"):
+        if key in replaced:
             continue
         out.append(line)
     out += [
-        f"listener {port} 127.0.0.1",
+        f"listener {port} {host}",
         f"persistence_location {state_dir}/",
+        f"password_file {state_dir}/passwd",
+        f"acl_file {state_dir}/acl",
         "log_dest stdout",
     ]
     return "\n".join(out) + "\n"
@@ -221,16 +228,28 @@ def mosquitto_config(template: str, port: int, state_dir: Path) -> str:
 
 @dataclass
 class LocalMosquitto:
-    """A Mosquitto broker configured from the repo's mosquitto.conf, in *state_dir*."""
+    """A Mosquitto broker configured from the repo's mosquitto.conf, in *state_dir*.
+
+    *users* (name → password) may log in, with the repo's ACL
+    (``mosquitto/acl``) and *extra_acl* lines after it.
+    """
 
     state_dir: Path
     config_template: Path
     port: int = 0
+    users: dict[str, str] = field(default_factory=dict)
+    extra_acl: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        """Return bmsd's URL: as user ``bmsd`` where there is one."""
+        return self.url_as("bmsd") if "bmsd" in self.users else f"mqtt://127.0.0.1:{self.port}"
+
+    def url_as(self, user: str) -> str:
+        """Return the URL that logs in as *user*."""
+        password = quote(self.users[user], safe="")
+        return f"mqtt://{quote(user, safe='')}:{password}@127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -248,6 +267,7 @@ class LocalMosquitto:
         conf = self.state_dir / "mosquitto.conf"
         conf.write_text(mosquitto_config(self.config_template.read_text(), self.port,
                                          self.state_dir))
+        self._write_users()
         _hand_over(self.state_dir, _system_user("mosquitto"))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log,
@@ -255,6 +275,17 @@ class LocalMosquitto:
         log.close()
         wait_for_port(self.port, timeout_s, self.proc, self.log_path)
         return self
+
+    def _write_users(self) -> None:
+        acl = self.config_template.parent / "mosquitto" / "acl"
+        (self.state_dir / "acl").write_text(
+            (acl.read_text() if acl.exists() else "") + "\n" + self.extra_acl)
+        passwd = self.state_dir / "passwd"
+        passwd.write_text("")
+        passwd.chmod(0o600)
+        tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        for user, password in self.users.items():
+            _run([tool, "-b", str(passwd), user, password], "mosquitto_passwd")
 
     def stop(self, timeout_s: float = 15) -> None:
         """Stop the broker gracefully: SIGTERM makes it save its persistence file."""

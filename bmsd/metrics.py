@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -44,6 +47,15 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge(
             "bmsd_inflight_messages", "Messages received and not yet acknowledged", registry=r)
+        self.last_commit = Gauge(
+            "bmsd_last_commit_timestamp_seconds",
+            "Unix time of the last commit (the process start until the first)", registry=r)
+        self.last_commit.set(time.time())
+        self.build = Info("bmsd_build", "The running bmsd", registry=r)
+        try:
+            self.build.info({"version": version("bmsd")})
+        except PackageNotFoundError:  # a clone that was never installed
+            self.build.info({"version": "unknown"})
         self.mqtt_connected = Gauge(
             "bmsd_mqtt_connected", "1 while connected to the broker", registry=r)
         self.sessions_lost = Counter(

@@ -285,3 +285,24 @@ def _apply_one(
         where = f" (at: {diag.context.strip()})" if diag.context else ""
         raise MigrationError(f"sql/{script.name} failed: {exc}".strip() + where) from exc
     report.applied.append(script.name)
+
+
+_ROLE_EXISTS = "SELECT 1 FROM pg_roles WHERE rolname = %s"
+
+
+def ensure_login(database: str | DatabaseConfig, name: str, member_of: str,
+                 password: str) -> str:
+    """Create or update the login role *name*, member of *member_of*; say which.
+
+    Passwords are set as literals, never logged; ``bmsd_ingest`` and
+    ``bmsd_reader`` come from the schema (sql/010_roles.sql), so run this
+    after `migrate`.
+    """
+    with _connect(database) as conn, conn.transaction():
+        exists = conn.execute(_ROLE_EXISTS, (name,)).fetchone() is not None
+        verb = "ALTER" if exists else "CREATE"
+        conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+            sql.Identifier(name), sql.Literal(password)))
+        conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(member_of),
+                                                      sql.Identifier(name)))
+    return f"{'updated' if exists else 'created'} login role {name} (member of {member_of})"

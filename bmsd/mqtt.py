@@ -38,9 +38,12 @@ log = structlog.get_logger("bmsd.mqtt")
 
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 _SESSION_TAKEN_OVER = 142
-_REFUSED_FOR_GOOD = {134: "bad user name or password", 135: "not authorized",
-                     133: "client identifier not valid", 4: "bad user name or password",
-                     5: "not authorized", 2: "client identifier rejected"}
+# A refused client id is a configuration error: retrying cannot help. Refused
+# credentials are retried with backoff: the broker's password file may be
+# fixed, or reloaded, while bmsd waits (a crash loop would help nobody).
+_REFUSED_FOR_GOOD = {133: "client identifier not valid", 2: "client identifier rejected"}
+_REFUSED_CREDENTIALS = {134: "bad user name or password", 4: "bad user name or password",
+                        135: "not authorized", 5: "not authorized"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,7 @@ class MqttSource:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.fatal: BrokerError | None = None
+        self.refused: str | None = None  # why the broker refused the last attempt
         self.subscribed_at = datetime.now(UTC)
         self._fatal_event = threading.Event()
         url = urlsplit(config.url)
@@ -81,6 +85,7 @@ class MqttSource:
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else False, manual_ack=True,
         )
+        self._user = unquote(url.username) if url.username else None
         if url.username:
             password = unquote(url.password) if url.password else None
             if password is None and config.password is not None:
@@ -175,10 +180,20 @@ class MqttSource:
             if code in _REFUSED_FOR_GOOD:
                 self._set_fatal(BrokerError(
                     f"broker {self._host}:{self._port} refused us: {_REFUSED_FOR_GOOD[code]};"
-                    " check the user, password and client id in BMSD_MQTT_URL / [mqtt]"))
+                    " check the client id in [mqtt] client_id"))
+            elif code in _REFUSED_CREDENTIALS:
+                self.refused = _REFUSED_CREDENTIALS[code]
+                log.error("mqtt_connect_refused", broker=f"{self._host}:{self._port}",
+                          user=self._user, reason=self.refused,
+                          meaning="check the user in BMSD_MQTT_URL / [mqtt] url and its password"
+                                  " ([mqtt] password_file or the bmsd-mqtt-password credential)"
+                                  " against the broker's password file and ACL; retrying with"
+                                  " backoff")
             else:
+                self.refused = str(reason)
                 log.warning("mqtt_connect_refused", reason=str(reason))
             return
+        self.refused = None
         self._generation += 1
         self.connected.set()
         self._metrics.mqtt_connected.set(1)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 MACHINES = (  # kind, slug prefix, seconds between readings, production stream?
     ("compressor", "compressor", 1.0, False),
@@ -327,7 +327,8 @@ def run(url: str, options: Options, client_id: str = "bmsd-simulator",
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv311)
     if parts.username:
-        client.username_pw_set(parts.username, parts.password)
+        client.username_pw_set(unquote(parts.username),
+                               unquote(parts.password) if parts.password else None)
     if parts.scheme == "mqtts":
         client.tls_set()
     client.max_inflight_messages_set(1000)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 import pytest
@@ -149,6 +149,9 @@ class Publisher:
         self.client = paho.Client(CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"pub-{os.getpid()}-{next(_ids)}",
                                   protocol=paho.MQTTv5)
+        if parts.username:
+            self.client.username_pw_set(unquote(parts.username),
+                                        unquote(parts.password or ""))
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
@@ -177,7 +180,7 @@ class Publisher:
 
 @pytest.fixture
 def publisher(mqtt_broker: Any) -> Iterator[Publisher]:
-    pub = Publisher(mqtt_broker.url)
+    pub = Publisher(mqtt_broker.publisher_url)
     yield pub
     pub.close()
 

@@ -1,9 +1,16 @@
-"""A real Mosquitto for tests, configured from the repo's mosquitto.conf.
+"""A real Mosquitto for tests, configured from the repo's mosquitto.conf and ACL.
 
-The broker is the one at ``BMSD_TEST_MQTT_URL`` when set; else a throwaway
-local ``mosquitto`` process on a free port; else an ``eclipse-mosquitto``
-container where a Docker engine answers. ``broker_factory`` starts brokers
-of a test's own (local only), for tests that stop or restart one.
+The broker is the one at ``BMSD_TEST_MQTT_URL`` when set (used as it is:
+every client connects with that URL's credentials); else a throwaway local
+``mosquitto`` process on a free port, with the users below; else an
+``eclipse-mosquitto`` container where a Docker engine answers.
+``broker_factory`` starts brokers of a test's own (local only), for tests
+that stop or restart one.
+
+Anonymous clients are refused, as in production. bmsd logs in as ``bmsd``;
+tests publish and watch as ``tester``, whom only the tests' ACL lines let
+read and write everything; ``alpha`` and ``beta`` are field gateways of
+sites of those names.
 """
 
 from __future__ import annotations
@@ -20,14 +27,31 @@ import pytest
 from bmsd.localstack import LocalMosquitto, mosquitto_config
 
 REPO_CONF = Path(__file__).resolve().parent.parent / "mosquitto.conf"
+USERS = {"bmsd": "bmsd-test-password", "simulator": "simulator-test-password",
+         "tester": "tester-test-password", "alpha": "alpha-test-password",
+         "beta": "beta-test-password"}
+TEST_ACL = "user tester\ntopic readwrite #\n"
 
 
 @dataclass
 class Broker:
-    """The MQTT broker a test talks to."""
+    """The MQTT broker a test talks to; `url` logs in as bmsd."""
 
     url: str
     local: LocalMosquitto | None = None
+
+    def url_as(self, user: str) -> str:
+        return self.local.url_as(user) if self.local is not None else self.url
+
+    @property
+    def publisher_url(self) -> str:
+        """Return the URL tests publish and subscribe with."""
+        return self.url_as("tester")
+
+
+def local_broker(state: Path) -> LocalMosquitto:
+    """Return a local broker with the test users (not started)."""
+    return LocalMosquitto(state, REPO_CONF, users=dict(USERS), extra_acl=TEST_ACL)
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +62,7 @@ def mqtt_broker() -> Iterator[Broker]:
         return
     if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
         state = Path(tempfile.mkdtemp(prefix="bmsd-test-mqtt-"))
-        local = LocalMosquitto(state, REPO_CONF).start()
+        local = local_broker(state).start()
         try:
             yield Broker(url=local.url, local=local)
         finally:
@@ -48,9 +72,12 @@ def mqtt_broker() -> Iterator[Broker]:
     from testcontainers.core.container import DockerContainer
 
     conf_dir = Path(tempfile.mkdtemp(prefix="bmsd-test-mqtt-conf-"))
-    (conf_dir / "mosquitto.conf").write_text(
-        mosquitto_config(REPO_CONF.read_text(), 1883, Path("/mosquitto/data"))
-        .replace("listener 1883 127.0.0.1", "listener 1883 0.0.0.0"))
+    # No mosquitto_passwd here to make a password file: an anonymous broker.
+    conf = mosquitto_config(REPO_CONF.read_text(), 1883, Path("/mosquitto/data"),
+                            "0.0.0.0")  # noqa: S104 - in the container, behind its port map
+    conf = "\n".join(line for line in conf.splitlines()
+                     if not line.startswith(("password_file", "acl_file", "allow_anonymous")))
+    (conf_dir / "mosquitto.conf").write_text(conf + "\nallow_anonymous true\n")
     container = (DockerContainer("eclipse-mosquitto:2")
                  .with_volume_mapping(str(conf_dir), "/mosquitto/config")
                  .with_exposed_ports(1883))
@@ -66,7 +93,7 @@ def broker_factory() -> Iterator[Callable[[], LocalMosquitto]]:
 
     def start() -> LocalMosquitto:
         state = Path(tempfile.mkdtemp(prefix="bmsd-test-mqtt-"))
-        broker = LocalMosquitto(state, REPO_CONF).start()
+        broker = local_broker(state).start()
         started.append((broker, state))
         return broker
 

@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 import psycopg
@@ -177,7 +177,7 @@ def test_after_kill_9_there_is_still_exactly_one_alert_and_it_resolves(
     restarted = bmsd_daemon(client_id=daemon.client_id)
     wait_until(lambda: any(e.get("event") == "alerts_republished" and e.get("count") == 1
                            for e in restarted.events()))
-    seen = retained(mqtt_broker.url, "bmsd/alerts/north/ctrl-1/BATTERY_LOW")
+    seen = retained(mqtt_broker.publisher_url, "bmsd/alerts/north/ctrl-1/BATTERY_LOW")
     assert seen is not None
     assert seen["status"] == "active"
     publish_levels(publisher, [(10, 15), (20, 14)])  # a redelivery and a new low reading
@@ -194,6 +194,8 @@ def retained(url: str, topic: str, wait_s: float = 3.0) -> dict[str, Any] | None
     got: list[bytes] = []
     done = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}")
+    if parts.username:
+        client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
 
     def on_message(c: paho.Client, u: object, m: paho.MQTTMessage) -> None:
         if m.retain:
@@ -216,8 +218,9 @@ def test_alerts_are_published_retained_and_cleared_on_resolution(
     bmsd_daemon()
     topic = "bmsd/alerts/north/ctrl-1/BATTERY_CRITICAL"
     live: list[dict[str, Any]] = []
-    parts = urlsplit(mqtt_broker.url)
+    parts = urlsplit(mqtt_broker.publisher_url)
     watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="alert-watcher")
+    watcher.username_pw_set(unquote(parts.username or ""), unquote(parts.password or ""))
     watcher.on_message = lambda c, u, m: live.append(json.loads(m.payload) if m.payload else {})
     watcher.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
     watcher.subscribe(topic, qos=1)
@@ -229,10 +232,10 @@ def test_alerts_are_published_retained_and_cleared_on_resolution(
         assert live[0]["code"] == "BATTERY_CRITICAL"
         assert live[0]["severity"] == "critical"
         assert live[0]["message"] == "ctrl-1 at north: battery charge 8.0 % below 10 %"
-        assert retained(mqtt_broker.url, topic)["status"] == "active"  # type: ignore[index]
+        assert retained(mqtt_broker.publisher_url, topic)["status"] == "active"  # type: ignore[index]
         publish_levels(publisher, [(10, 50)])
         wait_until(lambda: any(m.get("status") == "resolved" for m in live))
-        wait_until(lambda: retained(mqtt_broker.url, topic, wait_s=0.5) is None,
+        wait_until(lambda: retained(mqtt_broker.publisher_url, topic, wait_s=0.5) is None,
                    what="the retained message cleared")
     finally:
         watcher.disconnect()

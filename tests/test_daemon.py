@@ -432,7 +432,7 @@ def test_a_graceful_broker_restart_under_load_loses_and_doubles_nothing(
     broker = broker_factory()
     first = bmsd_daemon(broker_url=broker.url)
     assert first.stop() == 0  # the session exists; the broker queues for it now
-    publisher = Publisher(broker.url)
+    publisher = Publisher(broker.url_as("tester"))
     publisher.publish_many(load(N))
     publisher.close()
     daemon = bmsd_daemon(broker_url=broker.url, client_id=first.client_id)

@@ -75,7 +75,7 @@ def test_the_installed_wheel_works_from_any_folder(
         [str(installed), "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**clean, "BMSD_CONFIG": str(config), "BMSD_DATABASE_URL": empty_db_url,
              "BMSD_MQTT_URL": mqtt_broker.url, "BMSD_METRICS_ADDR": f"127.0.0.1:{port}"})
-    publisher = Publisher(mqtt_broker.url)
+    publisher = Publisher(mqtt_broker.publisher_url)
     try:
         wait_until(lambda: _ready(port) or daemon.poll() is not None, what="bmsd ready")
         assert daemon.poll() is None

@@ -161,7 +161,7 @@ def test_a_bmsd_killed_during_a_database_partition_is_replaced_within_the_bound(
     first = start(logs[0])
     try:
         wait_until(ready, what=f"the first bmsd\n{logs[0].read_text()}")
-        publisher = Publisher(mqtt_broker.url)
+        publisher = Publisher(mqtt_broker.publisher_url)
         messages = [(f"factory/part/m{i % 5}/energy",
                      {"timestamp": f"2026-12-03T09:{(i // 5) // 60:02d}:{(i // 5) % 60:02d}Z",
                       "power_kw": i}) for i in range(n)]

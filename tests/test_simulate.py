@@ -66,7 +66,7 @@ def test_bmsd_stores_exactly_the_valid_readings_the_simulator_sent(
     bmsd_daemon()
     summary_path = tmp_path / "summary.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bmsd", "simulate", "--mqtt-url", mqtt_broker.url,
+        [sys.executable, "-m", "bmsd", "simulate", "--mqtt-url", mqtt_broker.url_as("simulator"),
          "--messages", "1500", "--per-message", "2", "--malformed", "0.05", "--duplicates",
          "0.05", "--out-of-order", "0.05", "--late", "0.05", "--alerts", "0.05",
          "--summary-json", str(summary_path)],

@@ -1,0 +1,1 @@
+"""Tools for trying and measuring bmsd, not the daemon: nothing under bmsd/ingest imports them."""
