@@ -49,10 +49,12 @@ apt_install() {
 # systemd: its systemd-analyze checks the units in systemd/ (tests/test_units.py);
 # systemd-container and debootstrap boot a real systemd for tests/test_systemd_boot.py;
 # iproute2 and iptables make the network partition of tests/test_partition.py;
-# prometheus: promtool and a real server for tests/test_prometheus.py.
+# prometheus: promtool and a real server for tests/test_prometheus.py;
+# docker-compose: parses docker-compose.yml (tests/test_compose.py; no engine needed).
 apt_install postgresql postgresql-client postgresql-server-dev-all mosquitto mosquitto-clients \
     python3 python3-venv python3-dev build-essential cmake libssl-dev libkrb5-dev xz-utils \
-    ca-certificates systemd systemd-container debootstrap iproute2 iptables prometheus
+    ca-certificates systemd systemd-container debootstrap iproute2 iptables prometheus \
+    docker-compose
 pg_version=$(ls /usr/lib/postgresql | sort -n | tail -1)
 pg_config=/usr/lib/postgresql/$pg_version/bin/pg_config
 [ -x "$pg_config" ] || die "PostgreSQL $pg_version has no pg_config at $pg_config"

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bmsd.dev.dashboards import DASHBOARDS, PROMETHEUS
 from bmsd.localstack import free_port, wait_for_port
 from tests.fix_daemon import DaemonFactory, wait_until
 
@@ -112,6 +113,13 @@ def test_a_real_prometheus_scrapes_bmsd_and_loads_the_rules(
         time.sleep(2)
         firing = [a["labels"]["alertname"] for a in _api(port, "alerts")["alerts"]]
         assert "BmsdDown" not in firing
+
+        # Every Prometheus panel of the dashboards is a query this server accepts.
+        for dashboard in DASHBOARDS:
+            for panel in dashboard.panels:
+                if panel.datasource is PROMETHEUS:
+                    _api(port, "query", query=panel.query)  # HTTP 400 if it does not parse
+        assert _api(port, "query", query="bmsd_inflight_messages")["result"]
     finally:
         server.terminate()
         server.wait(30)

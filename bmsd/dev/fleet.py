@@ -86,7 +86,7 @@ _SITE_TELEMETRY = """
            round(((60 + 20 * sin(x)) * %(hours)s)::numeric, 3)
       FROM devices d
       CROSS JOIN generate_series(%(start)s, %(end)s, %(step)s) AS t
-      CROSS JOIN LATERAL (SELECT 2 * pi() * extract(epoch FROM t)::bigint %% 86400 / 86400.0
+      CROSS JOIN LATERAL (SELECT 2 * pi() * (extract(epoch FROM t)::bigint %% 86400) / 86400.0
                           + d.id AS x) AS p
      WHERE d.kind = 'site_controller'
     ON CONFLICT DO NOTHING
@@ -103,12 +103,12 @@ _BATTERY = """
                    FROM generate_series(1, 16) AS c),
            ARRAY(SELECT round((25 + 4 * sin(x) + c * 0.1)::numeric, 1)::float8
                    FROM generate_series(1, 16) AS c),
-           CASE WHEN extract(epoch FROM t)::bigint %% 86400 = 43200 THEN ARRAY['CELL_IMBALANCE']
+           CASE WHEN (extract(epoch FROM t)::bigint %% 10800) = 0 THEN ARRAY['CELL_IMBALANCE']
                 ELSE NULL END,
-           false, false, false, extract(epoch FROM t)::bigint %% 604800 = 0
+           false, false, false, (extract(epoch FROM t)::bigint %% 604800) = 0
       FROM devices d
       CROSS JOIN generate_series(%(start)s, %(end)s, %(step)s) AS t
-      CROSS JOIN LATERAL (SELECT 2 * pi() * extract(epoch FROM t)::bigint %% 86400 / 86400.0
+      CROSS JOIN LATERAL (SELECT 2 * pi() * (extract(epoch FROM t)::bigint %% 86400) / 86400.0
                           + d.id AS x) AS p
      WHERE d.kind = 'battery_pack'
     ON CONFLICT DO NOTHING
@@ -121,7 +121,7 @@ _ENERGY = """
       FROM devices d
       CROSS JOIN generate_series(%(start)s, %(end)s, %(step)s) AS t
       CROSS JOIN LATERAL (SELECT greatest(0.5, (CASE WHEN d.kind = 'meter' THEN 120 ELSE 35 END)
-                          * (0.6 + 0.4 * sin(2 * pi() * extract(epoch FROM t)::bigint %% 86400
+                          * (0.6 + 0.4 * sin(2 * pi() * (extract(epoch FROM t)::bigint %% 86400)
                                             / 86400.0 + d.id))) AS kw) AS p
      WHERE d.kind IN ('meter', 'machine')
     ON CONFLICT DO NOTHING
@@ -143,7 +143,7 @@ _ENVIRONMENT = """
            1013, round((600 + 200 * sin(x))::numeric, 0)
       FROM devices d
       CROSS JOIN generate_series(%(start)s, %(end)s, %(step)s) AS t
-      CROSS JOIN LATERAL (SELECT 2 * pi() * extract(epoch FROM t)::bigint %% 86400 / 86400.0
+      CROSS JOIN LATERAL (SELECT 2 * pi() * (extract(epoch FROM t)::bigint %% 86400) / 86400.0
                           AS x) AS p
      WHERE d.kind = 'sensor'
     ON CONFLICT DO NOTHING
