@@ -33,7 +33,9 @@ import psycopg
 import structlog
 from prometheus_client import CollectorRegistry
 
-from bmsd.alerts import AlertEngine, Plan
+from bmsd.alerts.engine import AlertEngine
+from bmsd.alerts.evaluate import Plan
+from bmsd.alerts.rules import load_rules
 from bmsd.config import Config, redact_url
 from bmsd.database import Database
 from bmsd.errors import BmsdError, ConfigError
@@ -44,7 +46,6 @@ from bmsd.metrics import Metrics
 from bmsd.migrate import all_scripts, missing_scripts
 from bmsd.mqtt import Message, MqttSource
 from bmsd.notify import Notifier
-from bmsd.rules import load_rules
 
 log = structlog.get_logger("bmsd")
 

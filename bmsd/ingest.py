@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from bmsd.alerts import AlertEngine
+from bmsd.alerts.engine import AlertEngine
 from bmsd.config import Config
 from bmsd.metrics import Metrics
 from bmsd.mqtt import Message
@@ -144,8 +144,11 @@ class Ingestor:
         """Commit the batch, then acknowledge its messages; errors leave it for a retry."""
         started = time.perf_counter()
         engine = self._alerts
-        outcome, plan = self._writer.commit(conn, self._batch,
-                                            also=engine.plan if engine else None)
+        plan = None
+        with conn.transaction():
+            outcome = self._writer.write(conn, self._batch)
+            if engine is not None:
+                plan = engine.plan(conn, self._batch)
         committed = datetime.now(UTC)
         if engine is not None and plan is not None:
             engine.apply(plan)

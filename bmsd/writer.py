@@ -10,17 +10,18 @@ database refuses for its data (a NUL character, a failed check, a value out
 of range) is isolated by bisecting the rows and dead-lettered alone. Each
 attempt runs in a savepoint, so the rest of the batch is unaffected.
 
-Everything - rows, dead letters, ``devices.last_seen_at`` - commits together
-or not at all; only after the commit are the messages acknowledged.
+Everything - rows, dead letters, ``devices.last_seen_at``, and the alert
+changes they cause - commits together or not at all, in the transaction
+the ingestor opens; only after the commit are the messages acknowledged.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -46,7 +47,6 @@ _DEAD_LETTER_COPY = (
     " FROM STDIN (FORMAT BINARY)"
 )
 _DEAD_LETTER_TYPES = ["timestamptz", "text", "text", "text", "bytea", "jsonb"]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +71,10 @@ class Row:
     values: tuple[Any, ...]
     origin: Origin
     index: int | None = None
+
+    def fields(self, columns: Sequence[str]) -> dict[str, Any]:
+        """Return the reading's fields by name (*columns*: its payload model's)."""
+        return dict(zip(columns, self.values[2:-1], strict=True))
 
     def dead(self, category: str, reason: str) -> DeadLetter:
         """Return this row's dead letter."""
@@ -99,7 +103,6 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     seen: dict[int, datetime] = field(default_factory=dict)
     duplicates: Counter[str] = field(default_factory=Counter)
-    row_count: int = 0
     largest: int = 0  # rows in the fullest hypertable
 
     def add(self, stream: str, row: Row) -> None:
@@ -109,7 +112,6 @@ class Batch:
         held = rows.get(key)
         if held is None:
             rows[key] = row
-            self.row_count += 1
             self.largest = max(self.largest, len(rows))
         elif held.values == row.values:
             self.duplicates[stream] += 1
@@ -166,32 +168,22 @@ class Writer:
             self._columns[stream] = wanted
             self._types[stream] = [found[c] for c in wanted]
 
-    def commit(self, conn: psycopg.Connection[Any], batch: Batch,
-               also: Callable[[psycopg.Connection[Any], Batch], T] | None = None
-               ) -> tuple[Outcome, T | None]:
-        """Write *batch* in one transaction and commit it.
-
-        *also* runs in the same transaction after the rows are written (the
-        alert engine); what it returns is returned after the commit.
-        """
+    def write(self, conn: psycopg.Connection[Any], batch: Batch) -> Outcome:
+        """Write *batch* in the caller's transaction (each attempt in a savepoint)."""
         if not self._columns:
             self.prepare(conn)
         outcome = Outcome()
-        extra: T | None = None
         outcome.duplicates.update(batch.duplicates)
-        with conn.transaction():
-            for stream, rows in batch.rows.items():
-                if rows:
-                    self._write(conn, stream, list(rows.values()), outcome)
-            dead = batch.dead + outcome.dead
-            if dead:
-                self._dead_letter(conn, dead)
-            if batch.seen:
-                conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
-            if also is not None:
-                extra = also(conn, batch)
+        for stream, rows in batch.rows.items():
+            if rows:
+                self._write(conn, stream, list(rows.values()), outcome)
+        dead = batch.dead + outcome.dead
+        if dead:
+            self._dead_letter(conn, dead)
+        if batch.seen:
+            conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
         outcome.dead = dead
-        return outcome, extra
+        return outcome
 
     def _write(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
                outcome: Outcome) -> None:

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bmsd.alerts.rules import DEFAULT_RULES_PATH, Rule, load_rules
 from bmsd.errors import ConfigError
-from bmsd.rules import DEFAULT_RULES_PATH, Rule, load_rules
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)

@@ -1,0 +1,95 @@
+"""The alert engine: evaluate (pure), store (in the batch's transaction), publish (after it).
+
+The ingestor calls `AlertEngine.plan` inside the transaction that writes a
+batch's readings, and `AlertEngine.apply` once that transaction committed;
+if it rolled back, the plan is simply dropped. The daemon calls the offline
+check, the limits refresh, the rules reload and the republication at start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import structlog
+
+from bmsd.alerts import evaluate
+from bmsd.alerts.evaluate import Plan, State
+from bmsd.alerts.publish import AlertPublisher, Publish
+from bmsd.alerts.rules import Rule
+from bmsd.alerts.store import AlertStore
+from bmsd.metrics import Metrics
+from bmsd.payloads import MODELS
+from bmsd.writer import Batch
+
+log = structlog.get_logger("bmsd.alerts")
+
+
+class AlertEngine:
+    """The alert state of all devices, the rules that change it, and where changes go."""
+
+    def __init__(self, rules: Iterable[Rule], metrics: Metrics, publish: Publish | None = None,
+                 topic_prefix: str | None = "bmsd/alerts",
+                 offline_after_s: Mapping[str, int | None] | None = None) -> None:
+        self.set_rules(rules)
+        self.state = State()
+        self._store = AlertStore()
+        self._publisher = AlertPublisher(metrics, publish, topic_prefix)
+        self._offline_after = dict(offline_after_s or {})
+
+    def set_rules(self, rules: Iterable[Rule]) -> None:
+        """Use these rules from now on; state of unchanged codes is kept."""
+        self.rules = tuple(rules)
+        self._by_stream = evaluate.by_stream(self.rules)
+
+    @property
+    def unresolved(self) -> int:
+        return len(self.state.open)
+
+    def load(self, conn: psycopg.Connection[Any]) -> None:
+        """Rebuild the state from the database (at start)."""
+        self.state = self._store.load(conn)
+        self._publisher.count(self.state)
+        log.info("alerts_loaded", unresolved=len(self.state.open), rules=len(self.rules),
+                 devices_with_limits=len(self.state.limits))
+
+    def load_limits(self, conn: psycopg.Connection[Any]) -> None:
+        """Read the active per-device safety limits again."""
+        self.state.limits = self._store.limits(conn)
+
+    def plan(self, conn: psycopg.Connection[Any], batch: Batch) -> Plan:
+        """Decide and write, in the caller's transaction, what *batch* changes."""
+        started = time.perf_counter()
+        readings = {
+            stream: ({key: row.fields(MODELS[stream].columns) for key, row in rows.items()}
+                     if evaluate.needs_fields(stream, self._by_stream) else dict.fromkeys(rows))
+            for stream, rows in batch.rows.items() if rows}
+        self._store.remember_devices(
+            conn, self.state, {device for rows in readings.values() for device, _ in rows})
+        plan = evaluate.evaluate(self.state, self._by_stream, readings, batch.seen)
+        self._store.write(conn, plan)
+        plan.seconds = time.perf_counter() - started
+        return plan
+
+    def plan_offline(self, conn: psycopg.Connection[Any], now: datetime,
+                     watching_since: datetime) -> Plan:
+        """Decide and write which devices went silent (see `evaluate.plan_offline`)."""
+        self._store.remember_devices(conn, self.state, self.state.last_seen)
+        plan = evaluate.plan_offline(self.state, now, watching_since, self._offline_after)
+        self._store.write(conn, plan)
+        return plan
+
+    def offline_limit_s(self, device_id: int) -> float:
+        return evaluate.offline_limit_s(self.state, device_id, self._offline_after)
+
+    def apply(self, plan: Plan) -> None:
+        """Make a committed plan the current state, and announce it."""
+        evaluate.apply(self.state, plan)
+        self._publisher.committed(plan, self.state)
+
+    def republish(self) -> int:
+        """Publish the retained message of every unresolved alert (after a restart)."""
+        return self._publisher.republish(self.state)

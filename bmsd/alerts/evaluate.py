@@ -1,0 +1,322 @@
+"""Decide what a batch of readings does to the alerts: pure functions, no I/O.
+
+`evaluate` takes the committed `State`, the batch's readings and the rules,
+and returns a `Plan`: alerts to raise and resolve, the new high-water marks
+and pending ``for_s`` conditions. `plan_offline` decides which devices went
+silent. `apply` makes a committed plan the state. The store (store.py)
+writes a plan inside the batch's transaction; the publisher (publish.py)
+announces it after the commit.
+
+Semantics, per device and stream in device-time order:
+
+- a reading not newer than the newest one already evaluated (late, or
+  redelivered after a crash) changes nothing;
+- a condition must hold for the rule's ``for_s`` before it raises one alert
+  (``triggered_at`` = the reading that started it); reaching the clear
+  threshold resolves it: values oscillating between the two give one alert;
+- a protection or alarm flag raises an alert at once, resolved by the first
+  later reading without it;
+- any reading of a device resolves its DEVICE_OFFLINE;
+- within one batch, an alert may be raised and cleared, and a rule may be
+  cleared and raised again: resolutions come first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from bmsd.alerts.rules import DERIVED, Rule
+
+PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
+                    "under_voltage": "PROTECTION_UNDER_VOLTAGE",
+                    "over_current": "PROTECTION_OVER_CURRENT",
+                    "over_temperature": "PROTECTION_OVER_TEMPERATURE"}
+OFFLINE = "DEVICE_OFFLINE"
+FLAG_CATEGORIES = ("battery_protection", "device_alarm")
+#: The stream whose readings carry protection and alarm flags.
+FLAGGED_STREAM = "battery_telemetry"
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What rules and messages need to know about a device."""
+
+    id: int
+    site_id: int
+    site: str
+    slug: str
+    kind: str
+    nominal_grid_frequency_hz: int
+
+
+@dataclass(slots=True)
+class Alert:
+    """An unresolved alert, or one changing state."""
+
+    device: DeviceInfo
+    code: str
+    severity: str
+    category: str
+    title: str
+    message: str
+    value: float | None
+    threshold: float | None
+    triggered_at: datetime
+    id: int | None = None
+    status: str = "active"
+    resolved_at: datetime | None = None
+
+    def document(self) -> dict[str, Any]:
+        """Return the JSON document published on MQTT."""
+        return {
+            "id": self.id, "site": self.device.site, "device": self.device.slug,
+            "code": self.code, "severity": self.severity, "category": self.category,
+            "status": self.status, "title": self.title, "message": self.message,
+            "value": self.value, "threshold": self.threshold,
+            "triggered_at": self.triggered_at.isoformat(),
+            "resolved_at": self.resolved_at.isoformat() if self.resolved_at else None,
+        }
+
+
+Pending = dict[str, tuple[datetime, float]]  # rule code -> (since, first value)
+
+
+@dataclass
+class Plan:
+    """The alert changes of one batch, decided but not yet committed."""
+
+    triggered: list[Alert] = field(default_factory=list)
+    resolved: list[Alert] = field(default_factory=list)
+    raised_and_cleared: list[Alert] = field(default_factory=list)  # within this batch
+    marks: dict[tuple[int, str], datetime] = field(default_factory=dict)
+    pending: dict[tuple[int, str], Pending] = field(default_factory=dict)
+    seen: dict[int, datetime] = field(default_factory=dict)
+    intervals: dict[int, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.marks or self.triggered or self.resolved)
+
+
+@dataclass
+class State:
+    """The committed alert state: what plans are decided against."""
+
+    devices: dict[int, DeviceInfo] = field(default_factory=dict)
+    limits: dict[int, dict[str, float]] = field(default_factory=dict)
+    open: dict[tuple[int, str], Alert] = field(default_factory=dict)
+    marks: dict[tuple[int, str], datetime] = field(default_factory=dict)
+    pending: dict[tuple[int, str], Pending] = field(default_factory=dict)
+    last_seen: dict[int, datetime] = field(default_factory=dict)
+    interval: dict[int, float] = field(default_factory=dict)
+    streams_of: dict[int, set[str]] = field(default_factory=dict)
+
+
+#: A batch's readings: stream -> (device id, time) -> the reading's fields,
+#: or None where the stream has no rule (only its time matters then).
+Readings = Mapping[str, Mapping[tuple[int, datetime], Mapping[str, Any] | None]]
+
+
+def by_stream(rules: Iterable[Rule]) -> dict[str, tuple[Rule, ...]]:
+    """Return the rules of each stream."""
+    out: dict[str, tuple[Rule, ...]] = {}
+    for rule in rules:
+        out[rule.stream] = (*out.get(rule.stream, ()), rule)
+    return out
+
+
+def needs_fields(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> bool:
+    """Return whether evaluating *stream* reads its readings' fields, not just their times."""
+    return bool(rules.get(stream)) or stream == FLAGGED_STREAM
+
+
+def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Readings,
+             seen: Mapping[int, datetime]) -> Plan:
+    """Return what *readings* change, against the committed *state* (left untouched).
+
+    Every device of *readings* must be in ``state.devices``.
+    """
+    plan = Plan()
+    opened = dict(state.open)  # this batch's view
+    for stream, rows in readings.items():
+        if not rows:
+            continue
+        stream_rules = rules.get(stream, ())
+        if not needs_fields(stream, rules):
+            # Nothing to evaluate per reading: only each device's newest one
+            # moves its mark and ends a DEVICE_OFFLINE.
+            newest: dict[int, datetime] = {}
+            for device_id, when in rows:
+                if when > newest.get(device_id, _EPOCH):
+                    newest[device_id] = when
+            for device_id, when in newest.items():
+                key = (device_id, stream)
+                mark = state.marks.get(key)
+                if mark is None or when > mark:
+                    plan.marks[key] = when
+                    _offline_resolves(plan, opened, state.devices[device_id], when)
+            continue
+        for (device_id, when), values in sorted(rows.items(), key=lambda kv: kv[0]):
+            key = (device_id, stream)
+            mark = plan.marks.get(key) or state.marks.get(key)
+            if mark is not None and when <= mark:
+                continue  # late or redelivered: stored, but changes nothing
+            if mark is not None and device_id not in plan.intervals:
+                gap = (when - mark).total_seconds()
+                old = state.interval.get(device_id)
+                plan.intervals[device_id] = gap if old is None else 0.8 * old + 0.2 * gap
+            plan.marks[key] = when
+            device = state.devices[device_id]
+            fields = values or {}
+            pending = plan.pending.setdefault(key, dict(state.pending.get(key, {})))
+            _offline_resolves(plan, opened, device, when)
+            for rule in stream_rules:
+                if rule.applies(device.kind, device.site):
+                    _threshold(plan, opened, pending, rule, device, fields, when,
+                               state.limits.get(device.id))
+            if stream == FLAGGED_STREAM:
+                _flags(plan, opened, device, fields, when)
+    plan.seen.update(seen)
+    return plan
+
+
+def _threshold(plan: Plan, opened: dict[tuple[int, str], Alert], pending: Pending, rule: Rule,
+               device: DeviceInfo, values: Mapping[str, Any], when: datetime,
+               limits: Mapping[str, float] | None) -> None:
+    derive = DERIVED.get(rule.stream, {}).get(rule.value)
+    value = derive(values, {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
+                   ) if derive else values.get(rule.value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return
+    threshold, clear = rule.thresholds(limits)
+    key = (device.id, rule.code)
+    alert = opened.get(key)
+    if alert is not None:
+        if rule.cleared(value, clear):
+            _resolve(plan, opened, alert, when)
+        return
+    if not rule.breached(value, threshold):
+        pending.pop(rule.code, None)
+        return
+    since, first_value = pending.get(rule.code, (when, value))
+    if (when - since).total_seconds() < rule.for_s:
+        pending[rule.code] = (since, first_value)
+        return
+    pending.pop(rule.code, None)
+    message = rule.message.format(value=value, threshold=threshold, site=device.site,
+                                  device=device.slug, title=rule.title)
+    _trigger(plan, opened, Alert(device, rule.code, rule.severity, rule.category, rule.title,
+                                 message, float(value), threshold, since))
+
+
+def _flags(plan: Plan, opened: dict[tuple[int, str], Alert], device: DeviceInfo,
+           values: Mapping[str, Any], when: datetime) -> None:
+    carried: dict[str, tuple[str, str, str]] = {}
+    for flag, code in PROTECTION_FLAGS.items():
+        if values.get(flag):
+            carried[code] = ("critical", "battery_protection",
+                             f"protection tripped: {flag.replace('_', '-')}")
+    for flag in values.get("alarm_flags") or ():
+        carried[flag] = ("warning", "device_alarm", f"device alarm {flag}")
+    for (device_id, code), alert in list(opened.items()):
+        if device_id == device.id and alert.category in FLAG_CATEGORIES \
+                and code not in carried:
+            _resolve(plan, opened, alert, when)
+    for code, (severity, category, title) in carried.items():
+        if (device.id, code) not in opened:
+            message = f"{device.slug} at {device.site}: {title}"
+            _trigger(plan, opened, Alert(device, code, severity, category, title, message,
+                                         None, None, when))
+
+
+def _offline_resolves(plan: Plan, opened: dict[tuple[int, str], Alert], device: DeviceInfo,
+                      when: datetime) -> None:
+    alert = opened.get((device.id, OFFLINE))
+    if alert is not None:
+        _resolve(plan, opened, alert, when)
+
+
+def _trigger(plan: Plan, opened: dict[tuple[int, str], Alert], alert: Alert) -> None:
+    opened[(alert.device.id, alert.code)] = alert
+    plan.triggered.append(alert)
+
+
+def _resolve(plan: Plan, opened: dict[tuple[int, str], Alert], alert: Alert,
+             when: datetime) -> None:
+    del opened[(alert.device.id, alert.code)]
+    if any(a is alert for a in plan.triggered):  # raised and cleared within one batch
+        plan.triggered = [a for a in plan.triggered if a is not alert]
+        alert.resolved_at, alert.status = max(when, alert.triggered_at), "resolved"
+        plan.resolved.append(alert)
+        plan.raised_and_cleared.append(alert)
+        return
+    plan.resolved.append(Alert(alert.device, alert.code, alert.severity, alert.category,
+                               alert.title, alert.message, alert.value, alert.threshold,
+                               alert.triggered_at, id=alert.id, status="resolved",
+                               resolved_at=max(when, alert.triggered_at)))
+
+
+# --- silence -----------------------------------------------------------------------------
+
+
+def offline_limit_s(state: State, device_id: int,
+                    offline_after: Mapping[str, int | None]) -> float:
+    """Return how long a device may stay silent: its routes' setting, else ten
+    times its usual interval, at least a minute (five minutes until known)."""
+    configured = [limit for stream in state.streams_of.get(device_id, ())
+                  if (limit := offline_after.get(stream))]
+    if configured:
+        return float(max(configured))
+    interval = state.interval.get(device_id)
+    return 300.0 if interval is None else max(60.0, 10 * interval)
+
+
+def plan_offline(state: State, now: datetime, watching_since: datetime,
+                 offline_after: Mapping[str, int | None]) -> Plan:
+    """Raise DEVICE_OFFLINE for devices silent longer than their limit.
+
+    *watching_since* is when bmsd last (re)connected and caught up: no device
+    is declared offline for a silence that bmsd itself may have caused.
+    """
+    plan = Plan()
+    for device_id, seen in state.last_seen.items():
+        if (device_id, OFFLINE) in state.open or device_id not in state.devices:
+            continue
+        limit = offline_limit_s(state, device_id, offline_after)
+        silent_since = max(seen, watching_since)
+        if (now - silent_since).total_seconds() <= limit:
+            continue
+        device = state.devices[device_id]
+        message = (f"{device.slug} at {device.site}: no reading since {seen.isoformat()}"
+                   f" (limit {limit:.0f} s)")
+        plan.triggered.append(Alert(device, OFFLINE, "warning", "connectivity",
+                                    "device offline", message, (now - seen).total_seconds(),
+                                    limit, now))
+    return plan
+
+
+# --- after the commit ----------------------------------------------------------------------
+
+
+def apply(state: State, plan: Plan) -> None:
+    """Make a committed *plan* part of *state*."""
+    for key, when in plan.marks.items():
+        state.marks[key] = when
+        state.streams_of.setdefault(key[0], set()).add(key[1])
+    state.pending.update(plan.pending)
+    state.interval.update(plan.intervals)
+    for device_id, when in plan.seen.items():
+        if when > state.last_seen.get(device_id, _EPOCH):
+            state.last_seen[device_id] = when
+    # Resolutions first: a batch may resolve an alert and raise the same rule
+    # again; the new one must stay open.
+    for alert in plan.resolved:
+        state.open.pop((alert.device.id, alert.code), None)
+    for alert in plan.triggered:
+        state.open[(alert.device.id, alert.code)] = alert

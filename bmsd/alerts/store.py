@@ -1,0 +1,144 @@
+"""Read the alert state from the database, and write plans inside the caller's transaction.
+
+Alert changes commit with the readings that caused them, or not at all:
+`AlertStore.write` runs in the batch's transaction, which the ingestor owns.
+High-water marks and pending ``for_s`` conditions are written with every
+batch (``alert_marks``), so a restart resumes where the last commit left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+from bmsd.alerts.evaluate import Alert, DeviceInfo, Plan, State
+from bmsd.alerts.rules import LIMITS
+from bmsd.errors import DatabaseError
+
+_DEVICES = """
+    SELECT d.id, d.site_id, s.slug AS site, d.slug, d.kind, s.nominal_grid_frequency_hz
+      FROM devices d JOIN sites s ON s.id = d.site_id WHERE d.id = ANY(%s)
+"""
+_LIMITS = f"""
+    SELECT DISTINCT ON (device_id) device_id, {", ".join(LIMITS)}
+      FROM safety_constraints
+     WHERE active AND effective_from <= now()
+       AND (effective_until IS NULL OR effective_until > now())
+     ORDER BY device_id, effective_from DESC
+"""
+_OPEN_ALERTS = """
+    SELECT a.id, a.device_id, a.rule_code, a.severity, a.category, a.title, a.message, a.value,
+           a.threshold, a.triggered_at, a.status
+      FROM alerts a WHERE a.status <> 'resolved'
+"""
+_MARKS = "SELECT device_id, stream, evaluated_until, pending FROM alert_marks"
+_LAST_SEEN = "SELECT id, last_seen_at FROM devices WHERE last_seen_at IS NOT NULL"
+_INSERT_ALERT = """
+    INSERT INTO alerts (site_id, device_id, rule_code, severity, category, title, message,
+                        value, threshold, triggered_at)
+    VALUES (%(site_id)s, %(device_id)s, %(code)s, %(severity)s, %(category)s, %(title)s,
+            %(message)s, %(value)s, %(threshold)s, %(at)s)
+    RETURNING id
+"""
+_RESOLVE_ALERT = """
+    UPDATE alerts SET status = 'resolved', resolved_at = %(at)s
+     WHERE device_id = %(device_id)s AND rule_code = %(code)s AND status <> 'resolved'
+"""
+_EVENT = """
+    INSERT INTO events (time, site_id, device_id, kind, message, details)
+    VALUES (%(at)s, %(site_id)s, %(device_id)s, %(kind)s, %(message)s, %(details)s)
+"""
+_UPSERT_MARKS = """
+    INSERT INTO alert_marks (device_id, stream, evaluated_until, pending)
+    SELECT * FROM unnest(%s::integer[], %s::text[], %s::timestamptz[], %s::jsonb[])
+    ON CONFLICT (device_id, stream) DO UPDATE
+       SET evaluated_until = excluded.evaluated_until, pending = excluded.pending
+"""
+
+
+class AlertStore:
+    """The alert tables: read into a `State`, written from a `Plan`."""
+
+    def load(self, conn: psycopg.Connection[Any]) -> State:
+        """Return the committed state (at start)."""
+        state = State()
+        with conn.transaction():
+            state.limits = self.limits(conn)
+            with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+                rows = cur.execute(_OPEN_ALERTS).fetchall()
+                self.remember_devices(conn, state, {int(r["device_id"]) for r in rows})
+                for r in rows:
+                    device = state.devices[r["device_id"]]
+                    state.open[(device.id, r["rule_code"])] = Alert(
+                        device, r["rule_code"], r["severity"], r["category"],
+                        r["title"] or r["rule_code"], r["message"], r["value"], r["threshold"],
+                        r["triggered_at"], id=r["id"], status=r["status"])
+                for r in cur.execute(_MARKS):
+                    key = (r["device_id"], r["stream"])
+                    state.marks[key] = r["evaluated_until"]
+                    state.pending[key] = {
+                        code: (datetime.fromisoformat(p["since"]), float(p["value"]))
+                        for code, p in (r["pending"] or {}).items()}
+            state.last_seen = dict(conn.execute(_LAST_SEEN).fetchall())
+        return state
+
+    def limits(self, conn: psycopg.Connection[Any]) -> dict[int, dict[str, float]]:
+        """Return the active per-device safety limits."""
+        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            return {int(row["device_id"]): {name: float(row[name]) for name in LIMITS
+                                            if row[name] is not None}
+                    for row in cur.execute(_LIMITS)}
+
+    def remember_devices(self, conn: psycopg.Connection[Any], state: State,
+                         ids: Iterable[int]) -> None:
+        """Read the devices of *ids* that *state* does not know yet."""
+        missing = [i for i in ids if i not in state.devices]
+        if missing:
+            with conn.cursor(row_factory=class_row(DeviceInfo)) as cur:
+                for device in cur.execute(_DEVICES, (missing,)):
+                    state.devices[device.id] = device
+
+    def write(self, conn: psycopg.Connection[Any], plan: Plan) -> None:
+        """Write *plan* in the caller's transaction; new alerts get their ids."""
+        # Resolutions first: a batch may clear an alert and raise the same rule
+        # again, and at most one unresolved alert per device and rule may exist.
+        for alert in plan.resolved:
+            if alert.id is None:  # raised and cleared within this batch
+                self._insert(conn, alert)
+            conn.execute(_RESOLVE_ALERT, {"device_id": alert.device.id, "code": alert.code,
+                                          "at": alert.resolved_at})
+            self._event(conn, alert, "alert_resolved", alert.resolved_at or alert.triggered_at)
+        for alert in plan.triggered:
+            self._insert(conn, alert)
+        if plan.marks:
+            keys = list(plan.marks)
+            conn.execute(_UPSERT_MARKS, (
+                [k[0] for k in keys], [k[1] for k in keys], [plan.marks[k] for k in keys],
+                [Jsonb({code: {"since": since.isoformat(), "value": value}
+                        for code, (since, value) in plan.pending.get(k, {}).items()})
+                 for k in keys]))
+
+    def _insert(self, conn: psycopg.Connection[Any], alert: Alert) -> None:
+        row = conn.execute(_INSERT_ALERT, {
+            "site_id": alert.device.site_id, "device_id": alert.device.id,
+            "code": alert.code, "severity": alert.severity, "category": alert.category,
+            "title": alert.title, "message": alert.message, "value": alert.value,
+            "threshold": alert.threshold, "at": alert.triggered_at}).fetchone()
+        if row is None:  # INSERT ... RETURNING always returns its row
+            raise DatabaseError(f"inserting alert {alert.code} returned no id")
+        alert.id = int(row[0])
+        self._event(conn, alert, "alert_triggered", alert.triggered_at)
+
+    def _event(self, conn: psycopg.Connection[Any], alert: Alert, kind: str,
+               at: datetime) -> None:
+        verb = "raised" if kind == "alert_triggered" else "resolved"
+        conn.execute(_EVENT, {
+            "at": at, "site_id": alert.device.site_id, "device_id": alert.device.id,
+            "kind": kind, "message": f"{alert.code} {verb}: {alert.message}",
+            "details": Jsonb({"alert_id": alert.id, "rule_code": alert.code,
+                              "severity": alert.severity, "value": alert.value})})

@@ -1,0 +1,234 @@
+"""The alert rules' semantics, on the pure evaluator: no database, no broker, no sleeps.
+
+tests/test_alerts.py checks the same end to end, through a running bmsd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bmsd.alerts import evaluate
+from bmsd.alerts.evaluate import OFFLINE, DeviceInfo, Plan, State
+from bmsd.alerts.rules import Rule
+
+T0 = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+CTRL = DeviceInfo(1, 10, "north", "ctrl-1", "site_controller", 50)
+PACK = DeviceInfo(2, 10, "north", "pack-1", "battery_pack", 50)
+LOW = Rule(code="BATTERY_LOW", title="battery low", stream="site_telemetry",
+           value="battery_charge_level", op="<", threshold=20, clear=22, severity="warning",
+           category="battery")
+HOT = Rule(code="HOT_FOR_A_MINUTE", title="hot", stream="site_telemetry",
+           value="battery_temperature", op=">", threshold=50, clear=48, for_s=60,
+           severity="error", category="battery")
+CELL = Rule(code="CELL_OVER_VOLTAGE", title="cell over voltage", stream="battery_telemetry",
+            value="max_cell_voltage", op=">", threshold=4.2, clear=4.15, severity="critical",
+            category="battery", limit="max_cell_voltage")
+RULES = evaluate.by_stream([LOW, HOT, CELL])
+
+
+def new_state() -> State:
+    return State(devices={CTRL.id: CTRL, PACK.id: PACK})
+
+
+def site(seconds: float, **fields: Any) -> tuple[str, int, datetime, dict[str, Any]]:
+    return "site_telemetry", CTRL.id, T0 + timedelta(seconds=seconds), fields
+
+
+def pack(seconds: float, **fields: Any) -> tuple[str, int, datetime, dict[str, Any]]:
+    return "battery_telemetry", PACK.id, T0 + timedelta(seconds=seconds), fields
+
+
+def batch(state: State, readings: Iterable[tuple[str, int, datetime, dict[str, Any]]],
+          rules: Mapping[str, tuple[Rule, ...]] = RULES) -> Plan:
+    """Evaluate one batch, commit it (apply), and return its plan."""
+    rows: dict[str, dict[tuple[int, datetime], Mapping[str, Any] | None]] = {}
+    seen: dict[int, datetime] = {}
+    for stream, device, when, fields in readings:
+        rows.setdefault(stream, {})[(device, when)] = fields
+        seen[device] = max(when, seen.get(device, when))
+    plan = evaluate.evaluate(state, rules, rows, seen)
+    evaluate.apply(state, plan)
+    return plan
+
+
+def codes(alerts: Iterable[evaluate.Alert]) -> list[str]:
+    return [a.code for a in alerts]
+
+
+def test_hysteresis_gives_one_alert_for_values_oscillating_between_the_thresholds() -> None:
+    state = new_state()
+    plans = [batch(state, [site(i, battery_charge_level=v)])
+             for i, v in enumerate([30, 19, 21, 19.5, 21.9, 18, 22])]
+    assert [codes(p.triggered) for p in plans] == [[], ["BATTERY_LOW"], [], [], [], [], []]
+    assert [codes(p.resolved) for p in plans][-1] == ["BATTERY_LOW"]
+    assert sum(len(p.resolved) for p in plans) == 1
+    assert state.open == {}
+
+
+def test_for_s_waits_and_the_alert_starts_when_the_condition_did() -> None:
+    state = new_state()
+    assert batch(state, [site(0, battery_temperature=55)]).triggered == []
+    assert batch(state, [site(30, battery_temperature=56)]).triggered == []
+    plan = batch(state, [site(60, battery_temperature=57)])
+    assert codes(plan.triggered) == ["HOT_FOR_A_MINUTE"]
+    assert plan.triggered[0].triggered_at == T0
+    # A dip below the threshold restarts the clock.
+    state = new_state()
+    for seconds, value in ((0, 55), (30, 49), (60, 55), (100, 55)):
+        assert batch(state, [site(seconds, battery_temperature=value)]).triggered == []
+    assert codes(batch(state, [site(120, battery_temperature=55)]).triggered) == [
+        "HOT_FOR_A_MINUTE"]
+
+
+def test_a_late_or_redelivered_reading_changes_nothing() -> None:
+    state = new_state()
+    batch(state, [site(10, battery_charge_level=50)])
+    plan = batch(state, [site(5, battery_charge_level=5), site(10, battery_charge_level=5)])
+    assert plan.triggered == []
+    assert plan.marks == {}
+
+
+def test_a_device_limit_replaces_the_rule_threshold_and_keeps_its_gap() -> None:
+    state = new_state()
+    state.limits[PACK.id] = {"max_cell_voltage": 3.65}
+    plan = batch(state, [pack(0, cell_voltages=[3.5, 3.7])])
+    assert codes(plan.triggered) == ["CELL_OVER_VOLTAGE"]
+    assert plan.triggered[0].threshold == 3.65
+    assert batch(state, [pack(1, cell_voltages=[3.5, 3.62])]).resolved == []  # clear at 3.60
+    assert codes(batch(state, [pack(2, cell_voltages=[3.5, 3.6])]).resolved) == [
+        "CELL_OVER_VOLTAGE"]
+
+
+def test_flags_raise_at_once_and_resolve_when_a_reading_no_longer_carries_them() -> None:
+    state = new_state()
+    plan = batch(state, [pack(0, over_temperature=True, alarm_flags=["FAN_FAILURE"])])
+    assert sorted(codes(plan.triggered)) == ["FAN_FAILURE", "PROTECTION_OVER_TEMPERATURE"]
+    assert {a.severity for a in plan.triggered} == {"critical", "warning"}
+    plan = batch(state, [pack(1, alarm_flags=["FAN_FAILURE"])])
+    assert codes(plan.resolved) == ["PROTECTION_OVER_TEMPERATURE"]
+    assert codes(batch(state, [pack(2)]).resolved) == ["FAN_FAILURE"]
+
+
+def test_silence_raises_offline_and_the_next_reading_resolves_it() -> None:
+    state = new_state()
+    batch(state, [site(0, battery_charge_level=50)])
+    now = T0 + timedelta(seconds=299)
+    assert evaluate.plan_offline(state, now, T0, {}).triggered == []
+    plan = evaluate.plan_offline(state, T0 + timedelta(seconds=301), T0, {})
+    assert codes(plan.triggered) == [OFFLINE]
+    evaluate.apply(state, plan)
+    # Not twice; and a silence bmsd caused itself (it was away) does not count.
+    assert evaluate.plan_offline(state, T0 + timedelta(hours=1), T0, {}).triggered == []
+    assert evaluate.plan_offline(new_state(), T0 + timedelta(hours=1), T0, {}).triggered == []
+    assert codes(batch(state, [site(400, battery_charge_level=50)]).resolved) == [OFFLINE]
+
+
+def test_the_offline_limit_follows_the_route_else_the_device_interval() -> None:
+    state = new_state()
+    for seconds in (0, 10, 20, 30):
+        batch(state, [site(seconds, battery_charge_level=50)])
+    assert evaluate.offline_limit_s(state, CTRL.id, {}) == 100.0  # 10 x 10 s interval
+    assert evaluate.offline_limit_s(state, CTRL.id, {"site_telemetry": 900}) == 900.0
+    assert evaluate.offline_limit_s(new_state(), CTRL.id, {}) == 300.0
+
+
+def test_one_batch_may_clear_an_alert_and_raise_the_same_rule_again() -> None:
+    state = new_state()
+    batch(state, [site(0, battery_charge_level=10)])
+    plan = batch(state, [site(1, battery_charge_level=30), site(2, battery_charge_level=10)])
+    assert codes(plan.resolved) == ["BATTERY_LOW"]
+    assert codes(plan.triggered) == ["BATTERY_LOW"]
+    assert plan.triggered[0].triggered_at == T0 + timedelta(seconds=2)
+    assert len(state.open) == 1
+
+
+def test_one_batch_may_raise_and_clear_an_alert() -> None:
+    state = new_state()
+    plan = batch(state, [site(0, battery_charge_level=10), site(1, battery_charge_level=30)])
+    assert plan.triggered == []
+    assert codes(plan.raised_and_cleared) == ["BATTERY_LOW"]
+    assert plan.resolved[0].resolved_at == T0 + timedelta(seconds=1)
+    assert state.open == {}
+
+
+def test_streams_without_rules_only_move_marks_and_end_offline() -> None:
+    state = new_state()
+    state.devices[3] = DeviceInfo(3, 10, "north", "meter-1", "meter", 50)
+    rows = {"energy_readings": {(3, T0): None, (3, T0 + timedelta(seconds=5)): None}}
+    plan = evaluate.evaluate(state, RULES, rows, {})
+    assert plan.marks == {(3, "energy_readings"): T0 + timedelta(seconds=5)}
+
+
+# --- properties ----------------------------------------------------------------------------
+
+levels = st.lists(st.tuples(st.integers(1, 120), st.floats(0, 100, allow_nan=False),
+                            st.floats(20, 70, allow_nan=False)), min_size=1, max_size=40)
+
+
+def transitions(readings: list[tuple[int, float, float]], cuts: list[int]) -> list[Any]:
+    """Evaluate *readings* in batches cut at *cuts*; return every alert transition."""
+    state = new_state()
+    seconds, stream = 0, []
+    for gap, charge, temperature in readings:
+        seconds += gap
+        stream.append(site(seconds, battery_charge_level=charge,
+                           battery_temperature=temperature))
+    out: list[Any] = []
+    start = 0
+    for end in [*sorted(set(cuts)), len(stream)]:
+        if end <= start:
+            continue
+        plan = batch(state, stream[start:end])
+        out += [("raised", a.code, a.triggered_at) for a in plan.triggered]
+        out += [("raised", a.code, a.triggered_at) for a in plan.raised_and_cleared]
+        out += [("resolved", a.code, a.triggered_at, a.resolved_at) for a in plan.resolved]
+        start = end
+    return sorted(out, key=repr)
+
+
+@settings(max_examples=200, deadline=None)
+@given(levels, st.lists(st.integers(0, 40), max_size=10))
+def test_how_readings_are_batched_changes_no_alert(
+    readings: list[tuple[int, float, float]], cuts: list[int]
+) -> None:
+    one_by_one = transitions(readings, list(range(len(readings))))
+    assert transitions(readings, cuts) == one_by_one
+    assert transitions(readings, []) == one_by_one
+
+
+@settings(max_examples=200, deadline=None)
+@given(levels, st.lists(st.integers(0, 40), max_size=10))
+def test_never_two_unresolved_alerts_for_one_device_and_rule(
+    readings: list[tuple[int, float, float]], cuts: list[int]
+) -> None:
+    # Replay the plans as the database would see them (resolutions, then
+    # inserts): the partial unique index must never be violated.
+    state = new_state()
+    unresolved: set[tuple[int, str]] = set()
+    seconds, start = 0, 0
+    stream = []
+    for gap, charge, temperature in readings:
+        seconds += gap
+        stream.append(site(seconds, battery_charge_level=charge,
+                           battery_temperature=temperature))
+    for end in [*sorted(set(cuts)), len(stream)]:
+        if end <= start:
+            continue
+        plan = batch(state, stream[start:end])
+        for alert in plan.resolved:
+            key = (alert.device.id, alert.code)
+            if any(a is alert for a in plan.raised_and_cleared):
+                assert key not in unresolved  # inserted resolved, never open
+            else:
+                unresolved.discard(key)
+        for alert in plan.triggered:
+            key = (alert.device.id, alert.code)
+            assert key not in unresolved
+            unresolved.add(key)
+        start = end
+    assert unresolved == set(state.open)
