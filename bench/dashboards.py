@@ -26,8 +26,8 @@ from timing import time_query
 
 from bmsd.dev.dashboards import POSTGRES, expand
 from bmsd.dev.fleet import Fleet, load_fleet
-from bmsd.localstack import LocalPostgres
-from bmsd.migrate import ensure_login, migrate
+from bmsd.dev.localstack import LocalPostgres
+from bmsd.schema.migrate import ensure_login, migrate
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_MS = 300.0

@@ -21,8 +21,8 @@ from pathlib import Path
 import psycopg
 from timing import time_query
 
-from bmsd.localstack import LocalPostgres
-from bmsd.migrate import load_demo_data, migrate
+from bmsd.dev.localstack import LocalPostgres
+from bmsd.schema.migrate import load_demo_data, migrate
 
 LEVELS = ("energy_readings_1m", "energy_readings_15m", "energy_readings_1h",
           "energy_readings_1d", "production_data_1h", "production_data_1d")

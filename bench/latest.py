@@ -19,8 +19,8 @@ from pathlib import Path
 import psycopg
 from timing import time_query
 
-from bmsd.localstack import LocalPostgres
-from bmsd.migrate import migrate
+from bmsd.dev.localstack import LocalPostgres
+from bmsd.schema.migrate import migrate
 
 STREAMS = [("battery_telemetry", "battery_pack", "soc"), ("site_telemetry", "site_controller",
            "battery_charge_level"), ("energy_readings", "meter", "power_kw")]

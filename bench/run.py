@@ -46,8 +46,8 @@ import paho.mqtt.client as paho
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bmsd.localstack import LocalMosquitto, LocalPostgres, free_port
-from bmsd.migrate import migrate
+from bmsd.dev.localstack import LocalMosquitto, LocalPostgres, free_port
+from bmsd.schema.migrate import migrate
 
 REPO = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")

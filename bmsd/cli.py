@@ -28,7 +28,7 @@ def _version() -> str:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from bmsd.migrate import migrate
+    from bmsd.schema.migrate import migrate
 
     database = _config(args).database
     if args.database_url:
@@ -53,7 +53,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     if report.applied:
         print(f"applied {len(report.applied)} script(s)")
     if args.demo_data:
-        from bmsd.migrate import load_demo_data
+        from bmsd.schema.migrate import load_demo_data
 
         for name in load_demo_data(database, sql_dir=args.sql_dir):
             print(f"loaded demo data sql/demo/{name}")
@@ -61,7 +61,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_create_login(args: argparse.Namespace) -> int:
-    from bmsd.migrate import ensure_login
+    from bmsd.schema.migrate import ensure_login
 
     try:
         password = args.password_file.read_text(encoding="utf-8").rstrip("\r\n")
@@ -96,7 +96,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
-    from bmsd.daemon import run
+    from bmsd.ingest.daemon import run
     from bmsd.logs import configure_logging
 
     path = find_config(args.config)
@@ -111,7 +111,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     import json
     from datetime import datetime
 
-    from bmsd.simulate import Options, format_summary, run
+    from bmsd.dev.simulate import Options, format_summary, run
 
     if args.messages is None and args.duration_s is None:
         raise ConfigError("say when to stop: --messages N or --duration-s S")
@@ -154,7 +154,7 @@ _LIST_ALERTS = """
 def _cmd_alerts(args: argparse.Namespace) -> int:
     import psycopg
 
-    from bmsd.database import connect
+    from bmsd.ingest.database import connect
 
     database = _config(args).database
     if args.database_url:
@@ -190,7 +190,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bmsd.demo import run_demo
+    from bmsd.dev.demo import run_demo
 
     state_dir = args.state_dir
     if state_dir is None:

@@ -23,7 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from bmsd.localstack import free_port
+from bmsd.dev.localstack import free_port
 
 _ids = itertools.count()
 

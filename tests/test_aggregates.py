@@ -5,7 +5,7 @@ spanning hour and day boundaries, is written to every raw hypertable. For
 each level the test computes in Python, from the raw rows alone: count,
 first/last time, mean, population standard deviation, min, max, sums,
 import/export and charge/discharge splits, state and alarm counts, and
-battery energy charged/discharged as documented in bmsd.aggregates (mean
+battery energy charged/discharged as documented in bmsd.schema.aggregates (mean
 charging power times the time the samples cover, hourly; daily = sum of
 hours). It compares them first with what the aggregates answer in real time
 (nothing materialised yet), then after refreshing every level bottom-up.
@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from bmsd import aggregates
+from bmsd.schema import aggregates
 from tests.helpers import add_device, refresh
 
 Row = dict[str, Any]

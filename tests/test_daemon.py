@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bmsd.localstack import LocalMosquitto
+from bmsd.dev.localstack import LocalMosquitto
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_proxy import ProxyFactory
 

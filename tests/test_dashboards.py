@@ -23,7 +23,7 @@ import yaml
 
 from bmsd.dev.dashboards import DASHBOARDS, POSTGRES, PROMETHEUS, expand, render
 from bmsd.dev.fleet import Fleet, load_fleet
-from bmsd.migrate import ensure_login
+from bmsd.schema.migrate import ensure_login
 
 REPO = Path(__file__).resolve().parent.parent
 GRAFANA = REPO / "grafana"

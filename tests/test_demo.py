@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bmsd.dev.localstack import LocalPostgres, free_port
 from bmsd.errors import LocalStackError
-from bmsd.localstack import LocalPostgres, free_port
 
 
 @pytest.fixture

@@ -191,7 +191,7 @@ def transitions(readings: list[tuple[int, float, float]], cuts: list[int]) -> li
     return sorted(out, key=repr)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(levels, st.lists(st.integers(0, 40), max_size=10))
 def test_how_readings_are_batched_changes_no_alert(
     readings: list[tuple[int, float, float]], cuts: list[int]

@@ -13,9 +13,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from bmsd.dev.localstack import LocalPostgres
 from bmsd.errors import MigrationError
-from bmsd.localstack import LocalPostgres
-from bmsd.migrate import default_sql_dir, load_scripts, migrate
+from bmsd.schema.migrate import default_sql_dir, load_scripts, migrate
 from tests.fix_db import PgServer
 
 SCRIPTS = load_scripts(default_sql_dir())

@@ -14,8 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bmsd.localstack import free_port
-from bmsd.migrate import Edition
+from bmsd.dev.localstack import free_port
+from bmsd.schema.migrate import Edition
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_mqtt import Broker
 

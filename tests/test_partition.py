@@ -29,8 +29,8 @@ import psycopg
 import pytest
 
 from bmsd.config import DatabaseConfig
-from bmsd.localstack import LocalPostgres, free_port
-from bmsd.migrate import migrate
+from bmsd.dev.localstack import LocalPostgres, free_port
+from bmsd.schema.migrate import migrate
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import ProxyFactory

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bmsd.payloads import MODELS, Limits, Parsed, parse_message
+from bmsd.ingest.payloads import MODELS, Limits, Parsed, parse_message
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 LIMITS = Limits()

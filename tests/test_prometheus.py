@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bmsd.dev.dashboards import DASHBOARDS, PROMETHEUS
-from bmsd.localstack import free_port, wait_for_port
+from bmsd.dev.localstack import free_port, wait_for_port
 from tests.fix_daemon import DaemonFactory, wait_until
 
 FOLDER = Path(__file__).resolve().parent.parent / "prometheus"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bmsd.config import DEFAULT_ROUTES, RouteConfig
-from bmsd.routing import Match, Router
+from bmsd.ingest.routing import Match, Router
 
 ROUTER = Router(DEFAULT_ROUTES)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bmsd import aggregates
 from bmsd.config import MAX_READING_AGE_LIMIT_S
-from bmsd.migrate import default_sql_dir
+from bmsd.schema import aggregates
+from bmsd.schema.migrate import default_sql_dir
 from tests.helpers import add_device
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -30,7 +30,7 @@ def test_committed_aggregate_script_matches_its_generator() -> None:
     aggregates.write_sql(out)
     committed = (default_sql_dir() / "100_continuous_aggregates.sql").read_text()
     assert committed == out.getvalue(), (
-        "regenerate: python -m bmsd.aggregates > sql/100_continuous_aggregates.sql")
+        "regenerate: python -m bmsd.schema.aggregates > sql/100_continuous_aggregates.sql")
 
 
 def test_every_script_records_itself_for_container_init() -> None:

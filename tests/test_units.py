@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bmsd.config import DatabaseConfig, IngestConfig
-from bmsd.lock import InstanceLock
+from bmsd.ingest.lock import InstanceLock
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 #: The one message tolerated: the unit names the installed path, absent here.

@@ -21,9 +21,9 @@ from bmsd.alerts.evaluate import Plan, State
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
 from bmsd.alerts.store import AlertStore
+from bmsd.ingest.payloads import MODELS
+from bmsd.ingest.writer import Batch
 from bmsd.metrics import Metrics
-from bmsd.payloads import MODELS
-from bmsd.writer import Batch
 
 log = structlog.get_logger("bmsd.alerts")
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bmsd.config import Stream
 from bmsd.errors import ConfigError
-from bmsd.payloads import MODELS
+from bmsd.ingest.payloads import MODELS
 from bmsd.resources import package_file
 
 Severity = Literal["info", "warning", "error", "critical"]

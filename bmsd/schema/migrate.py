@@ -21,8 +21,8 @@ import psycopg
 from psycopg import sql
 
 from bmsd.config import DatabaseConfig
-from bmsd.database import connect
 from bmsd.errors import EditionError, MigrationError
+from bmsd.ingest.database import connect
 from bmsd.resources import package_file
 
 COMMUNITY_MARKER = "-- requires: timescaledb-community"

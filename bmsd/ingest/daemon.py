@@ -10,7 +10,7 @@ stays unacknowledged and the broker redelivers it. A second signal exits 1
 at once, even while the loop is blocked on the database. A fatal condition
 exits 1 with its reason.
 
-Under systemd (bmsd/notify.py) the daemon says READY=1 once the database
+Under systemd (bmsd/ingest/notify.py) the daemon says READY=1 once the database
 answers with the schema this bmsd expects, the instance lock is held and the
 subscription is acknowledged; STATUS= every few seconds; WATCHDOG=1 only
 from the loop, after a commit or a database round trip.
@@ -37,15 +37,15 @@ from bmsd.alerts.engine import AlertEngine
 from bmsd.alerts.evaluate import Plan
 from bmsd.alerts.rules import load_rules
 from bmsd.config import Config, redact_url
-from bmsd.database import Database
 from bmsd.errors import BmsdError, ConfigError
-from bmsd.health import HealthServer
-from bmsd.ingest import Ingestor
-from bmsd.lock import InstanceLock
+from bmsd.ingest.database import Database
+from bmsd.ingest.health import HealthServer
+from bmsd.ingest.ingestor import Ingestor
+from bmsd.ingest.lock import InstanceLock
+from bmsd.ingest.mqtt import Message, MqttSource
+from bmsd.ingest.notify import Notifier
 from bmsd.metrics import Metrics
-from bmsd.migrate import all_scripts, missing_scripts
-from bmsd.mqtt import Message, MqttSource
-from bmsd.notify import Notifier
+from bmsd.schema.migrate import all_scripts, missing_scripts
 
 log = structlog.get_logger("bmsd")
 

@@ -1,7 +1,7 @@
 """Define the continuous aggregates, and write them as SQL.
 
 One spec drives both ``sql/100_continuous_aggregates.sql`` (regenerate with
-``python -m bmsd.aggregates > sql/100_continuous_aggregates.sql``; a test
+``python -m bmsd.schema.aggregates > sql/100_continuous_aggregates.sql``; a test
 checks the committed file matches) and the tests that compare every level
 with a direct computation over the raw rows.
 
@@ -203,6 +203,9 @@ _COMMON = (
     Column("last_time", "max(time)", "max({name})"),
 )
 
+# The header names this module's path when the script was first applied; an
+# applied script never changes (bmsd_migrations keeps its checksum), so
+# neither does it: the module is now bmsd/schema/aggregates.py.
 _HEADER = """\
 -- requires: timescaledb-community
 -- bmsd schema 100: continuous aggregates, hierarchical, UTC buckets.

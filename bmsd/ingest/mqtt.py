@@ -34,7 +34,7 @@ from bmsd.config import MqttConfig
 from bmsd.errors import BrokerError, ConfigError, SessionTakenOver
 from bmsd.metrics import Metrics
 
-log = structlog.get_logger("bmsd.mqtt")
+log = structlog.get_logger("bmsd.ingest.mqtt")
 
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 _SESSION_TAKEN_OVER = 142

@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 
 from bmsd.config import STREAMS
 from bmsd.errors import DatabaseError
-from bmsd.payloads import MODELS
+from bmsd.ingest.payloads import MODELS
 
 _COLUMN_TYPES = """
     SELECT a.attname, format_type(a.atttypid, a.atttypmod)

@@ -20,12 +20,12 @@ import psycopg
 
 from bmsd.alerts.engine import AlertEngine
 from bmsd.config import Config
+from bmsd.ingest.mqtt import Message
+from bmsd.ingest.payloads import Limits, parse_message
+from bmsd.ingest.registry import Registry, Unresolved
+from bmsd.ingest.routing import Router
+from bmsd.ingest.writer import Batch, DeadLetter, Origin, Outcome, Row, Writer
 from bmsd.metrics import Metrics
-from bmsd.mqtt import Message
-from bmsd.payloads import Limits, parse_message
-from bmsd.registry import Registry, Unresolved
-from bmsd.routing import Router
-from bmsd.writer import Batch, DeadLetter, Origin, Outcome, Row, Writer
 
 #: Payload bytes held before a flush is forced, whatever the other limits.
 MAX_PENDING_BYTES = 64 * 1024 * 1024

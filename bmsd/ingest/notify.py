@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import structlog
 
-log = structlog.get_logger("bmsd.notify")
+log = structlog.get_logger("bmsd.ingest.notify")
 
 
 class Notifier:

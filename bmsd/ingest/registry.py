@@ -18,7 +18,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from bmsd.config import IngestConfig
-from bmsd.routing import Match
+from bmsd.ingest.routing import Match
 
 _FIND_DEVICE = """
     SELECT d.id FROM devices d JOIN sites s ON s.id = d.site_id

@@ -20,13 +20,15 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from bmsd.config import load_config
+from bmsd.dev.localstack import LocalMosquitto, LocalPostgres, free_port
+from bmsd.dev.simulate import Options, run
 from bmsd.errors import LocalStackError
-from bmsd.localstack import LocalMosquitto, LocalPostgres, free_port
-from bmsd.migrate import load_demo_data, migrate
-from bmsd.simulate import Options, run
+from bmsd.schema.migrate import load_demo_data, migrate
 
 DEMO_DATABASE = "bmsd"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The demo runs from a clone (scripts/demo): the broker's mosquitto.conf and
+# ACL are the repository's, not package data.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _port(state_dir: Path, name: str) -> int:
@@ -53,6 +55,9 @@ def _password(state_dir: Path, user: str) -> str:
 def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None) -> int:
     """Start the local stack, apply the schema, and keep it up until stopped."""
     state_dir = state_dir.resolve()
+    if not (REPO_ROOT / "mosquitto.conf").exists():
+        raise LocalStackError("bmsd demo runs from a clone of the repository (scripts/demo):"
+                              " it starts Mosquitto with the clone's mosquitto.conf")
     pg = LocalPostgres(state_dir / "postgres", port=_port(state_dir, "postgres"))
     broker = LocalMosquitto(state_dir / "mosquitto", REPO_ROOT / "mosquitto.conf",
                             port=_port(state_dir, "mosquitto"),
