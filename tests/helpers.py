@@ -37,3 +37,23 @@ def refresh(db: psycopg.Connection[Any], *views: str) -> None:
                 if attempt == 49:
                     raise
                 time.sleep(0.2)
+
+
+def pause_refresh_policies(db: psycopg.Connection[Any]) -> None:
+    """Stop the server's refresh jobs on this database, and wait out any under way.
+
+    A test that refreshes the aggregates itself and compares what is
+    materialised must not race a policy job materialising at the same time.
+    """
+    db.execute("SELECT alter_job(job_id, scheduled => false)"
+               " FROM timescaledb_information.jobs"
+               " WHERE proc_name = 'policy_refresh_continuous_aggregate'")
+    for _ in range(300):
+        running = db.execute(
+            "SELECT count(*) FROM timescaledb_information.job_stats s"
+            " JOIN timescaledb_information.jobs j USING (job_id)"
+            " WHERE j.proc_name = 'policy_refresh_continuous_aggregate'"
+            " AND s.job_status = 'Running'").fetchone()
+        if not running or not running[0]:
+            return
+        time.sleep(0.1)
