@@ -32,18 +32,13 @@ from pydantic import (
 )
 
 from bmsd.errors import ConfigError
+from bmsd.streams import SPECS, Stream
 
 SYSTEM_CONFIG_PATH = Path("/etc/bmsd/bmsd.toml")
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/bmsd"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_METRICS_ADDR = "127.0.0.1:29108"
 
-#: The hypertables a route can feed.
-Stream = Literal[
-    "site_telemetry", "battery_telemetry", "energy_readings", "production_data",
-    "environmental_data",
-]
-STREAMS: tuple[str, ...] = Stream.__args__  # type: ignore[attr-defined]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -208,18 +203,9 @@ class RouteConfig(_Frozen):
         return value
 
 
-DEFAULT_ROUTES: tuple[RouteConfig, ...] = (
-    RouteConfig(topic="site/{site}/{device}/telemetry", stream="site_telemetry",
-                device_kind="site_controller"),
-    RouteConfig(topic="site/{site}/{device}/battery", stream="battery_telemetry",
-                device_kind="battery_pack"),
-    RouteConfig(topic="factory/{site}/{device}/energy", stream="energy_readings",
-                device_kind="meter"),
-    RouteConfig(topic="factory/{site}/{device}/production", stream="production_data",
-                device_kind="machine"),
-    RouteConfig(topic="factory/{site}/{device}/environment", stream="environmental_data",
-                device_kind="sensor"),
-)
+DEFAULT_ROUTES: tuple[RouteConfig, ...] = tuple(
+    RouteConfig(topic=spec.topic, stream=spec.name, device_kind=spec.device_kind)  # type: ignore[arg-type]
+    for spec in SPECS)
 
 
 class Config(_Frozen):

@@ -21,9 +21,9 @@ from bmsd.alerts.evaluate import Plan, State
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
 from bmsd.alerts.store import AlertStore
-from bmsd.ingest.payloads import MODELS
 from bmsd.ingest.writer import Batch
 from bmsd.metrics import Metrics
+from bmsd.streams import BY_NAME
 
 log = structlog.get_logger("bmsd.alerts")
 
@@ -64,7 +64,7 @@ class AlertEngine:
         """Decide and write, in the caller's transaction, what *batch* changes."""
         started = time.perf_counter()
         readings = {
-            stream: ({key: row.fields(MODELS[stream].columns) for key, row in rows.items()}
+            stream: ({key: row.fields(BY_NAME[stream].model.columns) for key, row in rows.items()}
                      if evaluate.needs_fields(stream, self._by_stream) else dict.fromkeys(rows))
             for stream, rows in batch.rows.items() if rows}
         self._store.remember_devices(

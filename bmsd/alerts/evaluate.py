@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bmsd.alerts.rules import DERIVED, Rule
+from bmsd.streams import SPECS
 
 PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
                     "under_voltage": "PROTECTION_UNDER_VOLTAGE",
@@ -37,8 +38,8 @@ PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
                     "over_temperature": "PROTECTION_OVER_TEMPERATURE"}
 OFFLINE = "DEVICE_OFFLINE"
 FLAG_CATEGORIES = ("battery_protection", "device_alarm")
-#: The stream whose readings carry protection and alarm flags.
-FLAGGED_STREAM = "battery_telemetry"
+#: The streams whose readings carry protection and alarm flags.
+FLAGGED_STREAMS = frozenset(spec.name for spec in SPECS if spec.pack)
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
@@ -133,7 +134,7 @@ def by_stream(rules: Iterable[Rule]) -> dict[str, tuple[Rule, ...]]:
 
 def needs_fields(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> bool:
     """Return whether evaluating *stream* reads its readings' fields, not just their times."""
-    return bool(rules.get(stream)) or stream == FLAGGED_STREAM
+    return bool(rules.get(stream)) or stream in FLAGGED_STREAMS
 
 
 def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Readings,
@@ -180,7 +181,7 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
                 if rule.applies(device.kind, device.site):
                     _threshold(plan, opened, pending, rule, device, fields, when,
                                state.limits.get(device.id))
-            if stream == FLAGGED_STREAM:
+            if stream in FLAGGED_STREAMS:
                 _flags(plan, opened, device, fields, when)
     plan.seen.update(seen)
     return plan

@@ -19,10 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bmsd.config import Stream
 from bmsd.errors import ConfigError
-from bmsd.ingest.payloads import MODELS
 from bmsd.resources import package_file
+from bmsd.streams import BY_NAME, Stream
 
 Severity = Literal["info", "warning", "error", "critical"]
 SEVERITIES = ("info", "warning", "error", "critical")
@@ -79,7 +78,7 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
-        known = set(MODELS[self.stream].columns) | set(DERIVED.get(self.stream, {}))
+        known = set(BY_NAME[self.stream].model.columns) | set(DERIVED.get(self.stream, {}))
         if self.value not in known:
             raise ValueError(f"rule {self.code}: {self.stream} has no value {self.value!r};"
                              f" known: {', '.join(sorted(known))}")

@@ -17,6 +17,8 @@ from typing import Any
 
 import psycopg
 
+from bmsd.schema.aggregates import FAMILIES
+
 _ORG = """
     INSERT INTO organizations (slug, name) VALUES ('fleet', 'Fleet Energy')
     ON CONFLICT (slug) DO UPDATE SET name = excluded.name RETURNING id
@@ -166,12 +168,8 @@ _EVENTS = """
     INSERT INTO events (time, site_id, device_id, kind, message)
     SELECT triggered_at, site_id, device_id, 'alert_triggered', message FROM alerts
 """
-_AGGREGATES = (
-    "energy_readings_1m", "energy_readings_15m", "energy_readings_1h", "energy_readings_1d",
-    "site_telemetry_1h", "site_telemetry_1d", "battery_telemetry_1h", "battery_telemetry_1d",
-    "production_data_1h", "production_data_1d", "environmental_data_1h",
-    "environmental_data_1d",
-)
+#: Every continuous aggregate, each level after the one it is built on.
+_AGGREGATES = tuple(level.name for family in FAMILIES for level in family.levels)
 
 
 @dataclass(frozen=True)

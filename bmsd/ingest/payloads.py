@@ -14,128 +14,15 @@ import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import ValidationError
 
-# --- the readings ------------------------------------------------------------
+from bmsd.ingest.models import ReadingModel
+from bmsd.streams import BY_NAME, SPECS, StreamSpec
 
-Percent = Annotated[float | None, Field(ge=0, le=100)]
-Temperature = Annotated[float | None, Field(ge=-60, le=150)]
-GridFrequency = Annotated[float | None, Field(ge=40, le=70)]
-NonNegative = Annotated[float | None, Field(ge=0)]
-Number = float | None
-MAX_CELLS = 1024
-CellVoltage = Annotated[float, Field(ge=0, le=5.0)]
-CellTemperature = Annotated[float, Field(ge=-60, le=150)]
-
-
-class _Reading(BaseModel):
-    """Fields shared by every stream's reading model."""
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, frozen=True,
-                              str_max_length=256)
-    #: Columns of the hypertable written by COPY, after time and device_id.
-    columns: ClassVar[tuple[str, ...]]
-
-
-class SiteTelemetry(_Reading):
-    """Site-level telemetry (BMS design); also accepts its camelCase names."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
-    battery_voltage: Number = None
-    battery_current: Number = None
-    battery_charge_level: Percent = None
-    battery_temperature: Temperature = None
-    battery_state_of_health: Percent = None
-    battery_power_kw: Number = None
-    solar_power_kw: Number = None
-    solar_energy_kwh: NonNegative = None
-    solar_efficiency: Percent = None
-    inverter1_power_kw: Number = None
-    inverter1_efficiency: Percent = None
-    inverter1_temperature: Temperature = None
-    inverter2_power_kw: Number = None
-    inverter2_efficiency: Percent = None
-    inverter2_temperature: Temperature = None
-    grid_voltage: NonNegative = None
-    grid_frequency: GridFrequency = None
-    grid_power_kw: Number = None
-    grid_energy_kwh: Number = None
-    load_power_kw: Number = None
-    load_energy_kwh: NonNegative = None
-
-
-class BatteryTelemetry(_Reading):
-    """Pack- and cell-level battery telemetry (PulseBMS design)."""
-
-    voltage: NonNegative = None
-    current: Number = None
-    power_w: Number = None
-    temperature: Temperature = None
-    soc: Percent = None
-    soh: Percent = None
-    internal_resistance: NonNegative = None
-    cell_voltages: Annotated[list[CellVoltage] | None, Field(max_length=MAX_CELLS)] = None
-    cell_temperatures: Annotated[list[CellTemperature] | None, Field(max_length=MAX_CELLS)] = None
-    balancing: Annotated[list[bool] | None, Field(max_length=MAX_CELLS)] = None
-    alarm_flags: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]] | None,
-                           Field(max_length=64)] = None
-    over_voltage: bool | None = None
-    under_voltage: bool | None = None
-    over_current: bool | None = None
-    over_temperature: bool | None = None
-    data_quality: Annotated[float | None, Field(ge=0, le=1)] = None
-    firmware_version: Annotated[str | None, Field(max_length=64)] = None
-    communication_latency_ms: NonNegative = None
-
-
-class EnergyReading(_Reading):
-    """Machine energy (EnMS design); energy_kwh is the interval's, not a total."""
-
-    power_kw: Number = None
-    energy_kwh: NonNegative = None
-    voltage: NonNegative = None
-    current: Number = None
-    power_factor: Annotated[float | None, Field(ge=-1, le=1)] = None
-    frequency: GridFrequency = None
-
-
-class ProductionReading(_Reading):
-    """Machine production (EnMS design); units counted since the previous reading."""
-
-    units_produced: Annotated[int | None, Field(ge=0)] = None
-    units_rejected: Annotated[int | None, Field(ge=0)] = None
-    machine_state: Literal["running", "idle", "stopped", "fault", "maintenance"] | None = None
-    cycle_time_s: NonNegative = None
-
-
-class EnvironmentReading(_Reading):
-    """Ambient conditions (EnMS design)."""
-
-    temperature: Temperature = None
-    humidity: Percent = None
-    pressure_hpa: Annotated[float | None, Field(gt=0, le=2000)] = None
-    co2_ppm: Annotated[float | None, Field(ge=0, le=100_000)] = None
-
-
-MODELS: dict[str, type[_Reading]] = {
-    "site_telemetry": SiteTelemetry,
-    "battery_telemetry": BatteryTelemetry,
-    "energy_readings": EnergyReading,
-    "production_data": ProductionReading,
-    "environmental_data": EnvironmentReading,
-}
-for _model in MODELS.values():
-    _model.columns = tuple(_model.model_fields)
 # One C-level call gathers a reading's column values.
-_GETTERS = {stream: operator.attrgetter(*model.columns) for stream, model in MODELS.items()}
-
-#: Short names used in reasons, the same as the default topics' last level.
-LABELS = {"site_telemetry": "telemetry", "battery_telemetry": "battery",
-          "energy_readings": "energy", "production_data": "production",
-          "environmental_data": "environment"}
+_GETTERS = {spec.name: operator.attrgetter(*spec.model.columns) for spec in SPECS}
 
 # The nested PulseBMS document: (section, key) -> flat field.
 NESTED_BATTERY: dict[tuple[str, ...], str] = {
@@ -207,7 +94,8 @@ class Parsed:
 def parse_message(stream: str, payload: bytes, received_at: datetime,
                   limits: Limits) -> Parsed:
     """Validate *payload* as readings of *stream*; never raise for bad input."""
-    label = LABELS[stream]
+    spec = BY_NAME[stream]
+    label = spec.label
     if len(payload) > limits.max_message_bytes:
         return _whole(payload, "too_large",
                       f"message of {len(payload)} bytes is larger than ingest.max_message_bytes"
@@ -237,10 +125,9 @@ def parse_message(stream: str, payload: bytes, received_at: datetime,
         return _whole(payload, "bad_shape", "payload has no readings (an empty array)")
 
     parsed = Parsed([], [])
-    model = MODELS[stream]
     for index, item in enumerate(items):
         where = f"{label}[{index}]" if batch else label
-        result = _parse_reading(model, stream, item, where, received_at, limits)
+        result = _parse_reading(spec, item, where, received_at, limits)
         if isinstance(result, Reading):
             if batch:
                 result = Reading(result.time, result.values, result.extra, result.timestamped,
@@ -262,11 +149,11 @@ def _whole(payload: bytes, category: str, reason: str) -> Parsed:
     return Parsed([], [Reject(category, reason, payload)])
 
 
-def _parse_reading(model: type[_Reading], stream: str, item: object, where: str,
+def _parse_reading(spec: StreamSpec, item: object, where: str,
                    received_at: datetime, limits: Limits) -> Reading | tuple[str, str]:
     if not isinstance(item, dict):
         return "bad_shape", f"{where}: a reading must be a JSON object, not {_json_type(item)}"
-    nested = stream == "battery_telemetry" and any(s in item for s in NESTED_SECTIONS)
+    nested = spec.pack and any(s in item for s in NESTED_SECTIONS)
     if nested:
         flattened = _flatten_battery(item)
         if isinstance(flattened, str):
@@ -288,15 +175,15 @@ def _parse_reading(model: type[_Reading], stream: str, item: object, where: str,
             f"{where}: timestamp {when.isoformat()} is {_span(-age)} in the future;"
             " check the gateway's clock (and that ts is epoch seconds or milliseconds)")
     try:
-        reading = model.model_validate(item)
+        reading = spec.model.model_validate(item)
     except ValidationError as exc:
         return "invalid", "; ".join(
             f"{where}.{_location(err['loc'], nested)}: {_explain(err)}" for err in exc.errors())
-    if stream == "battery_telemetry":
+    if spec.pack:
         problem = _cell_arrays_mismatch(reading)
         if problem:
             return "invalid", f"{where}.{problem}"
-    values = _GETTERS[stream](reading)
+    values = _GETTERS[spec.name](reading)
     extra = reading.model_extra or None
     return Reading(when, values, extra, timestamped)
 
@@ -411,7 +298,7 @@ def _num(value: object) -> str:
     return str(value)
 
 
-def _cell_arrays_mismatch(reading: _Reading) -> str | None:
+def _cell_arrays_mismatch(reading: ReadingModel) -> str | None:
     lengths = {name: len(v) for name in ("cell_voltages", "cell_temperatures", "balancing")
                if (v := getattr(reading, name)) is not None}
     if len(set(lengths.values())) > 1:

@@ -27,9 +27,8 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from bmsd.config import STREAMS
 from bmsd.errors import DatabaseError
-from bmsd.ingest.payloads import MODELS
+from bmsd.streams import NAMES, SPECS
 
 _COLUMN_TYPES = """
     SELECT a.attname, format_type(a.atttypid, a.atttypmod)
@@ -99,7 +98,7 @@ class Batch:
     """Readings and dead letters gathered since the last commit."""
 
     rows: dict[str, dict[tuple[int, datetime], Row]] = field(
-        default_factory=lambda: {s: {} for s in STREAMS})
+        default_factory=lambda: {s: {} for s in NAMES})
     dead: list[DeadLetter] = field(default_factory=list)
     seen: dict[int, datetime] = field(default_factory=dict)
     duplicates: Counter[str] = field(default_factory=Counter)
@@ -153,8 +152,9 @@ class Writer:
 
     def prepare(self, conn: psycopg.Connection[Any]) -> None:
         """Read the hypertables' column types; check they hold every payload field."""
-        for stream, model in MODELS.items():
-            wanted = ["time", "device_id", *model.columns, "extra"]
+        for spec in SPECS:
+            stream = spec.name
+            wanted = ["time", "device_id", *spec.model.columns, "extra"]
             try:
                 with conn.transaction():
                     found = dict(conn.execute(_COLUMN_TYPES, (stream,)).fetchall())

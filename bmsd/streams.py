@@ -1,0 +1,57 @@
+"""What a stream is, in one table: every module that needs to know reads it here.
+
+A stream is one hypertable fed by one kind of reading. Its spec says which
+payload model validates it (bmsd/ingest/models.py), its default topic and
+the kind given to devices registered through it, and whether its readings
+are a battery pack's (the nested PulseBMS form, cell arrays, protection and
+alarm flags). Its continuous aggregates are defined by
+bmsd/schema/aggregates.py under the same name. A sixth stream is one entry
+here, its model, and its SQL (a hypertable, and ``device_streams``' check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from bmsd.ingest.models import (
+    BatteryTelemetry,
+    EnergyReading,
+    EnvironmentReading,
+    ProductionReading,
+    ReadingModel,
+    SiteTelemetry,
+)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One stream: its hypertable, payload model, default route and nature."""
+
+    name: str  # the hypertable, and the stream's name in routes and rules
+    label: str  # short name in reasons; the default topic's last level
+    model: type[ReadingModel]
+    topic: str  # the default route
+    device_kind: str  # given to devices first seen through the default route
+    pack: bool = False  # a battery pack's readings: nested form, cells, flags
+
+
+SPECS: tuple[StreamSpec, ...] = (
+    StreamSpec("site_telemetry", "telemetry", SiteTelemetry,
+               "site/{site}/{device}/telemetry", "site_controller"),
+    StreamSpec("battery_telemetry", "battery", BatteryTelemetry,
+               "site/{site}/{device}/battery", "battery_pack", pack=True),
+    StreamSpec("energy_readings", "energy", EnergyReading,
+               "factory/{site}/{device}/energy", "meter"),
+    StreamSpec("production_data", "production", ProductionReading,
+               "factory/{site}/{device}/production", "machine"),
+    StreamSpec("environmental_data", "environment", EnvironmentReading,
+               "factory/{site}/{device}/environment", "sensor"),
+)
+BY_NAME: dict[str, StreamSpec] = {spec.name: spec for spec in SPECS}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+
+#: The stream names as a type, for configuration and rules (static typing
+#: needs them spelt out; tests/test_streams.py checks they are SPECS' names).
+Stream = Literal["site_telemetry", "battery_telemetry", "energy_readings", "production_data",
+                 "environmental_data"]
