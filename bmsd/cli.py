@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from bmsd.alerts.rules import SEVERITIES
 from bmsd.config import SYSTEM_CONFIG_PATH, Config, describe, find_config, load_config
 from bmsd.errors import BmsdError, ConfigError, DatabaseError, EditionError
 
@@ -146,7 +147,7 @@ _LIST_ALERTS = """
      WHERE a.status <> 'resolved'
        AND (%(site)s::text IS NULL OR s.slug = %(site)s)
        AND (%(severity)s::text IS NULL OR a.severity = %(severity)s)
-     ORDER BY array_position(ARRAY['critical', 'error', 'warning', 'info'], a.severity),
+     ORDER BY array_position(%(most_severe_first)s::text[], a.severity),
               a.triggered_at
 """
 
@@ -175,8 +176,9 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
                     raise DatabaseError(f"acknowledge_alert({args.id}) returned no row")
                 print(f"alert {row[0]} ({row[1]}) {row[2]} by {args.by}")
                 return 0
-            rows = conn.execute(_LIST_ALERTS, {"site": args.site,
-                                               "severity": args.severity}).fetchall()
+            rows = conn.execute(_LIST_ALERTS, {
+                "site": args.site, "severity": args.severity,
+                "most_severe_first": list(reversed(SEVERITIES))}).fetchall()
     except psycopg.Error as exc:
         raise DatabaseError(f"the database failed: {exc}".strip()) from exc
     if not rows:
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", type=int, help="with ack: the alert's id")
     p.add_argument("--by", help="with ack: who acknowledges")
     p.add_argument("--site", help="only this site (slug)")
-    p.add_argument("--severity", choices=["info", "warning", "error", "critical"])
+    p.add_argument("--severity", choices=SEVERITIES)
     p.add_argument("--database-url", help="default: BMSD_DATABASE_URL, then the config file")
     p.set_defaults(func=_cmd_alerts)
 

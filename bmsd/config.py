@@ -18,7 +18,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -259,18 +259,8 @@ def load_config(
     source = "built-in defaults"
     if path is not None:
         source = str(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{path}: no such config file; pass --config PATH, or copy the example"
-                " (bmsd check-config --example > PATH)"
-            ) from None
-        except PermissionError:
-            raise ConfigError(f"{path}: not readable by this user; check its owner and"
-                              " mode") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        raw = read_toml(path, "no such config file; pass --config PATH, or copy the example"
+                              " (bmsd check-config --example > PATH)")
     for var, (section, key) in _ENV_OVERRIDES.items():
         if environ.get(var):
             table = raw.setdefault(section, {})
@@ -285,7 +275,8 @@ def load_config(
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_explain(source, exc)) from exc
+        raise ConfigError(explain(source, "the configuration", exc, "config/bmsd.toml")
+                          ) from exc
     return config.model_copy(update={
         "database": _with_password(config.database, "database", source, environ),
         "mqtt": _with_password(config.mqtt, "mqtt", source, environ),
@@ -354,15 +345,29 @@ def _toml(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _explain(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: {exc.error_count()} error(s) in the configuration:"]
+def read_toml(path: Path, missing: str) -> dict[str, Any]:
+    """Read a TOML file; raise ConfigError saying what is wrong with it (*missing*: if absent)."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {missing}") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable by this user; check its owner and mode"
+                          ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def explain(source: str, what: str, exc: ValidationError, example: str) -> str:
+    """Return a validation error as lines a person can act on: file, key, what is wrong."""
+    lines = [f"{source}: {exc.error_count()} error(s) in {what}:"]
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if where.startswith("routes."):
-            where = "routes[" + where.removeprefix("routes.").replace(".", "].", 1)
+        # An array of tables reads as name[index]: routes[0].topic, rules[2].code.
+        where = re.sub(r"^(\w+)\.(\d+)(?=\.|$)", r"\1[\2]", where)
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            message = "unknown key (check its spelling against config/bmsd.toml)"
+            message = f"unknown key (check its spelling against {example})"
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from bmsd.dev.localstack import free_port
+from tests.helpers import dump_toml
 
 _ids = itertools.count()
 
@@ -121,12 +124,10 @@ def bmsd_daemon(db_url: str, mqtt_broker: Any) -> Iterator[DaemonFactory]:
         n = next(_ids)
         client_id = client_id or f"bmsd-test-{os.getpid()}-{n}"
         path = folder / f"bmsd-{n}.toml"
-        line = f'client_id = "{client_id}"'
-        if "[mqtt]" in config:
-            config = config.replace("[mqtt]", f"[mqtt]\n{line}", 1)
-        else:
-            config += f"\n[mqtt]\n{line}\n"
-        path.write_text(f'log_format = "json"\n{config}')
+        settings = tomllib.loads(config)
+        settings["log_format"] = "json"
+        settings.setdefault("mqtt", {})["client_id"] = client_id
+        path.write_text(dump_toml(settings))
         port = free_port()
         env = {**os.environ, "BMSD_DATABASE_URL": database_url or db_url,
                "BMSD_MQTT_URL": broker_url or mqtt_broker.url,
@@ -139,6 +140,7 @@ def bmsd_daemon(db_url: str, mqtt_broker: Any) -> Iterator[DaemonFactory]:
     for daemon in started:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class Publisher:

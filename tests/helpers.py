@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -57,3 +58,25 @@ def pause_refresh_policies(db: psycopg.Connection[Any]) -> None:
         if not running or not running[0]:
             return
         time.sleep(0.1)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write *data* as TOML: scalars, tables of scalars, arrays of such tables."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict | list)
+             or (isinstance(v, list) and not any(isinstance(x, dict) for x in v))]
+    for key, table in data.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{key}]", *(f"{k} = {value(v)}" for k, v in table.items())]
+        elif isinstance(table, list) and any(isinstance(x, dict) for x in table):
+            for item in table:
+                lines += ["", f"[[{key}]]", *(f"{k} = {value(v)}" for k, v in item.items())]
+    return "\n".join(lines) + "\n"

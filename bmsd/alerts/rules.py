@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bmsd.config import explain, read_toml
 from bmsd.errors import ConfigError
 from bmsd.resources import package_file
 from bmsd.streams import BY_NAME, Stream
 
 Severity = Literal["info", "warning", "error", "critical"]
-SEVERITIES = ("info", "warning", "error", "critical")
+#: From the least to the most severe.
+SEVERITIES: tuple[str, ...] = get_args(Severity)
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
@@ -137,17 +138,9 @@ DEFAULT_RULES_PATH = package_file("defaults", "alerts.toml")
 def load_rules(path: Path | None = None) -> tuple[Rule, ...]:
     """Read and validate a rules file (default: the shipped config/alerts.toml)."""
     path = path or DEFAULT_RULES_PATH
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such rules file ([alerts] rules_file)") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    raw = read_toml(path, "no such rules file ([alerts] rules_file)")
     try:
         return RuleSet.model_validate(raw).rules
     except ValidationError as exc:
-        lines = [f"{path}: {exc.error_count()} error(s) in the alert rules:"]
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc or '(file)'}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError("\n".join(lines)) from exc
+        raise ConfigError(explain(str(path), "the alert rules", exc, "config/alerts.toml")
+                          ) from exc

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bmsd.alerts.rules import SEVERITIES
+
 POSTGRES = {"type": "grafana-postgresql-datasource", "uid": "bmsd-timescaledb"}
 PROMETHEUS = {"type": "prometheus", "uid": "bmsd-prometheus"}
 
@@ -108,6 +110,9 @@ def prom(title: str, expr: str, unit: str | None = None, legend: str | None = No
 
 # --- template variables --------------------------------------------------------------
 
+_MOST_SEVERE_FIRST = ("array_position(ARRAY["
+                      + ",".join(f"'{s}'" for s in reversed(SEVERITIES)) + "], a.severity)")
+
 ORGANIZATION = ("organization", "Organization", "SELECT slug FROM organizations ORDER BY slug")
 
 
@@ -182,8 +187,7 @@ FLEET = Dashboard("bmsd-fleet", "bmsd / Fleet overview", variables=[ORGANIZATION
           "SELECT a.severity, count(*) AS alerts FROM alerts a"
           " JOIN sites s ON s.id = a.site_id JOIN organizations o ON o.id = s.organization_id"
           " WHERE o.slug = '$organization' AND a.status <> 'resolved'"
-          " GROUP BY 1 ORDER BY array_position(ARRAY['critical','error','warning','info'],"
-          " a.severity)", width=8),
+          " GROUP BY 1 ORDER BY " + _MOST_SEVERE_FIRST, width=8),
     table("Sites", "SELECT v.site, v.kind, v.devices_reporting, v.devices_silent,"
                    " v.alerts_critical, v.alerts_error, v.alerts_warning,"
                    " round(v.latest_soc::numeric, 1) AS soc, v.solar_power_kw,"
@@ -287,8 +291,7 @@ ALERTS = Dashboard("bmsd-alerts", "bmsd / Alerts", time_from="now-30d",
                         " JOIN sites s ON s.id = a.site_id"
                         " JOIN organizations o ON o.id = s.organization_id"
                         " WHERE o.slug = '$organization' AND a.status <> 'resolved'"
-                        " ORDER BY array_position(ARRAY['critical','error','warning','info'],"
-                        " a.severity), a.triggered_at"),
+                        " ORDER BY " + _MOST_SEVERE_FIRST + ", a.triggered_at"),
     ts("Alerts raised", "SELECT $__timeGroupAlias(a.triggered_at, '1h'), a.severity AS metric,"
                         " count(*) AS alerts FROM alerts a JOIN sites s ON s.id = a.site_id"
                         " JOIN organizations o ON o.id = s.organization_id"

@@ -70,12 +70,10 @@ class MqttSource:
         self._generation = 0
         self._intake = True
         self._ever_connected = False
-        self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.fatal: BrokerError | None = None
         self.refused: str | None = None  # why the broker refused the last attempt
         self.subscribed_at = datetime.now(UTC)
-        self._fatal_event = threading.Event()
         url = urlsplit(config.url)
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (8883 if url.scheme == "mqtts" else 1883)
@@ -143,21 +141,12 @@ class MqttSource:
             properties.SessionExpiryInterval = self._config.session_expiry_s
         self._client.disconnect(properties=properties)
         self._client.loop_stop()
-        self.connected.clear()
         self._metrics.mqtt_connected.set(0)
-
-    def wait_fatal(self, timeout_s: float) -> BrokerError | None:
-        """Wait up to *timeout_s* for a fatal broker condition; return it if any."""
-        self._fatal_event.wait(timeout_s)
-        return self.fatal
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         """Publish with QoS 1; paho queues it while disconnected."""
         self._client.publish(topic, payload, qos=1, retain=retain)
 
-    @property
-    def generation(self) -> int:
-        return self._generation
 
     # --- acknowledgement -----------------------------------------------------
 
@@ -195,7 +184,6 @@ class MqttSource:
             return
         self.refused = None
         self._generation += 1
-        self.connected.set()
         self._metrics.mqtt_connected.set(1)
         if flags.session_present:
             log.info("mqtt_connected", broker=f"{self._host}:{self._port}", session="resumed",
@@ -233,7 +221,6 @@ class MqttSource:
     def _on_disconnect(self, client: paho.Client, userdata: object,
                        flags: paho.DisconnectFlags, reason: ReasonCode,
                        properties: Properties | None) -> None:
-        self.connected.clear()
         self.subscribed.clear()
         self._metrics.mqtt_connected.set(0)
         if reason.value == _SESSION_TAKEN_OVER:
@@ -270,5 +257,4 @@ class MqttSource:
         if self.fatal is None:
             self.fatal = error
             log.error("mqtt_fatal", error=str(error))
-        self._fatal_event.set()
 

@@ -18,6 +18,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from bmsd.config import IngestConfig
+from bmsd.errors import DatabaseError
 from bmsd.ingest.routing import Match
 
 _FIND_DEVICE = """
@@ -144,7 +145,9 @@ class Registry:
             added = conn.execute(_ADD_DEVICE, params).fetchone()
             if added is None:  # registered concurrently by another bmsd
                 row = conn.execute(_FIND_DEVICE, params).fetchone()
-                assert row is not None
+                if row is None:  # ON CONFLICT found it, so it exists: the database misbehaves
+                    raise DatabaseError(f"device {match.device!r} of {match.site!r} is"
+                                        " neither new nor found")
                 return int(row[0])
             device_id, site_id = int(added[0]), int(added[1])
             conn.execute(_ADD_EVENT, {

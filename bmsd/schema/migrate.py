@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from bmsd.config import DatabaseConfig
 from bmsd.errors import EditionError, MigrationError
@@ -45,9 +46,10 @@ _RECORD_SKIPPED = """
 """
 _ADOPT = "UPDATE bmsd_migrations SET checksum = %(checksum)s WHERE name = %(name)s"
 _EDITION = """
-    SELECT (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'),
-           (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'),
-           current_setting('shared_preload_libraries')
+    SELECT (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb') AS installed,
+           (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb')
+               AS available,
+           current_setting('shared_preload_libraries') AS preload
 """
 
 
@@ -158,15 +160,24 @@ class Report:
         return out
 
 
+@dataclass(frozen=True)
+class _Server:
+    """What the server has of TimescaleDB (_EDITION)."""
+
+    installed: str | None  # in this database
+    available: str | None  # to install
+    preload: str  # shared_preload_libraries
+
+
 def detect_edition(conn: psycopg.Connection[tuple[object, ...]]) -> Edition:
     """Return the TimescaleDB version and edition of the connected database.
 
     Create the extension first if the server has it but this database not yet
     (script 000 would do the same): its license setting exists only then.
     """
-    row = conn.execute(_EDITION).fetchone()
-    assert row is not None
-    installed, available, preload = row
+    with conn.cursor(row_factory=class_row(_Server)) as cur:
+        found = cur.execute(_EDITION).fetchall()[0]  # one row: a SELECT without FROM
+    installed, available, preload = found.installed, found.available, found.preload
     if available is None:
         raise MigrationError(
             "TimescaleDB is not installed on this PostgreSQL server: install the"
@@ -182,11 +193,10 @@ def detect_edition(conn: psycopg.Connection[tuple[object, ...]]) -> Edition:
             conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         except psycopg.Error as exc:
             raise MigrationError(f"cannot create the timescaledb extension: {exc}") from exc
-    row = conn.execute(_EDITION).fetchone()
-    assert row is not None
-    license_row = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()
-    community = license_row is not None and license_row[0] == "timescale"
-    return Edition(version=str(row[0]), community=community)
+    version, license_ = conn.execute(
+        "SELECT extversion, current_setting('timescaledb.license', true)"
+        " FROM pg_extension WHERE extname = 'timescaledb'").fetchall()[0]
+    return Edition(version=str(version), community=license_ == "timescale")
 
 
 def migrate(
