@@ -154,6 +154,7 @@ _LIST_ALERTS = """
 
 def _cmd_alerts(args: argparse.Namespace) -> int:
     import psycopg
+    from psycopg.rows import dict_row
 
     from bmsd.ingest.database import connect
 
@@ -166,7 +167,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
                 if args.id is None or not args.by:
                     raise ConfigError("usage: bmsd alerts ack ID --by NAME")
                 try:
-                    row = conn.execute(
+                    row = conn.cursor(row_factory=dict_row).execute(
                         "SELECT id, rule_code, status FROM acknowledge_alert(%s, %s)",
                         (args.id, args.by)).fetchone()
                 except psycopg.errors.RaiseException as exc:
@@ -174,7 +175,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
                     return 1
                 if row is None:  # the function raises rather than return nothing
                     raise DatabaseError(f"acknowledge_alert({args.id}) returned no row")
-                print(f"alert {row[0]} ({row[1]}) {row[2]} by {args.by}")
+                print(f"alert {row['id']} ({row['rule_code']}) {row['status']} by {args.by}")
                 return 0
             rows = conn.execute(_LIST_ALERTS, {
                 "site": args.site, "severity": args.severity,

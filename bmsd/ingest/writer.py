@@ -71,6 +71,16 @@ class Row:
     origin: Origin
     index: int | None = None
 
+    # The layout above is read back only through these, so it is said once.
+    @property
+    def key(self) -> tuple[int, datetime]:
+        """Return (device_id, time): the hypertable's unique key."""
+        return self.values[1], self.values[0]
+
+    @property
+    def extra(self) -> dict[str, Any] | None:
+        return self.values[-1]  # type: ignore[no-any-return]
+
     def fields(self, columns: Sequence[str]) -> dict[str, Any]:
         """Return the reading's fields by name (*columns*: its payload model's)."""
         return dict(zip(columns, self.values[2:-1], strict=True))
@@ -107,7 +117,7 @@ class Batch:
     def add(self, stream: str, row: Row) -> None:
         """Add a row; a second reading of a device at the same time is not."""
         rows = self.rows[stream]
-        key = (row.values[1], row.values[0])
+        key = row.key
         held = rows.get(key)
         if held is None:
             rows[key] = row
@@ -204,9 +214,8 @@ class Writer:
         with conn.cursor() as cur, cur.copy(statement) as copy:
             copy.set_types(self._types[stream])
             for row in rows:
-                values = row.values
-                extra = values[-1]
-                copy.write_row((*values[:-1], None if extra is None else Jsonb(extra)))
+                extra = row.extra
+                copy.write_row((*row.values[:-1], None if extra is None else Jsonb(extra)))
 
     def _write_staged(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
                       outcome: Outcome) -> None:
@@ -234,7 +243,7 @@ class Writer:
         except _DATA_ERRORS as exc:
             self._isolate(conn, stream, rows, outcome, exc)
             return
-        by_key = {(r.values[1], r.values[0]): r for r in rows}
+        by_key = {r.key: r for r in rows}
         for device_id, when in differing:
             row = by_key[(device_id, when)]
             outcome.dead.append(row.dead("duplicate_conflict", _conflict(when)))
