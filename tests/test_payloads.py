@@ -200,7 +200,7 @@ def test_readings_within_the_limits_are_accepted() -> None:
     almost_old = NOW - LIMITS.max_reading_age + timedelta(minutes=1)
     almost_future = NOW + LIMITS.max_future - timedelta(seconds=1)
     for when in (almost_old, almost_future):
-        parsed = parse("environmental_data", {"timestamp": when.isoformat()})
+        parsed = parse("environmental_data", {"timestamp": when.isoformat(), "humidity": 40})
         assert parsed.rejects == []
 
 
@@ -228,3 +228,29 @@ def test_any_bytes_give_readings_or_reasons_never_an_exception(stream: str,
                                                                payload: bytes) -> None:
     parsed = parse_message(stream, payload, NOW, LIMITS)
     assert parsed.readings or parsed.rejects
+
+
+@pytest.mark.parametrize(("document", "category", "fragment"), [
+    ({"readings": "x"}, "bad_shape", "readings is a string; a gateway batch is"),
+    ({"readings": {"soc": 1}}, "bad_shape", "readings is"),
+    ({"readings": [{"soc": 50}], "gateway": "gw-1"}, "bad_shape", "also gateway"),
+    ({"timestamp": "2026-05-01T12:00:00Z"}, "no_measurement", "no measurement"),
+    ({"timestamp": "2026-05-01T12:00:00Z", "colour": "red"}, "no_measurement",
+     "it carried only colour"),
+])
+def test_a_message_that_would_store_an_empty_row_is_a_dead_letter(
+    document: dict[str, Any], category: str, fragment: str
+) -> None:
+    parsed = parse("battery_telemetry", document)
+    assert parsed.readings == []
+    assert [r.category for r in parsed.rejects] == [category]
+    assert fragment in parsed.rejects[0].reason
+
+
+def test_in_a_batch_an_empty_reading_or_a_non_object_is_rejected_alone() -> None:
+    parsed = parse("battery_telemetry", {"readings": [
+        {"timestamp": "2026-05-01T12:00:00Z", "soc": 50}, "x",
+        {"timestamp": "2026-05-01T12:00:01Z"}, {"timestamp": "2026-05-01T12:00:02Z", "soc": 51}]})
+    assert [r.index for r in parsed.readings] == [0, 3]
+    assert [(r.index, r.category) for r in parsed.rejects] == [(1, "bad_shape"),
+                                                               (2, "no_measurement")]

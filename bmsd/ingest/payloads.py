@@ -110,8 +110,16 @@ def parse_message(stream: str, payload: bytes, received_at: datetime,
         document = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         return _whole(payload, "not_json", f"payload is not JSON: {exc}")
-    if isinstance(document, dict) and isinstance(document.get("readings"), list) \
-            and len(document) == 1:
+    if isinstance(document, dict) and "readings" in document:
+        if not isinstance(document["readings"], list):
+            return _whole(payload, "bad_shape",
+                          f"readings is {_json_type(document['readings'])}; a gateway batch"
+                          ' is {"readings": [...]}, an array of reading objects')
+        others = sorted(k for k in document if k != "readings")
+        if others:
+            return _whole(payload, "bad_shape",
+                          f"a gateway batch has the key readings only, this one also"
+                          f" {', '.join(others)}; put such fields in each reading")
         items, batch = document["readings"], True
     elif isinstance(document, list):
         items, batch = document, True
@@ -185,6 +193,11 @@ def _parse_reading(spec: StreamSpec, item: object, where: str,
             return "invalid", f"{where}.{problem}"
     values = _GETTERS[spec.name](reading)
     extra = reading.model_extra or None
+    if all(v is None for v in values):
+        unknown = f"; it carried only {', '.join(sorted(extra))}" if extra else ""
+        return "no_measurement", (
+            f"{where}: no measurement: none of the {spec.label} fields is set (e.g."
+            f" {', '.join(spec.model.columns[:3])}){unknown}")
     return Reading(when, values, extra, timestamped)
 
 
