@@ -107,3 +107,19 @@ def test_bmsd_with_a_wrong_password_says_so_and_keeps_trying(
     assert "password_file" in refused[0]["meaning"]
     assert "not-the-password" not in daemon.output()
     assert daemon.stop() == 0
+
+
+def test_no_password_shows_in_the_logs_or_the_metrics(
+    bmsd_daemon: DaemonFactory, mqtt_broker: Broker, publisher: Publisher, db_url: str,
+) -> None:
+    daemon = bmsd_daemon()  # logs in to the broker as bmsd, with its password
+    publisher.publish("site/alpha/pack-1/battery",
+                      {"timestamp": "2026-12-03T10:00:00Z", "soc": 50.0, "voltage": 400.0})
+    wait_until(lambda: stored(db_url), what="a reading")
+    password = urlsplit(mqtt_broker.url).password
+    assert password
+    assert password not in daemon.http("/metrics")[1]
+    assert daemon.stop() == 0
+    output = daemon.output()
+    assert "bmsd_starting" in output
+    assert password not in output
