@@ -7,7 +7,10 @@ proxy instead of the server, then:
 - `Proxy.blackhole` forwards nothing and answers nothing, in both
   directions, while the sockets stay open: only a timeout can notice;
 - `Proxy.slow` delays every chunk it forwards;
-- `Proxy.refuse` refuses new connections; `Proxy.heal` undoes all of it.
+- `Proxy.refuse` refuses new connections; `Proxy.heal` undoes all of it;
+- `Proxy.cut_after_commit` lets the next COMMIT reach the server and cuts
+  the connection before its answer gets back: the client cannot know
+  whether its transaction committed.
 
 The server itself is never touched, so other tests sharing it go on.
 """
@@ -37,6 +40,10 @@ class Proxy:
         self.delay_s = 0.0
         self.refusing = False
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._commit_trap = False
+        self._silenced: set[int] = set()  # pairs whose server side is no longer relayed
+        self._copying: set[int] = set()  # pairs that sent a COPY
+        self.commits_cut = 0
         self._mutex = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
@@ -71,6 +78,11 @@ class Proxy:
         """Reset new connections as they come (a server that is down)."""
         self.refusing = True
 
+    def cut_after_commit(self) -> None:
+        """Arm a one-shot fault: the next COMMIT of a transaction that wrote rows by
+        COPY reaches the server, but its answer never arrives."""
+        self._commit_trap = True
+
     def heal(self) -> None:
         """Forward again, at full speed, and accept new connections."""
         self.mode, self.delay_s, self.refusing = "forward", 0.0, False
@@ -101,10 +113,11 @@ class Proxy:
             except OSError:
                 _reset(client)
                 continue
+            pair = (client, server)  # one object: both pumps name the connection by it
             with self._mutex:
-                self._pairs.append((client, server))
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst, (client, server)),
+                self._pairs.append(pair)
+            for src, dst in (pair, (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst, pair),
                                  name="proxy-pump", daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket,
@@ -117,12 +130,30 @@ class Proxy:
                 readable, _, _ = select.select([src], [], [], 0.1)
                 if not readable or self.mode == "blackhole":
                     continue
+                if id(pair) in self._silenced:
+                    time.sleep(0.05)
+                    continue
                 data = src.recv(65536)
                 if not data:
                     break
                 if self.delay_s:
                     time.sleep(self.delay_s)
+                if src is pair[0] and b"COPY " in data:
+                    self._copying.add(id(pair))  # a transaction that writes rows
+                committing = src is pair[0] and b"COMMIT" in data
+                trapped = self._commit_trap and committing and id(pair) in self._copying
+                if committing:
+                    self._copying.discard(id(pair))
+                if trapped:
+                    self._commit_trap = False
+                    self._silenced.add(id(pair))  # the server's answer stays here
                 dst.sendall(data)
+                if trapped:
+                    time.sleep(0.5)  # the server commits...
+                    self.commits_cut += 1
+                    for sock in pair:  # ...and the client hears nothing back
+                        _reset(sock)
+                    break
         except (OSError, ValueError):
             pass
         with self._mutex:

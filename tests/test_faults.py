@@ -1,0 +1,112 @@
+"""Faults under load, each with exact accounting: every published reading stored once.
+
+The faults are made by TCP proxies (tests/fix_proxy.py) in front of the
+shared servers, or on servers of the test's own, so no other test notices.
+Each test prints how long bmsd took to notice the fault and to recover.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from tests.fix_daemon import DaemonFactory, Publisher, wait_until
+from tests.fix_mqtt import Broker
+from tests.fix_proxy import ProxyFactory
+
+N = 2000
+QUICK_DB = ("[database]\nconnect_timeout_s = 2\nstatement_timeout_ms = 2000\n"
+            "operation_timeout_s = 3.0\nretry_max_backoff_s = 1.0\n")
+
+
+def load(n: int = N) -> list[tuple[str, dict[str, Any]]]:
+    start = datetime.now(UTC) - timedelta(hours=1)
+    return [(f"factory/faults/m{i % 4}/energy",
+             {"timestamp": (start + timedelta(milliseconds=10 * i)).isoformat(),
+              "power_kw": i}) for i in range(n)]
+
+
+def stored(db_url: str) -> tuple[int, int]:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT power_kw) FROM energy_readings"
+                           ).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def exactly(db_url: str, n: int = N) -> None:
+    wait_until(lambda: stored(db_url)[0] >= n, timeout_s=120, what=f"{n} readings")
+    time.sleep(0.5)
+    assert stored(db_url) == (n, n)  # nothing lost, nothing doubled
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM ingest_rejects").fetchone() == (0,)
+
+
+def test_a_commit_whose_outcome_is_unknown_is_retried_without_doubles(
+    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
+) -> None:
+    database = tcp_proxy(db_url)
+    daemon = bmsd_daemon(QUICK_DB, database_url=database.url(db_url))
+    publisher.publish_many(load(200))
+    wait_until(lambda: stored(db_url)[0] == 200, what="a first part")
+    database.cut_after_commit()
+    publisher.publish_many(load(N)[200:])
+    wait_until(lambda: database.commits_cut == 1, what="a COMMIT whose answer was lost")
+    exactly(db_url)
+    # The retry found its rows already committed, and stored none twice.
+    assert daemon.metric("bmsd_duplicates_ignored_total") >= 1
+    assert daemon.metric("bmsd_db_errors_total") >= 1
+
+
+def test_a_blackholed_database_under_load(
+    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
+) -> None:
+    database = tcp_proxy(db_url)
+    daemon = bmsd_daemon(QUICK_DB, database_url=database.url(db_url))
+    messages = load()
+    publisher.publish_many(messages[:500])
+    database.blackhole()
+    cut = time.monotonic()
+    publisher.publish_many(messages[500:1500])
+    wait_until(lambda: daemon.metric("bmsd_db_up") == 0, what="bmsd to notice")
+    noticed = time.monotonic() - cut
+    time.sleep(max(0.0, 5 - noticed))
+    database.heal()
+    healed = time.monotonic()
+    wait_until(lambda: daemon.http("/readyz")[0] == 200, what="ready again")
+    recovered = time.monotonic() - healed
+    publisher.publish_many(messages[1500:])
+    exactly(db_url)
+    print(f"\nblackhole: noticed after {noticed:.1f} s, ready {recovered:.1f} s after the heal")
+    assert noticed < 10  # operation_timeout_s 3 s, plus the connect timeout
+
+
+def test_a_slow_database_under_load(
+    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
+) -> None:
+    database = tcp_proxy(db_url)
+    bmsd_daemon(database_url=database.url(db_url))
+    database.slow(0.2)  # 200 ms each way, per chunk
+    publisher.publish_many(load())
+    exactly(db_url)
+
+
+def test_the_broker_connection_cut_under_load(
+    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, mqtt_broker: Broker,
+    publisher: Publisher,
+) -> None:
+    broker = tcp_proxy(mqtt_broker.url)
+    daemon = bmsd_daemon(broker_url=broker.url(mqtt_broker.url))
+    messages = load()
+    publisher.publish_many(messages[:700])
+    broker.cut()
+    cut = time.monotonic()
+    publisher.publish_many(messages[700:])
+    wait_until(lambda: daemon.metric("bmsd_mqtt_sessions_lost_total") >= 0
+               and daemon.http("/readyz")[0] == 200 and broker.connections > 0,
+               what="reconnected")
+    print(f"\nbroker cut: subscribed again {time.monotonic() - cut:.1f} s later")
+    exactly(db_url)
+    assert daemon.metric("bmsd_mqtt_sessions_lost_total") == 0  # the session was kept
