@@ -7,12 +7,18 @@ Each test prints how long bmsd took to notice the fault and to recover.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from bmsd.dev.localstack import LocalPostgres
+from bmsd.schema.migrate import migrate
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import ProxyFactory
@@ -110,3 +116,38 @@ def test_the_broker_connection_cut_under_load(
     print(f"\nbroker cut: subscribed again {time.monotonic() - cut:.1f} s later")
     exactly(db_url)
     assert daemon.metric("bmsd_mqtt_sessions_lost_total") == 0  # the session was kept
+
+
+def test_postgresql_crashing_and_restarting_under_load(
+    bmsd_daemon: DaemonFactory, publisher: Publisher,
+) -> None:
+    # A server of the test's own, durable as in production, so the shared one
+    # goes on for other tests.
+    state = Path(tempfile.mkdtemp(prefix="bmsd-test-crash-pg-"))
+    pg = LocalPostgres(state).start()
+    try:
+        with psycopg.connect(pg.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE bmsd")
+        url = pg.url("bmsd")
+        migrate(url, skip_community=True)
+        daemon = bmsd_daemon(QUICK_DB, database_url=url)
+        messages = load()
+        sender = threading.Thread(target=publisher.publish_many, args=(messages,), daemon=True)
+        sender.start()
+        wait_until(lambda: stored(url)[0] > N // 10, what="a part stored")
+        pg.crash()  # pg_ctl stop -m immediate
+        crashed = time.monotonic()
+        wait_until(lambda: daemon.metric("bmsd_db_up") == 0, what="bmsd to notice")
+        noticed = time.monotonic() - crashed
+        time.sleep(2)
+        pg.start()
+        restarted = time.monotonic()
+        wait_until(lambda: daemon.http("/readyz")[0] == 200, what="ready again")
+        recovered = time.monotonic() - restarted
+        sender.join(60)
+        exactly(url)
+        print(f"\npostgres crash: noticed after {noticed:.1f} s, ready {recovered:.1f} s after"
+              " the restart")
+    finally:
+        pg.stop()
+        shutil.rmtree(state, ignore_errors=True)

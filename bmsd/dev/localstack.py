@@ -203,6 +203,11 @@ class LocalPostgres:
         _stop(self.proc, signal.SIGINT, timeout_s)
         self.proc = None
 
+    def crash(self, timeout_s: float = 30) -> None:
+        """Stop the server as a crash would (immediate mode: recovery at the next start)."""
+        _stop(self.proc, signal.SIGQUIT, timeout_s)
+        self.proc = None
+
 
 def mosquitto_config(template: str, port: int, state_dir: Path,
                      host: str = "127.0.0.1") -> str:
