@@ -23,23 +23,6 @@ def add_device(db: psycopg.Connection[Any], site: str = "alpha", device: str = "
     return int(str(row[0]))
 
 
-def refresh(db: psycopg.Connection[Any], *views: str) -> None:
-    """Refresh continuous aggregates fully, in order, waiting out a policy job.
-
-    The server's own refresh policies may be refreshing the same aggregate at
-    that moment, which makes a manual refresh fail with LockNotAvailable.
-    """
-    for view in views:
-        for attempt in range(50):
-            try:
-                db.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, NULL)")
-                break
-            except psycopg.errors.LockNotAvailable:
-                if attempt == 49:
-                    raise
-                time.sleep(0.2)
-
-
 def pause_refresh_policies(db: psycopg.Connection[Any]) -> None:
     """Stop the server's refresh jobs on this database, and wait out any under way.
 

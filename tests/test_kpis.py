@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.helpers import refresh
+from bmsd.dev.fleet import refresh
 
 pytestmark = pytest.mark.community
 

@@ -210,15 +210,24 @@ def refresh_aggregates(conn: psycopg.Connection[Any]) -> None:
     autocommit = conn.autocommit
     conn.autocommit = True  # refresh_continuous_aggregate cannot run in a transaction
     try:
-        for view in _AGGREGATES:
-            for attempt in range(50):
-                try:
-                    conn.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, NULL)")
-                    break
-                except psycopg.errors.LockNotAvailable:
-                    # A refresh policy job is at it this moment: wait it out.
-                    if attempt == 49:
-                        raise
-                    time.sleep(0.2)
+        refresh(conn, *_AGGREGATES)
     finally:
         conn.autocommit = autocommit
+
+
+def refresh(conn: psycopg.Connection[Any], *views: str) -> None:
+    """Refresh continuous aggregates fully, in order, waiting out a policy job.
+
+    The server's own refresh policies may be refreshing the same aggregate at
+    that moment, which makes a manual refresh fail with LockNotAvailable.
+    *conn* must be in autocommit mode.
+    """
+    for view in views:
+        for attempt in range(50):
+            try:
+                conn.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, NULL)")
+                break
+            except psycopg.errors.LockNotAvailable:
+                if attempt == 49:
+                    raise
+                time.sleep(0.2)
