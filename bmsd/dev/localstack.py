@@ -244,6 +244,7 @@ class LocalMosquitto:
     port: int = 0
     users: dict[str, str] = field(default_factory=dict)
     extra_acl: str = ""
+    extra_config: str = ""  # more mosquitto.conf lines (a TLS listener, say)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -271,7 +272,7 @@ class LocalMosquitto:
         self.port = self.port or free_port()
         conf = self.state_dir / "mosquitto.conf"
         conf.write_text(mosquitto_config(self.config_template.read_text(), self.port,
-                                         self.state_dir))
+                                         self.state_dir) + self.extra_config)
         self._write_users()
         _hand_over(self.state_dir, _system_user("mosquitto"))
         log = self.log_path.open("ab")

@@ -89,7 +89,8 @@ class MqttSource:
             if password is None and config.password is not None:
                 password = config.password.get_secret_value()
             client.username_pw_set(unquote(url.username), password)
-        if url.scheme == "mqtts":
+        self._tls = url.scheme == "mqtts"
+        if self._tls:
             try:
                 client.tls_set(
                     ca_certs=str(config.ca_file) if config.ca_file else None,
@@ -104,6 +105,7 @@ class MqttSource:
         self._jitter_backoff(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self._client = client
@@ -204,6 +206,15 @@ class MqttSource:
         topics: list[tuple[str, object]] = [(f, options if options else 1) for f in self._filters]
         topics.append((DROPPED_TOPIC, SubscribeOptions(qos=0) if self._v5 else 0))
         client.subscribe(topics)  # type: ignore[arg-type]
+
+    def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
+        # paho does not say why; these are the causes an operator can act on.
+        self.refused = "cannot connect (network or TLS)"
+        log.warning("mqtt_connect_failed", broker=f"{self._host}:{self._port}",
+                    tls=self._tls,
+                    meaning="the broker is unreachable, or (mqtts) its certificate is not"
+                            " trusted or not issued for this host name: check the URL's host"
+                            " and [mqtt] ca_file; retrying with backoff")
 
     def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
                       reasons: list[ReasonCode], properties: Properties | None) -> None:
