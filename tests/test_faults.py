@@ -7,6 +7,7 @@ Each test prints how long bmsd took to notice the fault and to recover.
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
 import threading
@@ -151,3 +152,42 @@ def test_postgresql_crashing_and_restarting_under_load(
     finally:
         pg.stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_blackholed_broker_is_noticed_by_keepalive(
+    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, mqtt_broker: Broker,
+    publisher: Publisher,
+) -> None:
+    broker = tcp_proxy(mqtt_broker.url)
+    daemon = bmsd_daemon("[mqtt]\nkeepalive_s = 2\n", broker_url=broker.url(mqtt_broker.url))
+    messages = load()
+    publisher.publish_many(messages[:500])
+    broker.blackhole()
+    cut = time.monotonic()
+    publisher.publish_many(messages[500:])  # the broker queues them for bmsd's session
+    wait_until(lambda: daemon.metric("bmsd_mqtt_connected") == 0, what="bmsd to notice")
+    noticed = time.monotonic() - cut
+    broker.cut()
+    broker.heal()
+    healed = time.monotonic()
+    wait_until(lambda: daemon.http("/readyz")[0] == 200, what="subscribed again")
+    print(f"\nbroker blackhole: noticed after {noticed:.1f} s (keepalive 2 s),"
+          f" subscribed again {time.monotonic() - healed:.1f} s after the heal")
+    exactly(db_url)
+    assert noticed < 2 * 2 + 2  # paho gives up after 1.5 keepalives without an answer
+
+
+def test_bmsd_killed_at_five_random_points_loses_and_doubles_nothing(
+    bmsd_daemon: DaemonFactory, db_url: str, publisher: Publisher,
+) -> None:
+    rng = random.Random(15)  # the same five points every run
+    messages = load(3000)
+    sender = threading.Thread(target=publisher.publish_many, args=(messages,), daemon=True)
+    daemon = bmsd_daemon()
+    sender.start()
+    for _ in range(5):
+        time.sleep(rng.uniform(0.1, 1.5))
+        daemon.kill()  # SIGKILL: no drain, nothing flushed
+        daemon = bmsd_daemon(client_id=daemon.client_id)
+    sender.join(120)
+    exactly(db_url, 3000)
