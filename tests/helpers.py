@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -63,3 +65,19 @@ def dump_toml(data: dict[str, Any]) -> str:
             for item in table:
                 lines += ["", f"[[{key}]]", *(f"{k} = {value(v)}" for k, v in item.items())]
     return "\n".join(lines) + "\n"
+
+
+def make_certificates(folder: Path, host: str = "localhost") -> None:
+    """Make a test CA (ca.crt) and a server certificate it issued for *host*
+    (server.crt, server.key) in *folder*, with the openssl command."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True,
+                       timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=bmsd test CA", "-keyout", "ca.key", "-out", "ca.crt")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}",
+            "-keyout", "server.key", "-out", "server.csr")
+    (folder / "san.cnf").write_text(f"subjectAltName = DNS:{host}\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "server.crt")

@@ -1,9 +1,9 @@
-"""MQTT over TLS: a CA made by the test, the broker's certificate checked, host name included."""
+"""TLS to the broker and to the database: a CA made by the test, the peer's name checked."""
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,15 +11,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import LocalMosquitto, free_port
+from bmsd.dev.localstack import LocalMosquitto, LocalPostgres, system_user, free_port
+from bmsd.schema.migrate import migrate
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_mqtt import REPO_CONF, TEST_ACL, USERS
+from tests.helpers import make_certificates
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture
@@ -27,14 +25,7 @@ def tls_broker() -> Iterator[tuple[LocalMosquitto, int, Path]]:
     """A broker with a TLS listener whose certificate a test CA issued for 'localhost'."""
     folder = Path(tempfile.mkdtemp(prefix="bmsd-test-tls-"))
     folder.chmod(0o755)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=bmsd test CA", "-keyout", "ca.key", "-out", "ca.crt", cwd=folder)
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-            "-keyout", "server.key", "-out", "server.csr", cwd=folder)
-    (folder / "san.cnf").write_text("subjectAltName = DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "server.crt",
-            cwd=folder)
+    make_certificates(folder)
     for name in ("server.key", "server.crt", "ca.crt"):
         (folder / name).chmod(0o644)  # the broker runs as its own user
     port = free_port()
@@ -79,3 +70,58 @@ def test_bmsd_ingests_over_tls_and_checks_the_broker_s_name(
             return conn.execute("SELECT soc FROM battery_telemetry").fetchall()
 
     wait_until(lambda: stored() == [(42.0,)], what="the reading received over TLS")
+
+
+@pytest.fixture
+def tls_postgres() -> Iterator[tuple[LocalPostgres, Path]]:
+    """A PostgreSQL that offers TLS with a certificate a test CA issued for 'localhost'."""
+    folder = Path(tempfile.mkdtemp(prefix="bmsd-test-pgtls-"))
+    folder.chmod(0o755)
+    make_certificates(folder)
+    certs = folder / "certs"
+    certs.mkdir()
+    for name in ("server.crt", "server.key"):
+        shutil.copy(folder / name, certs / name)
+    pg = LocalPostgres(folder / "pg", durable=False, extra_settings=(
+        f"ssl = on\nssl_cert_file = '{certs}/server.crt'\n"
+        f"ssl_key_file = '{certs}/server.key'\n"))
+    user = system_user("postgres")
+    if user is not None:  # the server reads its key as its own user, and only then
+        os.chown(certs, user.pw_uid, user.pw_gid)
+        for name in ("server.crt", "server.key"):
+            os.chown(certs / name, user.pw_uid, user.pw_gid)
+    (certs / "server.key").chmod(0o600)
+    pg.start()
+    try:
+        with psycopg.connect(pg.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE bmsd")
+        migrate(pg.url("bmsd"), skip_community=True)
+        yield pg, folder / "ca.crt"
+    finally:
+        pg.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_bmsd_talks_to_postgresql_over_tls_with_verify_full(
+    bmsd_daemon: DaemonFactory, tls_postgres: tuple[LocalPostgres, Path], publisher: Publisher,
+) -> None:
+    pg, ca = tls_postgres
+    query = f"sslmode=verify-full&sslrootcert={ca}"
+    # The certificate names localhost, not 127.0.0.1: bmsd refuses the server.
+    wrong = bmsd_daemon(database_url=f"postgresql://postgres@127.0.0.1:{pg.port}/bmsd?{query}",
+                        wait_ready=False)
+    wait_until(lambda: "db_unavailable" in wrong.output(), what="the refusal said")
+    assert "does not match host name" in wrong.output()
+    assert wrong.stop() == 0
+
+    daemon = bmsd_daemon(database_url=f"postgresql://postgres@localhost:{pg.port}/bmsd?{query}")
+    publisher.publish("site/tls/pack-1/battery",
+                      {"timestamp": "2026-12-03T10:00:00Z", "soc": 43.0, "voltage": 1.0})
+    with psycopg.connect(pg.url("bmsd")) as conn:
+        wait_until(lambda: conn.execute("SELECT soc FROM battery_telemetry").fetchall()
+                   == [(43.0,)], what="the reading stored over TLS")
+        encrypted = conn.execute(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)"
+            " WHERE a.application_name IN ('bmsd', 'bmsd-instance-lock')").fetchone()
+    assert encrypted == (True,)
+    assert daemon.http("/readyz")[0] == 200

@@ -86,7 +86,7 @@ def postgres_bindir() -> Path:
     )
 
 
-def _system_user(name: str) -> pwd.struct_passwd | None:
+def system_user(name: str) -> pwd.struct_passwd | None:
     if os.geteuid() != 0:
         return None
     try:
@@ -159,7 +159,7 @@ class LocalPostgres:
     def start(self, timeout_s: float = 60) -> LocalPostgres:
         """Create the cluster if needed, start it, and wait until it accepts connections."""
         bindir = postgres_bindir()
-        user = _system_user("postgres")
+        user = system_user("postgres")
         _check_reachable(self.state_dir, user)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)  # noqa: S103 - the server's user must enter it
@@ -266,7 +266,7 @@ class LocalMosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise LocalStackError("mosquitto is not installed; run scripts/install.sh")
-        _check_reachable(self.state_dir, _system_user("mosquitto"))
+        _check_reachable(self.state_dir, system_user("mosquitto"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)  # noqa: S103 - the server's user must enter it
         self.port = self.port or free_port()
@@ -274,7 +274,7 @@ class LocalMosquitto:
         conf.write_text(mosquitto_config(self.config_template.read_text(), self.port,
                                          self.state_dir) + self.extra_config)
         self._write_users()
-        _hand_over(self.state_dir, _system_user("mosquitto"))
+        _hand_over(self.state_dir, system_user("mosquitto"))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
