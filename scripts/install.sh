@@ -53,7 +53,7 @@ apt_install() {
 # docker-compose: parses docker-compose.yml (tests/test_compose.py; no engine needed).
 apt_install postgresql postgresql-client postgresql-server-dev-all mosquitto mosquitto-clients \
     python3 python3-venv python3-dev build-essential cmake libssl-dev libkrb5-dev xz-utils \
-    ca-certificates systemd systemd-container debootstrap iproute2 iptables prometheus \
+    ca-certificates openssl systemd systemd-container debootstrap iproute2 iptables prometheus \
     docker-compose
 pg_version=$(ls /usr/lib/postgresql | sort -n | tail -1)
 pg_config=/usr/lib/postgresql/$pg_version/bin/pg_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -254,3 +255,58 @@ def test_in_a_batch_an_empty_reading_or_a_non_object_is_rejected_alone() -> None
     assert [r.index for r in parsed.readings] == [0, 3]
     assert [(r.index, r.category) for r in parsed.rejects] == [(1, "bad_shape"),
                                                                (2, "no_measurement")]
+
+
+_ODD_NUMBERS = ["1e308", "-1e308", "1e309", "-0", "0.0000000001", "12345678901234567890123",
+                "NaN", "Infinity", "-Infinity", "1.7976931348623157e308", "5e-324"]
+_ODD_TEXT = ["", "\u0000", "\ud7ff", "💥", "é" * 300, "\\u0000", '"', "\u202e"]
+
+
+def _random_document(rng: random.Random, depth: int = 0) -> str:
+    """Return JSON text (sometimes not quite JSON) with what gateways get wrong."""
+    roll = rng.random()
+    if depth > 3 or roll < 0.3:
+        return rng.choice([rng.choice(_ODD_NUMBERS), json.dumps(rng.choice(_ODD_TEXT)),
+                           "true", "null", str(rng.randint(-10**6, 10**6)),
+                           json.dumps(rng.uniform(-1e6, 1e6))])
+    if roll < 0.5:
+        items = [_random_document(rng, depth + 1) for _ in range(rng.randint(0, 6))]
+        return "[" + ",".join(items) + "]"
+    fields = [*BY_NAME[rng.choice(NAMES)].model.columns,
+              "timestamp", "ts", "readings", "measurements", "cell_data", "safety", "x"]
+    keys = [rng.choice(fields) for _ in range(rng.randint(0, 8))]  # duplicates too
+    pairs = []
+    for key in keys:
+        if key == "timestamp":
+            value = json.dumps(rng.choice(["2026-05-01T11:59:00Z", "2026-05-01", "x"]))
+        elif key == "ts":
+            value = rng.choice(["1777636740", "1777636740000", "-1", "1e30"])
+        else:
+            value = _random_document(rng, depth + 1)
+        pairs.append(f"{json.dumps(key)}:{value}")
+    return "{" + ",".join(pairs) + "}"
+
+
+def test_a_hundred_thousand_hostile_payloads_end_as_readings_or_reasons() -> None:
+    rng = random.Random(100_000)  # the same inputs every run
+    limits = Limits(max_message_bytes=64 * 1024)
+    for n in range(100_000):
+        stream = NAMES[n % len(NAMES)]
+        if n % 10 == 0:
+            payload = rng.randbytes(rng.randint(0, 300))
+        else:
+            payload = _random_document(rng).encode("utf-8", "surrogatepass")
+            if n % 1000 == 0:  # a large array within the byte limit
+                payload = b"[" + b",".join([b'{"soc": 50}'] * 2000) + b"]"
+            elif n % 1000 == 1:  # nesting deeper than the JSON parser recurses
+                payload = b'{"readings": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+        parsed = parse_message(stream, payload, NOW, limits)
+        assert parsed.readings or parsed.rejects, payload
+        for reject in parsed.rejects:
+            assert reject.reason, payload
+            assert reject.category, payload
+            # The raw bytes: the whole message, or the one reading of an array.
+            if reject.index is None:
+                assert reject.payload == payload
+            else:
+                assert reject.payload
