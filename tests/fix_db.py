@@ -30,7 +30,7 @@ import pytest
 from psycopg import sql
 
 from bmsd.dev.localstack import LocalPostgres
-from bmsd.schema.migrate import Edition, migrate
+from bmsd.schema.migrate import Edition, ensure_login, migrate
 
 TEMPLATE = f"bmsd_test_template_{os.getpid()}"
 COMMUNITY_SKIP_REASON = (
@@ -166,6 +166,17 @@ def db(db_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """Return an autocommit connection to a fresh migrated database."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def ingest_login(db_url: str, pg_server: PgServer) -> Iterator[str]:
+    """The URL of a fresh login role whose only grant is bmsd_ingest (as bmsd runs)."""
+    name = f"bmsd_app_{os.getpid()}"
+    ensure_login(db_url, name, "bmsd_ingest", "ingest-test-password")
+    parts = urlsplit(db_url)
+    yield urlunsplit(parts._replace(netloc=f"{name}@{parts.hostname}:{parts.port}"))
+    with pg_server.connect() as conn:
+        conn.execute(f'DROP ROLE IF EXISTS "{name}"')
 
 
 @pytest.fixture

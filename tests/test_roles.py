@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
-from bmsd.schema.migrate import ensure_login
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
-
-
-@pytest.fixture
-def ingest_login(db_url: str, pg_server: Any) -> Iterator[str]:
-    """The URL of a fresh login role whose only grant is bmsd_ingest."""
-    name = f"bmsd_app_{os.getpid()}"
-    ensure_login(db_url, name, "bmsd_ingest", "ingest-test-password")
-    parts = urlsplit(db_url)
-    yield urlunsplit(parts._replace(netloc=f"{name}@{parts.hostname}:{parts.port}"))
-    with pg_server.connect() as conn:
-        conn.execute(f'DROP ROLE IF EXISTS "{name}"')
 
 
 def test_ingest_alerts_and_redelivery_need_no_more_than_bmsd_ingest(
