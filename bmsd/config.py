@@ -42,11 +42,10 @@ DEFAULT_METRICS_ADDR = "127.0.0.1:29108"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
-#: The oldest reading the daemon may be configured to accept. The refresh
-#: windows of the aggregates (sql/110_aggregate_policies.sql) start 4 days
-#: back, and raw chunks are compressed after 7 days: a reading older than
-#: this might miss an aggregate level.
-MAX_READING_AGE_LIMIT_S = 3 * 24 * 3600
+#: The oldest reading accepted by default: the raw retention of sql/120. The
+#: daemon also caps it at each hypertable's actual retention; late readings
+#: reach the aggregates through sql/170's backlog job.
+DEFAULT_MAX_READING_AGE_S = 90 * 24 * 3600
 
 
 class _Frozen(BaseModel):
@@ -133,8 +132,7 @@ class IngestConfig(_Frozen):
     max_batch_rows: PositiveInt = 5000
     flush_interval_ms: PositiveInt = 200
     max_message_bytes: PositiveInt = 256 * 1024
-    max_reading_age_s: Annotated[int, Field(gt=0, le=MAX_READING_AGE_LIMIT_S)] = (
-        MAX_READING_AGE_LIMIT_S)
+    max_reading_age_s: PositiveInt = DEFAULT_MAX_READING_AGE_S
     max_future_s: PositiveInt = 300
     auto_register: bool = True
     max_new_devices_per_site_per_minute: PositiveInt = 100

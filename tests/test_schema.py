@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bmsd.config import MAX_READING_AGE_LIMIT_S
+from bmsd.ingest.ingestor import LATE_AFTER
 from bmsd.schema import aggregates
 from bmsd.schema.migrate import default_sql_dir
 from tests.helpers import add_device
@@ -257,7 +257,7 @@ def test_compression_and_retention_policies_have_the_documented_intervals(db: Co
 
 
 @pytest.mark.community
-def test_refresh_windows_reach_every_accepted_reading_and_never_past_source_retention(
+def test_refresh_windows_reach_every_reading_not_late_and_never_past_source_retention(
     db: Conn,
 ) -> None:
     names = _materialization_names(db)
@@ -266,7 +266,7 @@ def test_refresh_windows_reach_every_accepted_reading_and_never_past_source_rete
     assert sorted(refresh) == sorted(AGGREGATES)
     retention = {names.get(t, t): _interval(c["drop_after"])
                  for t, c in jobs(db, "policy_retention").items()}
-    max_age = timedelta(seconds=MAX_READING_AGE_LIMIT_S)
+    max_age = LATE_AFTER  # older readings reach the aggregates through sql/170's job
     for family in aggregates.FAMILIES:
         reach = max_age  # how old the oldest accepted reading can be when it arrives
         for level in family.levels:
@@ -336,3 +336,16 @@ def test_overview_views_show_latest_state_alerts_and_flows(db: Conn) -> None:
         " FROM v_site_overview")}
     assert rows["plant"] == (1, 0, 0, 1, None, None, None, None, None)
     assert rows["solar"] == (1, 1, 1, 0, 61.5, 10.0, -2.0, 7.0, -1.0)
+
+
+@pytest.mark.community
+def test_the_backlog_job_refreshes_every_level_of_every_stream_bottom_up(db: Conn) -> None:
+    row = db.execute("SELECT config, schedule_interval FROM timescaledb_information.jobs"
+                     " WHERE proc_name = 'bmsd_refresh_backlog'").fetchone()
+    assert row is not None, "sql/170 schedules the backlog job"
+    config, every = row
+    assert isinstance(config, dict)
+    assert isinstance(every, timedelta)
+    assert config["levels"] == {family.table: [level.name for level in family.levels]
+                                for family in aggregates.FAMILIES}
+    assert every <= timedelta(minutes=1)

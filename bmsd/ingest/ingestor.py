@@ -7,6 +7,11 @@ when as many messages are unacknowledged as the broker will send us (the
 in-flight window; waiting longer would stall the broker), when the held
 payloads pass ``MAX_PENDING_BYTES``, or ``flush_interval_ms`` after its first
 message. Only after the commit are its messages acknowledged, in order.
+
+A reading may be as old as ``ingest.max_reading_age_s``, but never older
+than its hypertable's retention (its chunk would be dropped again): older
+ones are dead-lettered. One older than ``LATE_AFTER``, which the refresh
+policies no longer reach, has its day noted for the backlog job (sql/170).
 """
 
 from __future__ import annotations
@@ -26,9 +31,18 @@ from bmsd.ingest.registry import Registry, Unresolved
 from bmsd.ingest.routing import Router
 from bmsd.ingest.writer import Batch, DeadLetter, Origin, Outcome, Row, Writer
 from bmsd.metrics import Metrics
+from bmsd.streams import NAMES
 
 #: Payload bytes held before a flush is forced, whatever the other limits.
 MAX_PENDING_BYTES = 64 * 1024 * 1024
+#: Readings older than this lie before the refresh policies' windows (sql/110).
+LATE_AFTER = timedelta(days=3)
+
+_RETENTION = """
+    SELECT hypertable_name, extract(epoch FROM (config ->> 'drop_after')::interval)::float8
+      FROM timescaledb_information.jobs
+     WHERE proc_name = 'policy_retention' AND hypertable_name = ANY(%s)
+"""
 
 
 class Ingestor:
@@ -39,9 +53,8 @@ class Ingestor:
                  alerts: AlertEngine | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         ingest = config.ingest
-        self._limits = Limits(max_message_bytes=ingest.max_message_bytes,
-                              max_reading_age=timedelta(seconds=ingest.max_reading_age_s),
-                              max_future=timedelta(seconds=ingest.max_future_s))
+        self._ingest = ingest
+        self._limits = {stream: self._stream_limits(None) for stream in NAMES}
         self._router = Router(config.routes)
         self._registry = Registry(
             ingest, on_register=lambda stream: metrics.devices_registered.labels(stream).inc())
@@ -69,9 +82,24 @@ class Ingestor:
         """Return how many messages wait for a commit."""
         return len(self._pending)
 
+    def _stream_limits(self, retention_s: float | None) -> Limits:
+        ingest = self._ingest
+        age_s, source = float(ingest.max_reading_age_s), "ingest.max_reading_age_s"
+        if retention_s is not None and retention_s < age_s:
+            age_s, source = retention_s, "the table's retention: older data is dropped"
+        return Limits(max_message_bytes=ingest.max_message_bytes,
+                      max_reading_age=timedelta(seconds=age_s), age_source=source,
+                      max_future=timedelta(seconds=ingest.max_future_s))
+
     def prepare(self, conn: psycopg.Connection[Any]) -> None:
-        """Check the schema this writer needs (raises DatabaseError if absent)."""
+        """Check the schema this writer needs (raises DatabaseError if absent).
+
+        Also reads each hypertable's retention, which caps the reading age.
+        """
         self._writer.prepare(conn)
+        with conn.transaction():
+            kept = dict(conn.execute(_RETENTION, (list(NAMES),)).fetchall())
+        self._limits = {stream: self._stream_limits(kept.get(stream)) for stream in NAMES}
 
     def accept(self, conn: psycopg.Connection[Any], message: Message) -> None:
         """Add *message* to the batch; database errors leave the batch unchanged."""
@@ -83,7 +111,7 @@ class Ingestor:
         route = match.route
         self._metrics.messages_received.labels(route.template).inc()
         parsed = parse_message(route.stream, message.payload, message.received_at,
-                               self._limits)
+                               self._limits[route.stream])
         dead = [DeadLetter(Origin(message.topic, route.template, r.payload, r.index,
                                   message.received_at), r.category, r.reason)
                 for r in parsed.rejects]
@@ -101,12 +129,15 @@ class Ingestor:
         add = self._batch.add
         stream = route.stream
         newest = message.received_at
+        late_before = newest - LATE_AFTER
         undated = 0
         for reading in parsed.readings:
             add(stream, Row((reading.time, device, *reading.values, reading.extra), origin,
                             reading.index))
             if reading.time > newest:
                 newest = reading.time
+            elif reading.time < late_before:
+                self._batch.late.add((stream, reading.time.astimezone(UTC).date()))
             undated += not reading.timestamped
         if undated:
             self._metrics.readings_without_time.labels(route.template).inc(undated)

@@ -77,7 +77,8 @@ class Limits:
     """What `parse_message` accepts."""
 
     max_message_bytes: int = 256 * 1024
-    max_reading_age: timedelta = timedelta(days=3)
+    max_reading_age: timedelta = timedelta(days=90)
+    age_source: str = "ingest.max_reading_age_s"  # what set max_reading_age, for the reason
     max_future: timedelta = timedelta(minutes=5)
 
 
@@ -177,7 +178,7 @@ def _parse_reading(spec: StreamSpec, item: object, where: str,
     if age > limits.max_reading_age:
         return "too_old", (
             f"{where}: timestamp {when.isoformat()} is {_span(age)} old; readings older than"
-            f" {_span(limits.max_reading_age)} (ingest.max_reading_age_s) are not accepted")
+            f" {_span(limits.max_reading_age)} ({limits.age_source}) are not accepted")
     if -age > limits.max_future:
         return "in_future", (
             f"{where}: timestamp {when.isoformat()} is {_span(-age)} in the future;"

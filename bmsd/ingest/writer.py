@@ -10,9 +10,11 @@ database refuses for its data (a NUL character, a failed check, a value out
 of range) is isolated by bisecting the rows and dead-lettered alone. Each
 attempt runs in a savepoint, so the rest of the batch is unaffected.
 
-Everything - rows, dead letters, ``devices.last_seen_at``, and the alert
-changes they cause - commits together or not at all, in the transaction
-the ingestor opens; only after the commit are the messages acknowledged.
+Everything - rows, dead letters, ``devices.last_seen_at``, the days late
+readings fell on (``aggregate_backlog``, which a database job refreshes in
+the continuous aggregates), and the alert changes they cause - commits
+together or not at all, in the transaction the ingestor opens; only after
+the commit are the messages acknowledged.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import psycopg
@@ -40,6 +42,12 @@ _SEEN = """
     UPDATE devices d SET last_seen_at = v.seen
       FROM unnest(%s::integer[], %s::timestamptz[]) AS v (id, seen)
      WHERE d.id = v.id AND (d.last_seen_at IS NULL OR d.last_seen_at < v.seen)
+"""
+_BACKLOG = """
+    INSERT INTO aggregate_backlog (hypertable, day)
+    SELECT * FROM unnest(%s::text[], %s::date[])
+    ON CONFLICT (hypertable, day)
+    DO UPDATE SET version = aggregate_backlog.version + 1, noted_at = now()
 """
 _DEAD_LETTER_COPY = (
     "COPY ingest_rejects (received_at, topic, route, reason, payload, details)"
@@ -111,6 +119,7 @@ class Batch:
         default_factory=lambda: {s: {} for s in NAMES})
     dead: list[DeadLetter] = field(default_factory=list)
     seen: dict[int, datetime] = field(default_factory=dict)
+    late: set[tuple[str, date]] = field(default_factory=set)  # (hypertable, UTC day)
     duplicates: Counter[str] = field(default_factory=Counter)
     largest: int = 0  # rows in the fullest hypertable
 
@@ -159,6 +168,7 @@ class Writer:
     def __init__(self) -> None:
         self._columns: dict[str, list[str]] = {}
         self._types: dict[str, list[str]] = {}
+        self._backlog = False  # aggregate_backlog exists (community edition)
 
     def prepare(self, conn: psycopg.Connection[Any]) -> None:
         """Read the hypertables' column types; check they hold every payload field."""
@@ -177,6 +187,9 @@ class Writer:
                                     " run `bmsd migrate` with this version's sql/")
             self._columns[stream] = wanted
             self._types[stream] = [found[c] for c in wanted]
+        with conn.transaction():
+            row = conn.execute("SELECT to_regclass('aggregate_backlog') IS NOT NULL").fetchone()
+        self._backlog = bool(row and row[0])
 
     def write(self, conn: psycopg.Connection[Any], batch: Batch) -> Outcome:
         """Write *batch* in the caller's transaction (each attempt in a savepoint)."""
@@ -192,6 +205,9 @@ class Writer:
             self._dead_letter(conn, dead)
         if batch.seen:
             conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
+        if batch.late and self._backlog:
+            late = sorted(batch.late)  # one lock order for every writer
+            conn.execute(_BACKLOG, ([t for t, _ in late], [d for _, d in late]))
         outcome.dead = dead
         return outcome
 
