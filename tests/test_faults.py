@@ -12,13 +12,14 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bmsd.dev.localstack import LocalPostgres
+from bmsd.dev.localstack import LocalMosquitto, LocalPostgres
 from bmsd.schema.migrate import migrate
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_mqtt import Broker
@@ -191,3 +192,37 @@ def test_bmsd_killed_at_five_random_points_loses_and_doubles_nothing(
         daemon = bmsd_daemon(client_id=daemon.client_id)
     sender.join(120)
     exactly(db_url, 3000)
+
+
+def test_the_broker_killed_and_restarted_from_its_persistence_file(
+    bmsd_daemon: DaemonFactory, broker_factory: Callable[[], LocalMosquitto], db_url: str,
+) -> None:
+    broker = broker_factory()
+    first = bmsd_daemon(broker_url=broker.url)
+    assert first.stop() == 0  # the session exists; the broker queues for it now
+    sender = Publisher(broker.url_as("tester"))
+    sender.publish_many(load())
+    sender.close()
+    saved = broker.state_dir / "mosquitto.db"
+    published = time.time()
+    # Mosquitto writes its queues every autosave_interval (10 s), not per message.
+    wait_until(lambda: saved.exists() and saved.stat().st_mtime > published + 0.1,
+               timeout_s=15, what="the broker's next autosave")
+    daemon = bmsd_daemon(broker_url=broker.url, client_id=first.client_id)
+    wait_until(lambda: stored(db_url)[0] > N // 4, what="a part stored")
+    assert broker.proc is not None
+    broker.proc.kill()  # SIGKILL: nothing saved after the last autosave
+    killed = time.monotonic()
+    broker.proc.wait()
+    wait_until(lambda: daemon.metric("bmsd_mqtt_connected") == 0, what="bmsd to notice")
+    noticed = time.monotonic() - killed
+    broker.start()
+    restarted = time.monotonic()
+    wait_until(lambda: daemon.metric("bmsd_mqtt_connected") == 1, what="connected again")
+    recovered = time.monotonic() - restarted
+    # The restored queue holds every message again, those bmsd stored since included.
+    exactly(db_url)
+    assert daemon.metric("bmsd_duplicates_ignored_total") >= 1
+    assert daemon.metric("bmsd_mqtt_sessions_lost_total") == 0
+    print(f"\nbroker kill -9: noticed after {noticed:.1f} s, connected {recovered:.1f} s after"
+          " the restart")
