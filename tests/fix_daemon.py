@@ -96,6 +96,13 @@ class DaemonProcess:
         self.proc.kill()
         self.proc.wait()
 
+    def rss_mb(self) -> float:
+        """Return the process's resident memory now, in MiB."""
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -2,7 +2,9 @@
 
 The faults are made by TCP proxies (tests/fix_proxy.py) in front of the
 shared servers, or on servers of the test's own, so no other test notices.
-Each test prints how long bmsd took to notice the fault and to recover.
+Each test records what it published and stored, and how long bmsd took to
+notice the fault and to recover, for the reliability report
+(tests/fix_report.py); outages last 30 s when the report runs them, 5 s in CI.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from bmsd.schema.migrate import migrate
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import ProxyFactory
+from tests.fix_report import Record, Scenario, full_or_short
 
 N = 2000
+OUTAGE_S = full_or_short(30, 5)
 QUICK_DB = ("[database]\nconnect_timeout_s = 2\nstatement_timeout_ms = 2000\n"
             "operation_timeout_s = 3.0\nretry_max_backoff_s = 1.0\n")
 
@@ -44,35 +48,79 @@ def stored(db_url: str) -> tuple[int, int]:
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-def exactly(db_url: str, n: int = N) -> None:
+def exactly(db_url: str, n: int = N) -> tuple[int, int, int]:
+    """Wait for *n* readings; assert each is stored once and nothing dead-lettered.
+
+    Return (stored, duplicates, dead letters) for the report."""
     wait_until(lambda: stored(db_url)[0] >= n, timeout_s=120, what=f"{n} readings")
     time.sleep(0.5)
-    assert stored(db_url) == (n, n)  # nothing lost, nothing doubled
+    count, distinct = stored(db_url)
     with psycopg.connect(db_url) as conn:
-        assert conn.execute("SELECT count(*) FROM ingest_rejects").fetchone() == (0,)
+        row = conn.execute("SELECT count(*) FROM ingest_rejects").fetchone()
+        dead = int(row[0]) if row else -1
+    assert (count, distinct) == (n, n)  # nothing lost, nothing doubled
+    assert dead == 0
+    return count, count - distinct, dead
 
 
 def test_a_commit_whose_outcome_is_unknown_is_retried_without_doubles(
     bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
+    reliability: Record,
 ) -> None:
     database = tcp_proxy(db_url)
     daemon = bmsd_daemon(QUICK_DB, database_url=database.url(db_url))
+    rss = daemon.rss_mb()
     publisher.publish_many(load(200))
     wait_until(lambda: stored(db_url)[0] == 200, what="a first part")
     database.cut_after_commit()
     publisher.publish_many(load(N)[200:])
     wait_until(lambda: database.commits_cut == 1, what="a COMMIT whose answer was lost")
-    exactly(db_url)
+    cut = time.monotonic()
+    wait_until(lambda: daemon.metric("bmsd_db_errors_total") >= 1, what="bmsd to notice")
+    noticed = time.monotonic() - cut
+    counts = exactly(db_url)
     # The retry found its rows already committed, and stored none twice.
     assert daemon.metric("bmsd_duplicates_ignored_total") >= 1
-    assert daemon.metric("bmsd_db_errors_total") >= 1
+    reliability(Scenario("commit outcome unknown (COMMIT sent, its answer lost)", N, *counts,
+                         noticed_s=noticed, rss_before_mb=rss, rss_after_mb=daemon.rss_mb(),
+                         note="the retry found its rows committed"))
+
+
+def test_a_database_cut_for_a_while_under_load(
+    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
+    reliability: Record,
+) -> None:
+    database = tcp_proxy(db_url)
+    daemon = bmsd_daemon(QUICK_DB, database_url=database.url(db_url))
+    rss = daemon.rss_mb()
+    messages = load()
+    publisher.publish_many(messages[:500])
+    database.refuse()  # every connection reset, new ones refused: a server gone
+    database.cut()
+    cut = time.monotonic()
+    publisher.publish_many(messages[500:1500])
+    wait_until(lambda: daemon.metric("bmsd_db_up") == 0, what="bmsd to notice")
+    noticed = time.monotonic() - cut
+    assert daemon.http("/readyz")[0] == 503
+    time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut)))
+    database.heal()
+    healed = time.monotonic()
+    wait_until(lambda: daemon.http("/readyz")[0] == 200, what="ready again")
+    recovered = time.monotonic() - healed
+    publisher.publish_many(messages[1500:])
+    counts = exactly(db_url)
+    reliability(Scenario(f"database cut for {OUTAGE_S:.0f} s", N, *counts, noticed_s=noticed,
+                         recovered_s=recovered, rss_before_mb=rss,
+                         rss_after_mb=daemon.rss_mb()))
 
 
 def test_a_blackholed_database_under_load(
     bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
+    reliability: Record,
 ) -> None:
     database = tcp_proxy(db_url)
     daemon = bmsd_daemon(QUICK_DB, database_url=database.url(db_url))
+    rss = daemon.rss_mb()
     messages = load()
     publisher.publish_many(messages[:500])
     database.blackhole()
@@ -80,48 +128,60 @@ def test_a_blackholed_database_under_load(
     publisher.publish_many(messages[500:1500])
     wait_until(lambda: daemon.metric("bmsd_db_up") == 0, what="bmsd to notice")
     noticed = time.monotonic() - cut
-    time.sleep(max(0.0, 5 - noticed))
+    time.sleep(max(0.0, OUTAGE_S - noticed))
     database.heal()
     healed = time.monotonic()
     wait_until(lambda: daemon.http("/readyz")[0] == 200, what="ready again")
     recovered = time.monotonic() - healed
     publisher.publish_many(messages[1500:])
-    exactly(db_url)
-    print(f"\nblackhole: noticed after {noticed:.1f} s, ready {recovered:.1f} s after the heal")
+    counts = exactly(db_url)
     assert noticed < 10  # operation_timeout_s 3 s, plus the connect timeout
+    reliability(Scenario(f"database blackholed for {OUTAGE_S:.0f} s (operation_timeout_s 3)",
+                         N, *counts, noticed_s=noticed, recovered_s=recovered,
+                         rss_before_mb=rss, rss_after_mb=daemon.rss_mb()))
 
 
 def test_a_slow_database_under_load(
     bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
+    reliability: Record,
 ) -> None:
     database = tcp_proxy(db_url)
-    bmsd_daemon(database_url=database.url(db_url))
+    daemon = bmsd_daemon(database_url=database.url(db_url))
+    rss = daemon.rss_mb()
     database.slow(0.2)  # 200 ms each way, per chunk
+    started = time.monotonic()
     publisher.publish_many(load())
-    exactly(db_url)
+    counts = exactly(db_url)
+    reliability(Scenario("database 200 ms slower per chunk each way", N, *counts,
+                         rss_before_mb=rss, rss_after_mb=daemon.rss_mb(),
+                         note=f"all stored {time.monotonic() - started:.1f} s after the first"
+                              " publish"))
 
 
 def test_the_broker_connection_cut_under_load(
     bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, mqtt_broker: Broker,
-    publisher: Publisher,
+    publisher: Publisher, reliability: Record,
 ) -> None:
     broker = tcp_proxy(mqtt_broker.url)
     daemon = bmsd_daemon(broker_url=broker.url(mqtt_broker.url))
+    rss = daemon.rss_mb()
     messages = load()
     publisher.publish_many(messages[:700])
     broker.cut()
     cut = time.monotonic()
     publisher.publish_many(messages[700:])
-    wait_until(lambda: daemon.metric("bmsd_mqtt_sessions_lost_total") >= 0
-               and daemon.http("/readyz")[0] == 200 and broker.connections > 0,
+    wait_until(lambda: daemon.http("/readyz")[0] == 200 and broker.connections > 0,
                what="reconnected")
-    print(f"\nbroker cut: subscribed again {time.monotonic() - cut:.1f} s later")
-    exactly(db_url)
+    recovered = time.monotonic() - cut
+    counts = exactly(db_url)
     assert daemon.metric("bmsd_mqtt_sessions_lost_total") == 0  # the session was kept
+    reliability(Scenario("broker connection cut", N, *counts, recovered_s=recovered,
+                         rss_before_mb=rss, rss_after_mb=daemon.rss_mb(),
+                         note="session kept"))
 
 
 def test_postgresql_crashing_and_restarting_under_load(
-    bmsd_daemon: DaemonFactory, publisher: Publisher,
+    bmsd_daemon: DaemonFactory, publisher: Publisher, reliability: Record,
 ) -> None:
     # A server of the test's own, durable as in production, so the shared one
     # goes on for other tests.
@@ -133,6 +193,7 @@ def test_postgresql_crashing_and_restarting_under_load(
         url = pg.url("bmsd")
         migrate(url, skip_community=True)
         daemon = bmsd_daemon(QUICK_DB, database_url=url)
+        rss = daemon.rss_mb()
         messages = load()
         sender = threading.Thread(target=publisher.publish_many, args=(messages,), daemon=True)
         sender.start()
@@ -147,9 +208,10 @@ def test_postgresql_crashing_and_restarting_under_load(
         wait_until(lambda: daemon.http("/readyz")[0] == 200, what="ready again")
         recovered = time.monotonic() - restarted
         sender.join(60)
-        exactly(url)
-        print(f"\npostgres crash: noticed after {noticed:.1f} s, ready {recovered:.1f} s after"
-              " the restart")
+        counts = exactly(url)
+        reliability(Scenario("PostgreSQL immediate stop, restarted 2 s later", N, *counts,
+                             noticed_s=noticed, recovered_s=recovered, rss_before_mb=rss,
+                             rss_after_mb=daemon.rss_mb()))
     finally:
         pg.stop()
         shutil.rmtree(state, ignore_errors=True)
@@ -157,10 +219,11 @@ def test_postgresql_crashing_and_restarting_under_load(
 
 def test_a_blackholed_broker_is_noticed_by_keepalive(
     bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, mqtt_broker: Broker,
-    publisher: Publisher,
+    publisher: Publisher, reliability: Record,
 ) -> None:
     broker = tcp_proxy(mqtt_broker.url)
     daemon = bmsd_daemon("[mqtt]\nkeepalive_s = 2\n", broker_url=broker.url(mqtt_broker.url))
+    rss = daemon.rss_mb()
     messages = load()
     publisher.publish_many(messages[:500])
     broker.blackhole()
@@ -168,34 +231,46 @@ def test_a_blackholed_broker_is_noticed_by_keepalive(
     publisher.publish_many(messages[500:])  # the broker queues them for bmsd's session
     wait_until(lambda: daemon.metric("bmsd_mqtt_connected") == 0, what="bmsd to notice")
     noticed = time.monotonic() - cut
+    time.sleep(max(0.0, OUTAGE_S - noticed))
     broker.cut()
     broker.heal()
     healed = time.monotonic()
     wait_until(lambda: daemon.http("/readyz")[0] == 200, what="subscribed again")
-    print(f"\nbroker blackhole: noticed after {noticed:.1f} s (keepalive 2 s),"
-          f" subscribed again {time.monotonic() - healed:.1f} s after the heal")
-    exactly(db_url)
+    recovered = time.monotonic() - healed
+    counts = exactly(db_url)
     assert noticed < 2 * 2 + 2  # paho gives up after 1.5 keepalives without an answer
+    reliability(Scenario(f"broker blackholed for {OUTAGE_S:.0f} s (keepalive_s 2)", N, *counts,
+                         noticed_s=noticed, recovered_s=recovered, rss_before_mb=rss,
+                         rss_after_mb=daemon.rss_mb()))
 
 
 def test_bmsd_killed_at_five_random_points_loses_and_doubles_nothing(
-    bmsd_daemon: DaemonFactory, db_url: str, publisher: Publisher,
+    bmsd_daemon: DaemonFactory, db_url: str, publisher: Publisher, reliability: Record,
 ) -> None:
     rng = random.Random(15)  # the same five points every run
     messages = load(3000)
     sender = threading.Thread(target=publisher.publish_many, args=(messages,), daemon=True)
     daemon = bmsd_daemon()
+    rss = daemon.rss_mb()
     sender.start()
+    ready = []
     for _ in range(5):
         time.sleep(rng.uniform(0.1, 1.5))
         daemon.kill()  # SIGKILL: no drain, nothing flushed
+        killed = time.monotonic()
         daemon = bmsd_daemon(client_id=daemon.client_id)
+        ready.append(time.monotonic() - killed)
     sender.join(120)
-    exactly(db_url, 3000)
+    counts = exactly(db_url, 3000)
+    reliability(Scenario("bmsd SIGKILLed at 5 seeded random points, restarted at once", 3000,
+                         *counts, recovered_s=max(ready), rss_before_mb=rss,
+                         rss_after_mb=daemon.rss_mb(),
+                         note="recovered: the slowest restart until ready"))
 
 
 def test_the_broker_killed_and_restarted_from_its_persistence_file(
     bmsd_daemon: DaemonFactory, broker_factory: Callable[[], LocalMosquitto], db_url: str,
+    reliability: Record,
 ) -> None:
     broker = broker_factory()
     first = bmsd_daemon(broker_url=broker.url)
@@ -209,6 +284,7 @@ def test_the_broker_killed_and_restarted_from_its_persistence_file(
     wait_until(lambda: saved.exists() and saved.stat().st_mtime > published + 0.1,
                timeout_s=15, what="the broker's next autosave")
     daemon = bmsd_daemon(broker_url=broker.url, client_id=first.client_id)
+    rss = daemon.rss_mb()
     wait_until(lambda: stored(db_url)[0] > N // 4, what="a part stored")
     assert broker.proc is not None
     broker.proc.kill()  # SIGKILL: nothing saved after the last autosave
@@ -221,8 +297,10 @@ def test_the_broker_killed_and_restarted_from_its_persistence_file(
     wait_until(lambda: daemon.metric("bmsd_mqtt_connected") == 1, what="connected again")
     recovered = time.monotonic() - restarted
     # The restored queue holds every message again, those bmsd stored since included.
-    exactly(db_url)
+    counts = exactly(db_url)
     assert daemon.metric("bmsd_duplicates_ignored_total") >= 1
     assert daemon.metric("bmsd_mqtt_sessions_lost_total") == 0
-    print(f"\nbroker kill -9: noticed after {noticed:.1f} s, connected {recovered:.1f} s after"
-          " the restart")
+    reliability(Scenario("broker SIGKILLed, restarted from its last autosave", N, *counts,
+                         noticed_s=noticed, recovered_s=recovered, rss_before_mb=rss,
+                         rss_after_mb=daemon.rss_mb(),
+                         note="redelivered what bmsd had stored since the save; stored once"))
