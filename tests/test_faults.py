@@ -304,3 +304,39 @@ def test_the_broker_killed_and_restarted_from_its_persistence_file(
                          noticed_s=noticed, recovered_s=recovered, rss_before_mb=rss,
                          rss_after_mb=daemon.rss_mb(),
                          note="redelivered what bmsd had stored since the save; stored once"))
+
+
+def test_hostile_messages_mixed_into_the_load_are_exactly_the_dead_letters(
+    bmsd_daemon: DaemonFactory, db_url: str, publisher: Publisher, reliability: Record,
+) -> None:
+    rng = random.Random(4)
+    hostile: list[bytes | dict[str, Any]] = [
+        b"not json", b"\xff\xfe", b"", b"[]", b"{", {"readings": "x"}, {"readings": [1]},
+        {"readings": [{"timestamp": "2026-12-01T00:00:00Z"}]},  # no measurement
+        {"timestamp": "1970-01-01T00:00:00Z", "power_kw": 1.0},  # a gateway with no clock
+        {"power_kw": "\u0000"}, {"power_kw": 1e400}, {"power_kw": [[[[[]]]]]},
+    ]
+    daemon = bmsd_daemon()
+    rss = daemon.rss_mb()
+    messages: list[tuple[str, Any]] = list(load())
+    bad = 120
+    for k in range(bad):
+        messages.insert(rng.randrange(len(messages)),
+                        (f"factory/faults/m{k % 4}/energy", hostile[k % len(hostile)]))
+    publisher.publish_many(messages)
+    wait_until(lambda: stored(db_url)[0] >= N, timeout_s=60, what=f"{N} readings")
+
+    def dead_letters() -> int:
+        with psycopg.connect(db_url) as conn:
+            row = conn.execute("SELECT count(*) FROM ingest_rejects"
+                               " WHERE reason <> '' AND payload IS NOT NULL").fetchone()
+            return int(row[0]) if row else 0
+
+    wait_until(lambda: dead_letters() >= bad, what="the dead letters")
+    time.sleep(0.5)
+    count, distinct = stored(db_url)
+    assert (count, distinct, dead_letters()) == (N, N, bad)
+    reliability(Scenario(f"{bad} hostile messages of {len(hostile)} kinds among {N} readings",
+                         N + bad, count, count - distinct, dead_letters(), rss_before_mb=rss,
+                         rss_after_mb=daemon.rss_mb(),
+                         note="dead letters: exactly the hostile messages, each with a reason"))

@@ -34,6 +34,7 @@ from bmsd.schema.migrate import migrate
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import ProxyFactory
+from tests.fix_report import Record, Scenario
 
 HOST_IP, NS_IP = "169.254.213.1", "169.254.213.2"
 #: What the server takes to drop a dead peer's session with bmsd's default
@@ -133,7 +134,7 @@ def _count(pg: LocalPostgres) -> tuple[int, int]:
 
 def test_a_bmsd_killed_during_a_database_partition_is_replaced_within_the_bound(
     namespace: Namespace, host_postgres: LocalPostgres, mqtt_broker: Broker,
-    tcp_proxy: ProxyFactory, tmp_path: Path,
+    tcp_proxy: ProxyFactory, tmp_path: Path, reliability: Record,
 ) -> None:
     broker = tcp_proxy(mqtt_broker.url, listen_host=HOST_IP)  # the broker is not partitioned
     database_url = f"postgresql://postgres@{HOST_IP}:{host_postgres.port}/bmsd"
@@ -194,6 +195,11 @@ def test_a_bmsd_killed_during_a_database_partition_is_replaced_within_the_bound(
         wait_until(lambda: _count(host_postgres) == (n, n), timeout_s=120,
                    what=f"all {n} readings, each once")
         assert ready_after < 15  # the old lock was already gone
+        reliability(Scenario(
+            "network partition (packets dropped), bmsd SIGKILLed during it and restarted", n,
+            n, 0, 0, noticed_s=freed_after, recovered_s=ready_after,
+            note=f"noticed: the server dropped the dead bmsd's sessions (bound {BOUND_S:.0f} s);"
+                 " recovered: the new bmsd ready after the heal"))
         print(f"\nleft by the dead bmsd: {stale}")
         print(f"sessions freed {freed_after:.1f} s after the kill (bound {BOUND_S:.0f} s);"
               f" new bmsd ready {ready_after:.1f} s after the heal")
