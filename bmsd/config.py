@@ -3,7 +3,8 @@
 The file is the first of: ``--config``, ``$BMSD_CONFIG``,
 ``/etc/bmsd/bmsd.toml``; with none, the built-in defaults. A few endpoints
 come from the environment and override it (``BMSD_DATABASE_URL``,
-``BMSD_MQTT_URL``, ``BMSD_METRICS_ADDR``). Passwords, where the URL has
+``BMSD_MQTT_URL``, ``BMSD_METRICS_ADDR``, and ``BMSD_INSTANCE``, which
+bmsd@N.service sets). Passwords, where the URL has
 none, come from a ``password_file`` key, else from the systemd credential
 ``bmsd-database-password`` / ``bmsd-mqtt-password`` (``LoadCredential=``,
 read from ``$CREDENTIALS_DIRECTORY``), else libpq's own ``PGPASSFILE`` and
@@ -101,6 +102,9 @@ class MqttConfig(_Frozen):
     password_file: Path | None = None
     password: SecretStr | None = Field(default=None, exclude=True)
     client_id: Annotated[str, Field(min_length=1, max_length=64)] = "bmsd"
+    # Several bmsd share one fleet: every route is subscribed as
+    # $share/<group>/<filter>, and the broker hands each message to one member.
+    shared_group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     # 3.1.1 drains ~35 % faster with paho-mqtt (no per-message properties to
     # parse; README, "MQTT 5 or 3.1.1"); 5 lets the client set its own window.
     protocol: Literal["5", "3.1.1"] = "3.1.1"
@@ -215,6 +219,9 @@ class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
     routes: tuple[RouteConfig, ...] = DEFAULT_ROUTES
+    # One of several instances on a host (bmsd@N.service sets BMSD_INSTANCE=N):
+    # client id <client_id>-N, metrics port <addr's port>+N.
+    instance: Annotated[int, Field(ge=1, le=99)] | None = None
     log_format: Literal["auto", "json", "console", "journal"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -233,6 +240,8 @@ _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BMSD_MQTT_URL": ("mqtt", "url"),
     "BMSD_METRICS_ADDR": ("metrics", "addr"),
 }
+#: Top-level keys the environment may set.
+_ENV_TOP: dict[str, str] = {"BMSD_INSTANCE": "instance"}
 
 
 def find_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -265,6 +274,9 @@ def load_config(
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: [{section}] must be a table")
             table[key] = environ[var]
+    for var, key in _ENV_TOP.items():
+        if environ.get(var):
+            raw[key] = environ[var]
     for section in ("database", "mqtt"):
         table = raw.get(section)
         if isinstance(table, dict) and "password" in table:
@@ -275,9 +287,25 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(explain(source, "the configuration", exc, "config/bmsd.toml")
                           ) from exc
-    return config.model_copy(update={
+    config = config.model_copy(update={
         "database": _with_password(config.database, "database", source, environ),
         "mqtt": _with_password(config.mqtt, "mqtt", source, environ),
+    })
+    return _as_instance(config) if config.instance is not None else config
+
+
+def _as_instance(config: Config) -> Config:
+    """Return *config* for instance N: its own client id (and so its own session and
+    instance lock) and its own metrics port."""
+    n = config.instance
+    port = config.metrics.port + (n or 0)
+    if port > 65535:
+        raise ConfigError(f"instance {n}: metrics port {port} is past 65535; lower the port"
+                          " of [metrics] addr")
+    return config.model_copy(update={
+        "mqtt": config.mqtt.model_copy(update={"client_id": f"{config.mqtt.client_id}-{n}"}),
+        "metrics": config.metrics.model_copy(
+            update={"addr": f"{config.metrics.addr.rpartition(':')[0]}:{port}"}),
     })
 
 

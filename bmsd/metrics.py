@@ -52,6 +52,9 @@ class Metrics:
             "Unix time of the last commit (the process start until the first)", registry=r)
         self.last_commit.set(time.time())
         self.build = Info("bmsd_build", "The running bmsd", registry=r)
+        self.instance = Info(
+            "bmsd_instance", "This process's MQTT client id and shared group ('' for none)",
+            registry=r)
         try:
             self.build.info({"version": version("bmsd")})
         except PackageNotFoundError:  # a clone that was never installed

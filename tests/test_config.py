@@ -49,6 +49,8 @@ def test_shipped_config_is_valid_and_equals_the_defaults() -> None:
     ("[[routes]]\ntopic = 'a/{site}/{device}'\nstream = 'nope'\ndevice_kind = 'x'\n",
      "routes[0].stream: Input should be 'site_telemetry'"),
     ("[ingest\n", "not valid TOML"),
+    ("[mqtt]\nshared_group = 'a/b'\n", "mqtt.shared_group: String should match pattern"),
+    ("instance = 100\n", "instance: Input should be less than or equal to 99"),
 ])
 def test_a_wrong_value_is_reported_with_its_file_and_key(tmp_path: Path, text: str,
                                                           message: str) -> None:
@@ -170,3 +172,14 @@ def test_version() -> None:
     run = subprocess.run([sys.executable, "-m", "bmsd", "--version"], capture_output=True,
                          text=True, check=True, timeout=60)
     assert run.stdout.strip() == f"bmsd {version('bmsd')}"
+
+
+def test_an_instance_gets_its_own_client_id_and_metrics_port(tmp_path: Path) -> None:
+    path = tmp_path / "bmsd.toml"
+    path.write_text('[mqtt]\nshared_group = "fleet"\n')
+    config = load_config(path, environ={"BMSD_INSTANCE": "2"})
+    assert config.mqtt.shared_group == "fleet"
+    assert config.mqtt.client_id == "bmsd-2"
+    assert config.metrics.addr == "127.0.0.1:29110"
+    with pytest.raises(ConfigError, match="instance: Input should be a valid integer"):
+        load_config(path, environ={"BMSD_INSTANCE": "blue"})

@@ -26,7 +26,7 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False, timeout=120, cwd=UNITS)
 
 
-@pytest.mark.parametrize("unit", ["bmsd.service", "bmsd-migrate.service"])
+@pytest.mark.parametrize("unit", ["bmsd.service", "bmsd@.service", "bmsd-migrate.service"])
 def test_systemd_analyze_verify_finds_nothing_wrong(unit: str) -> None:
     # verify exits 0 even on misspelled directives: read what it says.
     run = analyze("verify", unit)
@@ -35,7 +35,7 @@ def test_systemd_analyze_verify_finds_nothing_wrong(unit: str) -> None:
     assert complaints == [], run.stderr
 
 
-@pytest.mark.parametrize("unit", ["bmsd.service", "bmsd-migrate.service"])
+@pytest.mark.parametrize("unit", ["bmsd.service", "bmsd@.service", "bmsd-migrate.service"])
 def test_the_units_are_hardened(unit: str) -> None:
     run = analyze("security", "--offline=true", "--threshold=20", unit)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -44,8 +44,9 @@ def test_the_units_are_hardened(unit: str) -> None:
     assert float(exposure.group(1)) <= 2.0, run.stdout
 
 
-def test_the_service_is_what_the_daemon_expects() -> None:
-    text = (UNITS / "bmsd.service").read_text()
+@pytest.mark.parametrize("unit", ["bmsd.service", "bmsd@.service"])
+def test_the_service_is_what_the_daemon_expects(unit: str) -> None:
+    text = (UNITS / unit).read_text()
     settings = dict(line.split("=", 1) for line in text.splitlines()
                     if "=" in line and not line.startswith("#"))
     assert settings["Type"] == "notify"
@@ -58,3 +59,14 @@ def test_the_service_is_what_the_daemon_expects() -> None:
     assert int(settings["TimeoutStopSec"].rstrip("s")) > IngestConfig().shutdown_timeout_s
     lock_wait = InstanceLock(DatabaseConfig(), "bmsd").wait_s
     assert int(settings["TimeoutStartSec"].rstrip("s")) > lock_wait + 30
+
+
+def test_the_template_differs_from_the_service_only_by_its_instance() -> None:
+    def settings(unit: str) -> list[str]:
+        return [line for line in (UNITS / unit).read_text().splitlines()
+                if line and not line.startswith(("#", "Description="))
+                and "%i" not in line]
+
+    assert settings("bmsd@.service") == settings("bmsd.service")
+    template = (UNITS / "bmsd@.service").read_text()
+    assert "Environment=BMSD_INSTANCE=%i" in template.splitlines()

@@ -33,8 +33,11 @@ class AlertEngine:
 
     def __init__(self, rules: Iterable[Rule], metrics: Metrics, publish: Publish | None = None,
                  topic_prefix: str | None = "bmsd/alerts",
-                 offline_after_s: Mapping[str, int | None] | None = None) -> None:
+                 offline_after_s: Mapping[str, int | None] | None = None,
+                 shared: bool = False) -> None:
         self.set_rules(rules)
+        # A member of a shared group: other members change the same devices.
+        self._shared = shared
         self.state = State()
         self._store = AlertStore()
         self._publisher = AlertPublisher(metrics, publish, topic_prefix)
@@ -67,8 +70,10 @@ class AlertEngine:
             stream: ({key: row.fields(BY_NAME[stream].model.columns) for key, row in rows.items()}
                      if evaluate.needs_fields(stream, self._by_stream) else dict.fromkeys(rows))
             for stream, rows in batch.rows.items() if rows}
-        self._store.remember_devices(
-            conn, self.state, {device for rows in readings.values() for device, _ in rows})
+        devices = {device for rows in readings.values() for device, _ in rows}
+        if self._shared:
+            self._store.refresh(conn, self.state, devices)
+        self._store.remember_devices(conn, self.state, devices)
         plan = evaluate.evaluate(self.state, self._by_stream, readings, batch.seen)
         self._store.write(conn, plan)
         plan.seconds = time.perf_counter() - started
@@ -76,7 +81,12 @@ class AlertEngine:
 
     def plan_offline(self, conn: psycopg.Connection[Any], now: datetime,
                      watching_since: datetime) -> Plan:
-        """Decide and write which devices went silent (see `evaluate.plan_offline`)."""
+        """Decide and write which devices went silent (see `evaluate.plan_offline`).
+
+        In a shared group one member at a time decides, from what all committed.
+        """
+        if self._shared and not self._store.offline_turn(conn, self.state):
+            return Plan()
         self._store.remember_devices(conn, self.state, self.state.last_seen)
         plan = evaluate.plan_offline(self.state, now, watching_since, self._offline_after)
         self._store.write(conn, plan)

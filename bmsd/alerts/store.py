@@ -38,6 +38,14 @@ _OPEN_ALERTS = """
 """
 _MARKS = "SELECT device_id, stream, evaluated_until, pending FROM alert_marks"
 _LAST_SEEN = "SELECT id, last_seen_at FROM devices WHERE last_seen_at IS NOT NULL"
+# Another member of a shared group may have committed since: read a batch's
+# devices again, after the writer locked their rows.
+_OPEN_ALERTS_OF = _OPEN_ALERTS + " AND a.device_id = ANY(%s)"
+_MARKS_OF = _MARKS + " WHERE device_id = ANY(%s)"
+_LAST_SEEN_OF = ("SELECT id, last_seen_at FROM devices"
+                 " WHERE id = ANY(%s) AND last_seen_at IS NOT NULL")
+# One member of a shared group runs the offline check at a time.
+_OFFLINE_TURN = "SELECT pg_try_advisory_xact_lock(hashtext('bmsd-offline-check'))"
 _INSERT_ALERT = """
     INSERT INTO alerts (site_id, device_id, rule_code, severity, category, title, message,
                         value, threshold, triggered_at)
@@ -69,23 +77,59 @@ class AlertStore:
         state = State()
         with conn.transaction():
             state.limits = self.limits(conn)
-            with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-                rows = cur.execute(_OPEN_ALERTS).fetchall()
-                self.remember_devices(conn, state, {int(r["device_id"]) for r in rows})
-                for r in rows:
-                    device = state.devices[r["device_id"]]
-                    state.open[(device.id, r["rule_code"])] = Alert(
-                        device, r["rule_code"], r["severity"], r["category"],
-                        r["title"] or r["rule_code"], r["message"], r["value"], r["threshold"],
-                        r["triggered_at"], id=r["id"], status=r["status"])
-                for r in cur.execute(_MARKS):
-                    key = (r["device_id"], r["stream"])
-                    state.marks[key] = r["evaluated_until"]
-                    state.pending[key] = {
-                        code: (datetime.fromisoformat(p["since"]), float(p["value"]))
-                        for code, p in (r["pending"] or {}).items()}
+            self._read(conn, state, _OPEN_ALERTS, _MARKS, ())
             state.last_seen = dict(conn.execute(_LAST_SEEN).fetchall())
         return state
+
+    def refresh(self, conn: psycopg.Connection[Any], state: State, ids: Iterable[int]) -> None:
+        """Replace what *state* knows of devices *ids* with what is committed.
+
+        For members of a shared group, in the batch's transaction after the
+        writer locked the devices' rows: another member may have raised,
+        resolved or moved a mark for them since this one last looked.
+        """
+        wanted = sorted(set(ids))
+        if not wanted:
+            return
+        chosen = set(wanted)
+        for table in (state.open, state.marks, state.pending):
+            for key in [k for k in table if k[0] in chosen]:
+                del table[key]
+        self._read(conn, state, _OPEN_ALERTS_OF, _MARKS_OF, (wanted,))
+        state.last_seen.update(conn.execute(_LAST_SEEN_OF, (wanted,)).fetchall())
+
+    def offline_turn(self, conn: psycopg.Connection[Any], state: State) -> bool:
+        """Return whether this member runs the offline check now, and if so read
+        every device's last reading and open alerts as committed by all members."""
+        row = conn.execute(_OFFLINE_TURN).fetchone()
+        if not (row and row[0]):
+            return False
+        state.open.clear()
+        state.last_seen = dict(conn.execute(_LAST_SEEN).fetchall())
+        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            self._open(conn, state, cur.execute(_OPEN_ALERTS).fetchall())
+        return True
+
+    def _read(self, conn: psycopg.Connection[Any], state: State, open_sql: str,
+              marks_sql: str, params: tuple[Any, ...]) -> None:
+        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            self._open(conn, state, cur.execute(open_sql, params).fetchall())
+            for r in cur.execute(marks_sql, params):
+                key = (r["device_id"], r["stream"])
+                state.marks[key] = r["evaluated_until"]
+                state.pending[key] = {
+                    code: (datetime.fromisoformat(p["since"]), float(p["value"]))
+                    for code, p in (r["pending"] or {}).items()}
+
+    def _open(self, conn: psycopg.Connection[Any], state: State,
+              rows: list[dict[str, Any]]) -> None:
+        self.remember_devices(conn, state, {int(r["device_id"]) for r in rows})
+        for r in rows:
+            device = state.devices[r["device_id"]]
+            state.open[(device.id, r["rule_code"])] = Alert(
+                device, r["rule_code"], r["severity"], r["category"],
+                r["title"] or r["rule_code"], r["message"], r["value"], r["threshold"],
+                r["triggered_at"], id=r["id"], status=r["status"])
 
     def limits(self, conn: psycopg.Connection[Any]) -> dict[int, dict[str, float]]:
         """Return the active per-device safety limits."""

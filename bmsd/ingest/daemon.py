@@ -100,11 +100,14 @@ class Daemon:
             self._alerts = AlertEngine(
                 load_rules(config.alerts.rules_file), self.metrics, publish=self._publish,
                 topic_prefix=config.alerts.mqtt_prefix or None,
-                offline_after_s={r.stream: r.offline_after_s for r in config.routes})
+                offline_after_s={r.stream: r.offline_after_s for r in config.routes},
+                shared=config.mqtt.shared_group is not None)
         self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts)
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
                                   self.metrics)
         self._db = Database(config.database, self.metrics, sleep=self._sleep)
+        self.metrics.instance.info({"client_id": config.mqtt.client_id,
+                                    "shared_group": config.mqtt.shared_group or ""})
         # Read at each scrape, so it tells the truth while the loop is stuck:
         # what is in the batch and what waits in the queue before it.
         self.metrics.inflight.set_function(lambda: self._ingest.pending + self._inbox.qsize())
@@ -128,6 +131,8 @@ class Daemon:
         db = self._db.up
         ready = subscribed and db and not self.stop.is_set()
         details: dict[str, object] = {
+            "client_id": self.config.mqtt.client_id,
+            "shared_group": self.config.mqtt.shared_group,
             "mqtt_subscribed": subscribed, "database": db, "stopping": self.stop.is_set()}
         if not ready and self._waiting_for:
             details["waiting_for"] = self._waiting_for
@@ -140,6 +145,7 @@ class Daemon:
         self.http.start()
         log.info("bmsd_starting", database=redact_url(self.config.database.url),
                  broker=redact_url(self.config.mqtt.url), client_id=self.config.mqtt.client_id,
+                 shared_group=self.config.mqtt.shared_group,
                  metrics=f"http://{self.config.metrics.addr}/metrics")
         watcher = threading.Thread(target=self._watch_signals, name="bmsd-signals",
                                    daemon=True)

@@ -64,7 +64,10 @@ class MqttSource:
     def __init__(self, config: MqttConfig, filters: Iterable[str],
                  deliver: Callable[[Message], None], metrics: Metrics) -> None:
         self._config = config
-        self._filters = list(filters)
+        group = config.shared_group
+        # A shared subscription: the broker gives each message to one member of
+        # the group. Messages keep their own topic; only the filter changes.
+        self._filters = [f"$share/{group}/{f}" if group else f for f in filters]
         self._deliver = deliver
         self._metrics = metrics
         self._generation = 0

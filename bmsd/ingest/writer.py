@@ -38,6 +38,10 @@ _COLUMN_TYPES = """
      WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
        AND a.attgenerated = ''
 """
+# First in every batch transaction: the batch's devices, in one order for every
+# writer, so that members of a shared group take turns per device (and the
+# alert engine reads what the previous turn committed) without deadlocks.
+_LOCK_DEVICES = "SELECT id FROM devices WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE"
 _SEEN = """
     UPDATE devices d SET last_seen_at = v.seen
       FROM unnest(%s::integer[], %s::timestamptz[]) AS v (id, seen)
@@ -197,6 +201,8 @@ class Writer:
             self.prepare(conn)
         outcome = Outcome()
         outcome.duplicates.update(batch.duplicates)
+        if batch.seen:
+            conn.execute(_LOCK_DEVICES, (sorted(batch.seen),))
         for stream, rows in batch.rows.items():
             if rows:
                 self._write(conn, stream, list(rows.values()), outcome)
