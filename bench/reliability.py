@@ -95,7 +95,7 @@ def main() -> None:
         env["BMSD_RELIABILITY_FULL"] = "1"
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                             "-rs", *SCENARIOS], cwd=REPO, env=env,
+                             "-rfEs", *SCENARIOS], cwd=REPO, env=env,
                             check=False, capture_output=True, text=True)
     elapsed = time.monotonic() - started
     rows = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]

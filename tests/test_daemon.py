@@ -285,7 +285,8 @@ def test_graceful_shutdown_commits_what_it_holds_and_endpoints_tell_the_truth(
     status, body = daemon.http("/readyz")
     assert status == 200
     assert json.loads(body) == {"ok": True, "mqtt_subscribed": True, "database": True,
-                                "stopping": False}
+                                "stopping": False, "client_id": daemon.client_id,
+                                "shared_group": None}
     assert daemon.http("/healthz")[0] == 200
     assert daemon.metric("bmsd_mqtt_connected") == 1
     publisher.publish_many(("site/s/p/battery", {"timestamp": iso(NOW + timedelta(seconds=i)),
