@@ -256,13 +256,14 @@ def copy_limit(stack: Stack, rows: int) -> dict[str, float]:
 class Bmsd:
     """`bmsd run` on the benchmark stack."""
 
-    def __init__(self, stack: Stack, url: str, client_id: str, extra_config: str = "") -> None:
+    def __init__(self, stack: Stack, url: str, client_id: str, extra_config: str = "",
+                 extra_mqtt: str = "") -> None:
         self.client_id = client_id
         self.port = stack.broker.port
         self.state = Path(tempfile.mkdtemp(prefix="bmsd-bench-run-"))
         config = self.state / "bmsd.toml"
         config.write_text(f'log_format = "json"\nlog_level = "warning"\n{extra_config}'
-                          f'[mqtt]\nclient_id = "{client_id}"\n')
+                          f'[mqtt]\nclient_id = "{client_id}"\n{extra_mqtt}')
         self.env = {**os.environ, "BMSD_DATABASE_URL": url, "BMSD_MQTT_URL": stack.broker.url,
                     "BMSD_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
         self.argv = [sys.executable, "-m", "bmsd", "run", "--config", str(config)]

@@ -24,20 +24,29 @@ OVERLOAD_S = full_or_short(60, 12)
 WINDOW = 1000  # [mqtt] receive_maximum, the broker's max_inflight_messages
 
 
-def paced(publisher: Publisher, messages: list[tuple[str, Any]], rate: float) -> threading.Thread:
-    """Publish *messages* at *rate* per second from a thread of its own."""
+class Paced(threading.Thread):
+    """Publish messages at a rate from a thread of its own; count what the broker took."""
 
-    def run() -> None:
+    def __init__(self, publisher: Publisher, messages: list[tuple[str, Any]],
+                 rate: float) -> None:
+        super().__init__(daemon=True)
+        self.publisher, self.messages, self.rate = publisher, messages, rate
+        self.published = 0
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
         started = time.monotonic()
-        step = max(1, int(rate / 20))
-        for first in range(0, len(messages), step):
-            due = started + first / rate
-            time.sleep(max(0.0, due - time.monotonic()))
-            publisher.publish_many(messages[first:first + step])
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+        step = max(1, int(self.rate / 20))
+        try:
+            for first in range(0, len(self.messages), step):
+                due = started + first / self.rate
+                time.sleep(max(0.0, due - time.monotonic()))
+                chunk = self.messages[first:first + step]
+                self.publisher.publish_many(chunk)
+                self.published += len(chunk)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            self.error = error
 
 
 def test_five_times_faster_than_bmsd_for_a_minute(
@@ -51,7 +60,7 @@ def test_five_times_faster_than_bmsd_for_a_minute(
     try:
         # bmsd's own rate, draining a backlog at this database's speed
         warm = 4000
-        publisher.publish_many(load(warm))
+        publisher.publish_many(load(warm, step_ms=1))
         wait_until(lambda: stored(db_url)[0] >= warm // 4, timeout_s=60, what="a first part")
         started, first = time.monotonic(), stored(db_url)[0]
         wait_until(lambda: stored(db_url)[0] >= warm, timeout_s=60, what="the backlog drained")
@@ -60,17 +69,29 @@ def test_five_times_faster_than_bmsd_for_a_minute(
 
         total = warm + int(5 * rate * OVERLOAD_S)
         begun = time.monotonic()
-        sender = paced(publisher, load(total)[warm:], 5 * rate)
+        sender = Paced(publisher, load(total, step_ms=1)[warm:], 5 * rate)
         peak_rss, peak_inflight = baseline, 0.0
         while sender.is_alive():
             peak_rss = max(peak_rss, daemon.rss_mb())
             peak_inflight = max(peak_inflight, daemon.metric("bmsd_inflight_messages"))
             time.sleep(0.25)
         sent_rate = (total - warm) / (time.monotonic() - begun)
+        assert sender.error is None, f"the publisher failed: {sender.error!r}"
+        assert sender.published == total - warm
         behind = total - stored(db_url)[0]
         database.heal()
         healed = time.monotonic()
-        counts = exactly(db_url, total)
+        try:
+            counts = exactly(db_url, total)
+        except AssertionError as stuck:
+            events = [e for e in daemon.events() if e.get("level") != "info"][-15:]
+            raise AssertionError(
+                f"{stuck}; bmsd holds {daemon.metric('bmsd_inflight_messages'):.0f}, mqtt"
+                f" connected {daemon.metric('bmsd_mqtt_connected'):.0f}, broker dropped"
+                f" {daemon.metric('bmsd_broker_dropped_messages'):.0f} (its log:"
+                f" {mqtt_broker.local.dropped_messages() if mqtt_broker.local else '?'});"
+                " last warnings:"
+                f" {events}") from None
         drained = time.monotonic() - healed
     finally:
         publisher.close()
