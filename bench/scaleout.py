@@ -114,7 +114,7 @@ def main() -> None:
         f" it at ≤ 50 % of their rate (headroom to drain a backlog), and a second one on"
         f" another host for redundancy.",
         f"- database: binary COPY took {copy:,.0f} rows/s into the same hypertable here, so"
-        f" the fleet uses {FLEET_READINGS_PER_S / copy:.0%} of one such primary's ingest;"
+        f" the fleet uses {FLEET_READINGS_PER_S / copy:.1%} of one such primary's ingest;"
         " gateway batches (many readings per message) cut bmsd's share further.",
     ]
     text = "\n".join(lines + paper)
