@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ from psycopg import sql
 
 from bmsd.schema.aggregates import FAMILIES
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
+from tests.fix_report import Record, Scenario
 
 pytestmark = pytest.mark.community
 
@@ -65,6 +67,7 @@ def disagreements(db: psycopg.Connection[Any], stream: str, device: int, column:
 
 def test_a_buffer_sent_twice_after_10_and_30_days_offline_is_stored_once_and_aggregated(
     bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, ingest_login: str,
+    reliability: Record,
 ) -> None:
     # bmsd would take readings 200 days old; the 90-day raw retention caps it.
     daemon = bmsd_daemon("[ingest]\nmax_reading_age_s = 17280000\n", database_url=ingest_login)
@@ -148,8 +151,10 @@ def test_a_buffer_sent_twice_after_10_and_30_days_offline_is_stored_once_and_agg
                     for line in disagreements(db, g[0], device(g[2]), g[3], g[4])]
 
         # The backlog job runs every 15 s; the policies reach back only 4 days.
+        buffered = time.monotonic()
         wait_until(lambda: not wrong(), timeout_s=90,
                    what="every aggregate level equal to the raw rows")
+        aggregated = time.monotonic() - buffered
         assert db.execute("SELECT count(*) FROM aggregate_backlog").fetchone() == (0,)
         compressed = db.execute(
             "SELECT count(*) FROM timescaledb_information.chunks"
@@ -157,3 +162,11 @@ def test_a_buffer_sent_twice_after_10_and_30_days_offline_is_stored_once_and_agg
         assert compressed is not None
         assert compressed[0] > 0
     assert json.loads(daemon.http("/readyz")[1])["ok"] is True
+    sent = sum(len(b) for b in buffers.values())
+    reliability(Scenario(
+        "gateways back after 10 and 30 days offline, each buffer sent twice", 2 * sent + 1,
+        sent, 0, 1, recovered_s=aggregated,
+        note=("published: both copies and one reading 91 days old; stored: each buffered"
+              " reading once (into compressed chunks too); dead letter: the 91-day-old"
+              " reading, past the raw retention; recovered: every aggregate level equal"
+              " to the raw rows after the buffers were stored")))
