@@ -329,9 +329,10 @@ def bmsd_drain(stack: Stack, messages: int, per_message: int,
             "cpu_s_per_1000": (cpu - cpu_before) / expected * 1000, "peak_rss_mb": rss}
 
 
-def bmsd_latency(stack: Stack, rate: float, seconds: float) -> dict[str, float]:
+def bmsd_latency(stack: Stack, rate: float, seconds: float,
+                 extra_config: str = "") -> dict[str, float]:
     url = stack.database()
-    daemon = Bmsd(stack, url, f"bench-latency-{stack.runs}")
+    daemon = Bmsd(stack, url, f"bench-latency-{stack.runs}", extra_config)
     daemon.start()
     time.sleep(3)
     procs = [multiprocessing.Process(target=publish_live,

@@ -269,7 +269,7 @@ def test_a_batch_is_flushed_when_the_in_flight_window_is_full(
 ) -> None:
     # A timer this long would hold 20 messages for a minute; the window (MQTT 5
     # announces ours to the broker) forces the flush, so 200 arrive in seconds.
-    daemon = bmsd_daemon('[ingest]\nflush_interval_ms = 60000\n'
+    daemon = bmsd_daemon('[ingest]\nflush_interval_ms = 60000\nidle_flush_ms = 60000\n'
                          '[mqtt]\nreceive_maximum = 20\nprotocol = "5"\n')
     publisher.publish_many(("factory/d/m1/energy",
                             {"timestamp": iso(NOW + timedelta(seconds=i)), "power_kw": i})
@@ -278,10 +278,23 @@ def test_a_batch_is_flushed_when_the_in_flight_window_is_full(
     assert daemon.metric("bmsd_batch_rows_count") >= 10
 
 
+def test_a_lone_message_is_committed_at_once_not_when_the_timer_runs_out(
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str
+) -> None:
+    # idle_flush_ms (5 by default): nothing else waits, so the batch commits now;
+    # the one-minute timer only bounds how long a busy stream's batch may grow.
+    daemon = bmsd_daemon("[ingest]\nflush_interval_ms = 60000\n")
+    for i in range(3):
+        publisher.publish("factory/d/m1/energy",
+                          {"timestamp": iso(NOW + timedelta(seconds=i)), "power_kw": i})
+        wait_until(lambda i=i: count(db_url, "energy_readings") == i + 1, timeout_s=10)
+    assert daemon.metric("bmsd_inflight_messages") == 0
+
+
 def test_graceful_shutdown_commits_what_it_holds_and_endpoints_tell_the_truth(
     bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str
 ) -> None:
-    daemon = bmsd_daemon("[ingest]\nflush_interval_ms = 60000\n")
+    daemon = bmsd_daemon("[ingest]\nflush_interval_ms = 60000\nidle_flush_ms = 60000\n")
     status, body = daemon.http("/readyz")
     assert status == 200
     assert json.loads(body) == {"ok": True, "mqtt_subscribed": True, "database": True,

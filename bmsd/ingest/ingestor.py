@@ -6,7 +6,9 @@ hypertables in one transaction - when a hypertable holds ``max_batch_rows``,
 when as many messages are unacknowledged as the broker will send us (the
 in-flight window; waiting longer would stall the broker), when the held
 payloads pass ``MAX_PENDING_BYTES``, or ``flush_interval_ms`` after its first
-message. Only after the commit are its messages acknowledged, in order.
+message; and once no message waits and it is ``idle_flush_ms`` old (the
+daemon's loop decides that). Only after the commit are its messages
+acknowledged, in order.
 
 A reading may be as old as ``ingest.max_reading_age_s``, but never older
 than its hypertable's retention (its chunk would be dropped again): older
@@ -164,6 +166,10 @@ class Ingestor:
                 or len(self._pending) >= self._window
                 or self._pending_bytes >= MAX_PENDING_BYTES
                 or self.seconds_to_due() <= 0)
+
+    def age(self) -> float:
+        """Return the seconds since the batch's first message (0 when empty)."""
+        return 0.0 if self._first_at is None else self._clock() - self._first_at
 
     def seconds_to_due(self) -> float:
         """Return the seconds until the flush interval of the batch runs out."""
