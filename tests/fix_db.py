@@ -20,6 +20,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,28 @@ def ingest_login(db_url: str, pg_server: PgServer) -> Iterator[str]:
     ensure_login(db_url, name, "bmsd_ingest", "ingest-test-password")
     parts = urlsplit(db_url)
     yield urlunsplit(parts._replace(netloc=f"{name}@{parts.hostname}:{parts.port}"))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # Least privilege: the login owns nothing but its sessions' staging tables.
+        owned = [r[0] for r in conn.execute(
+            "SELECT c.relnamespace::regnamespace::text || '.' || c.relname FROM pg_shdepend d"
+            " JOIN pg_class c ON d.classid = 'pg_class'::regclass AND c.oid = d.objid"
+            " WHERE d.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)"
+            " AND d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND d.deptype = 'o'", (name,))]
+        # A bmsd still running (fixtures end in reverse order) holds its temp tables.
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE usename = %s", (name,))
+    assert all(o.startswith("pg_temp_") for o in owned), f"the login owns {owned}"
     with pg_server.connect() as conn:
-        conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+                break
+            except psycopg.errors.DependentObjectsStillExist:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # the terminated sessions are still dropping their tables
 
 
 @pytest.fixture
