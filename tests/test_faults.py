@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from bmsd.dev.localstack import LocalMosquitto, LocalPostgres
 from bmsd.schema.migrate import migrate
-from tests.fix_daemon import DaemonFactory, Publisher, wait_until
+from tests.fix_daemon import DaemonFactory, DaemonProcess, Publisher, wait_until
 from tests.fix_mqtt import Broker
-from tests.fix_proxy import ProxyFactory
+from tests.fix_proxy import Proxy, ProxyFactory
 from tests.fix_report import Record, Scenario, full_or_short
 
 N = 2000
@@ -79,13 +80,22 @@ def exactly(db_url: str, n: int = N) -> tuple[int, int, int]:
     return count, count - distinct, dead
 
 
-def test_a_commit_whose_outcome_is_unknown_is_retried_without_doubles(
-    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
-    reliability: Record,
-) -> None:
+Proxied = tuple[Proxy, DaemonProcess, float]
+
+
+@pytest.fixture
+def proxied(bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory) -> Proxied:
+    """Return a proxy in front of the database, a bmsd behind it with short database
+    timeouts, and bmsd's RSS once ready (MiB)."""
     database = tcp_proxy(db_url)
     daemon = bmsd_daemon(QUICK_DB, database_url=database.url(db_url))
-    rss = daemon.rss_mb()
+    return database, daemon, daemon.rss_mb()
+
+
+def test_a_commit_whose_outcome_is_unknown_is_retried_without_doubles(
+    proxied: Proxied, db_url: str, publisher: Publisher, reliability: Record,
+) -> None:
+    database, daemon, rss = proxied
     publisher.publish_many(load(200))
     wait_until(lambda: stored(db_url)[0] == 200, what="a first part")
     database.cut_after_commit()
@@ -102,55 +112,50 @@ def test_a_commit_whose_outcome_is_unknown_is_retried_without_doubles(
                          note="the retry found its rows committed"))
 
 
-def test_a_database_cut_for_a_while_under_load(
-    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
-    reliability: Record,
-) -> None:
-    database = tcp_proxy(db_url)
-    daemon = bmsd_daemon(QUICK_DB, database_url=database.url(db_url))
-    rss = daemon.rss_mb()
+def outage_under_load(daemon: DaemonProcess, publisher: Publisher, db_url: str,
+                      fault: Callable[[], None], heal: Callable[[], None],
+                      ) -> tuple[tuple[int, int, int], float, float]:
+    """Publish N readings around a database outage of OUTAGE_S; return the accounting
+    and the seconds until bmsd noticed and until it was ready after the heal."""
     messages = load()
     publisher.publish_many(messages[:500])
-    database.refuse()  # every connection reset, new ones refused: a server gone
-    database.cut()
+    fault()
     cut = time.monotonic()
     publisher.publish_many(messages[500:1500])
     wait_until(lambda: daemon.metric("bmsd_db_up") == 0, what="bmsd to notice")
     noticed = time.monotonic() - cut
     assert daemon.http("/readyz")[0] == 503
     time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut)))
-    database.heal()
+    heal()
     healed = time.monotonic()
     wait_until(lambda: daemon.http("/readyz")[0] == 200, what="ready again")
     recovered = time.monotonic() - healed
     publisher.publish_many(messages[1500:])
-    counts = exactly(db_url)
+    return exactly(db_url), noticed, recovered
+
+
+def test_a_database_cut_for_a_while_under_load(
+    proxied: Proxied, db_url: str, publisher: Publisher, reliability: Record,
+) -> None:
+    database, daemon, rss = proxied
+
+    def cut() -> None:
+        database.refuse()  # every connection reset, new ones refused: a server gone
+        database.cut()
+
+    counts, noticed, recovered = outage_under_load(daemon, publisher, db_url, cut,
+                                                   database.heal)
     reliability(Scenario(f"database cut for {OUTAGE_S:.0f} s", N, *counts, noticed_s=noticed,
                          recovered_s=recovered, rss_before_mb=rss,
                          rss_after_mb=daemon.rss_mb()))
 
 
 def test_a_blackholed_database_under_load(
-    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, publisher: Publisher,
-    reliability: Record,
+    proxied: Proxied, db_url: str, publisher: Publisher, reliability: Record,
 ) -> None:
-    database = tcp_proxy(db_url)
-    daemon = bmsd_daemon(QUICK_DB, database_url=database.url(db_url))
-    rss = daemon.rss_mb()
-    messages = load()
-    publisher.publish_many(messages[:500])
-    database.blackhole()
-    cut = time.monotonic()
-    publisher.publish_many(messages[500:1500])
-    wait_until(lambda: daemon.metric("bmsd_db_up") == 0, what="bmsd to notice")
-    noticed = time.monotonic() - cut
-    time.sleep(max(0.0, OUTAGE_S - noticed))
-    database.heal()
-    healed = time.monotonic()
-    wait_until(lambda: daemon.http("/readyz")[0] == 200, what="ready again")
-    recovered = time.monotonic() - healed
-    publisher.publish_many(messages[1500:])
-    counts = exactly(db_url)
+    database, daemon, rss = proxied
+    counts, noticed, recovered = outage_under_load(daemon, publisher, db_url,
+                                                   database.blackhole, database.heal)
     assert noticed < 10  # operation_timeout_s 3 s, plus the connect timeout
     reliability(Scenario(f"database blackholed for {OUTAGE_S:.0f} s (operation_timeout_s 3)",
                          N, *counts, noticed_s=noticed, recovered_s=recovered,
