@@ -247,8 +247,6 @@ class Daemon:
         window_flushes = 0
         reloads = self.signals.reloads
         ping_every = min(_IDLE_PING_S, self.notifier.watchdog_interval_s or _IDLE_PING_S)
-        min_age = self.config.ingest.idle_flush_ms / 1000
-        idle_pending = False  # the inbox ran dry while the batch was younger than min_age
         while not self.stop.is_set():
             now = self._heartbeat = time.monotonic()
             if self._source.fatal is not None:
@@ -279,13 +277,13 @@ class Daemon:
                 next_status = now + _STATUS_EVERY_S
                 self.notifier.status(self._status_line())
             try:
-                wait = ingest.seconds_to_due()
-                if idle_pending:
-                    wait = min(wait, min_age - ingest.age())
+                # A batch held here found the inbox empty while it was too young to
+                # commit: wait for its idle age, the flush interval or a message.
+                wait = ingest.seconds_to_due(idle=True)
                 message = inbox.get(timeout=min(max(wait, 0.001), 0.5))
             except queue.Empty:
                 message = None
-            idle = message is None and idle_pending
+            idle = message is None
             if message is not None:
                 self._accept(message)
                 # Take what is already waiting before looking at the clock again.
@@ -295,11 +293,8 @@ class Daemon:
                     except queue.Empty:
                         idle = True
                         break
-            idle_pending = False
-            if ingest.due() or (idle and ingest.pending and ingest.age() >= min_age):
+            if ingest.due(idle):
                 self._flush()
-            elif idle and ingest.pending:
-                idle_pending = True
             elif not ingest.pending and time.monotonic() - db.last_ok > ping_every:
                 db.run(self._ping)
                 self.notifier.progress()

@@ -6,9 +6,9 @@ hypertables in one transaction - when a hypertable holds ``max_batch_rows``,
 when as many messages are unacknowledged as the broker will send us (the
 in-flight window; waiting longer would stall the broker), when the held
 payloads pass ``MAX_PENDING_BYTES``, or ``flush_interval_ms`` after its first
-message; and once no message waits and it is ``idle_flush_ms`` old (the
-daemon's loop decides that). Only after the commit are its messages
-acknowledged, in order.
+message; and, when no message waits (the caller says so), once it is
+``idle_flush_ms`` old. Only after the commit are its messages acknowledged,
+in order.
 
 A reading may be as old as ``ingest.max_reading_age_s``, but never older
 than its hypertable's retention (its chunk would be dropped again): older
@@ -68,6 +68,7 @@ class Ingestor:
         self._clock = clock
         self._max_rows = ingest.max_batch_rows
         self._interval_s = ingest.flush_interval_ms / 1000
+        self._idle_s = ingest.idle_flush_ms / 1000
         self._window = config.mqtt.receive_maximum
         self._batch = Batch()
         self._pending: list[Message] = []
@@ -158,24 +159,22 @@ class Ingestor:
         self._pending.append(message)
         self._pending_bytes += len(message.payload)
 
-    def due(self) -> bool:
-        """Return whether the batch should be flushed now."""
+    def due(self, idle: bool = False) -> bool:
+        """Return whether the batch should be flushed now; *idle*: no message waits."""
         if not self._pending:
             return False
         return (self._batch.largest >= self._max_rows
                 or len(self._pending) >= self._window
                 or self._pending_bytes >= MAX_PENDING_BYTES
-                or self.seconds_to_due() <= 0)
+                or self.seconds_to_due(idle) <= 0)
 
-    def age(self) -> float:
-        """Return the seconds since the batch's first message (0 when empty)."""
-        return 0.0 if self._first_at is None else self._clock() - self._first_at
-
-    def seconds_to_due(self) -> float:
-        """Return the seconds until the flush interval of the batch runs out."""
+    def seconds_to_due(self, idle: bool = False) -> float:
+        """Return the seconds until the flush interval of the batch runs out, or, if
+        *idle*, until the batch is ``idle_flush_ms`` old, whichever comes first."""
         if self._first_at is None:
             return self._interval_s
-        return self._first_at + self._interval_s - self._clock()
+        limit = min(self._interval_s, self._idle_s) if idle else self._interval_s
+        return self._first_at + limit - self._clock()
 
     def flush(self, conn: psycopg.Connection[Any]) -> Outcome:
         """Commit the batch, then acknowledge its messages; errors leave it for a retry."""
