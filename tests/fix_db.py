@@ -20,7 +20,6 @@ import itertools
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,20 +183,13 @@ def ingest_login(db_url: str, pg_server: PgServer) -> Iterator[str]:
             " WHERE d.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)"
             " AND d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND d.deptype = 'o'", (name,))]
-        # A bmsd still running (fixtures end in reverse order) holds its temp tables.
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        # A bmsd still running (fixtures end in reverse order) holds its temp tables:
+        # end its sessions, waiting (up to 10 s) until they are gone with them.
+        conn.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
                      " WHERE usename = %s", (name,))
     assert all(o.startswith("pg_temp_") for o in owned), f"the login owns {owned}"
     with pg_server.connect() as conn:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                conn.execute(f'DROP ROLE IF EXISTS "{name}"')
-                break
-            except psycopg.errors.DependentObjectsStillExist:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # the terminated sessions are still dropping their tables
+        conn.execute(f'DROP ROLE IF EXISTS "{name}"')
 
 
 @pytest.fixture
