@@ -297,36 +297,48 @@ class Bmsd:
             raise SystemExit(f"bmsd exited: {(self.state / 'bmsd.log').read_text()[-2000:]}")
 
 
-def bmsd_drain(stack: Stack, messages: int, per_message: int,
-               extra_config: str = "", battery: bool = False) -> dict[str, float]:
+def bmsd_drain(stack: Stack, messages: int, per_message: int, extra_config: str = "",
+               battery: bool = False, instances: int = 1,
+               extra_mqtt: str = "") -> dict[str, float]:
+    """Time *instances* `bmsd run` (members of one shared group when *extra_mqtt* sets
+    one) draining a backlog of *messages*, from the first commit to the last row."""
     table = "battery_telemetry" if battery else "energy_readings"
     url = stack.database()
-    daemon = Bmsd(stack, url, f"bench-bmsd-{stack.runs}", extra_config)
-    daemon.start()  # create the session and its subscriptions, then stop
-    time.sleep(2.5)
-    daemon.stop()
+    ids = [f"bench-bmsd-{stack.runs}" + (f"-{i}" if instances > 1 else "")
+           for i in range(instances)]
+    for client_id in ids:  # create the session and its subscriptions, then stop
+        daemon = Bmsd(stack, url, client_id, extra_config, extra_mqtt)
+        daemon.start()
+        time.sleep(2.5)
+        daemon.stop()
     sent = backlog(stack.broker.port, messages, per_message, battery=battery)
     expected = sent * per_message
-    daemon = Bmsd(stack, url, f"bench-bmsd-{stack.runs}", extra_config)
-    cpu_before = 0.0
-    daemon.start()
+    daemons = [Bmsd(stack, url, client_id, extra_config, extra_mqtt) for client_id in ids]
+    cpu_before = [0.0] * instances
+    for daemon in daemons:
+        daemon.start()
     started = time.perf_counter()
     while (count := stored(url, table)) < expected:
-        daemon.check_alive()
+        for daemon in daemons:
+            daemon.check_alive()
         if count == 0:
             # Start the clock at the first commit, not at process start-up.
             started = time.perf_counter()
-            cpu_before = daemon.usage()[0]
+            cpu_before = [daemon.usage()[0] for daemon in daemons]
         time.sleep(0.02)
     elapsed = time.perf_counter() - started
-    cpu, rss = daemon.usage()
-    daemon.stop(forget=True)
+    cpu = [daemon.usage()[0] - before for daemon, before in zip(daemons, cpu_before,
+                                                                strict=True)]
+    rss = max(daemon.usage()[1] for daemon in daemons)
+    for daemon in daemons:
+        daemon.stop(forget=True)
     final = stored(url, table)
     if final != expected:
         raise SystemExit(f"FAILED: bmsd stored {final} readings of {expected} published")
     stack.drop(url)
     return {"messages_per_s": sent / elapsed, "rows_per_s": expected / elapsed,
-            "cpu_s_per_1000": (cpu - cpu_before) / expected * 1000, "peak_rss_mb": rss}
+            "cpu_s_per_1000": sum(cpu) / expected * 1000,
+            "cpu_s_per_instance": sum(cpu) / instances, "peak_rss_mb": rss}
 
 
 def bmsd_latency(stack: Stack, rate: float, seconds: float,

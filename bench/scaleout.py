@@ -22,50 +22,13 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Bmsd, Stack, backlog, copy_limit, stored
+from run import Stack, bmsd_drain, copy_limit
 
 FLEET_READINGS_PER_S = 10_000 / 5
-
-
-def drain(stack: Stack, instances: int, messages: int) -> dict[str, float]:
-    """Drain *messages* single-reading messages with *instances* members of one group."""
-    url = stack.database()
-    ids = [f"bench-share-{stack.runs}-{i}" for i in range(instances)]
-    shared = 'shared_group = "bench"\n'
-    for client_id in ids:  # create the sessions and their subscriptions
-        member = Bmsd(stack, url, client_id, extra_mqtt=shared)
-        member.start()
-        time.sleep(2.5)
-        member.stop()
-    sent = backlog(stack.broker.port, messages, 1)
-    members = [Bmsd(stack, url, client_id, extra_mqtt=shared) for client_id in ids]
-    for member in members:
-        member.start()
-    started = time.perf_counter()
-    cpu_before = [0.0] * instances
-    while (count := stored(url)) < sent:
-        for member in members:
-            member.check_alive()
-        if count == 0:  # the clock starts at the first commit, not at start-up
-            started = time.perf_counter()
-            cpu_before = [member.usage()[0] for member in members]
-        time.sleep(0.02)
-    elapsed = time.perf_counter() - started
-    cpu = [member.usage()[0] - before for member, before in zip(members, cpu_before, strict=True)]
-    rss = max(member.usage()[1] for member in members)
-    for member in members:
-        member.stop(forget=True)
-    final = stored(url)
-    stack.drop(url)
-    if final != sent:
-        raise SystemExit(f"FAILED: {instances} instances stored {final} of {sent}")
-    return {"messages_per_s": sent / elapsed, "cpu_s_per_instance": statistics.mean(cpu),
-            "cpu_s_per_1000": sum(cpu) / sent * 1000, "peak_rss_mb": rss}
 
 
 def main() -> None:
@@ -81,7 +44,8 @@ def main() -> None:
     try:
         for rep in range(args.repeat):
             for n in runs:
-                result = drain(stack, n, args.messages)
+                result = bmsd_drain(stack, args.messages, 1, instances=n,
+                                    extra_mqtt='shared_group = "bench"\n')
                 runs[n].append(result)
                 print(f"run {rep + 1} instances={n} " + " ".join(
                     f"{k}={v:,.2f}" for k, v in result.items()), flush=True)
