@@ -23,13 +23,13 @@ Semantics, per device and stream in device-time order:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
-from bmsd.alerts.rules import DERIVED, Rule
+from bmsd.alerts.rules import DERIVED, OPS, Rule
 from bmsd.streams import SPECS
 
 PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
@@ -163,7 +163,9 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
                     plan.marks[key] = when
                     _offline_resolves(plan, opened, state.devices[device_id], when)
             continue
-        for (device_id, when), values in sorted(rows.items(), key=lambda kv: kv[0]):
+        flagged = stream in FLAGGED_STREAMS
+        checks_of: dict[int, tuple[_Check, ...]] = {}
+        for (device_id, when), values in sorted(rows.items(), key=_first):
             key = (device_id, stream)
             mark = plan.marks.get(key) or state.marks.get(key)
             if mark is not None and when <= mark:
@@ -175,34 +177,73 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
             plan.marks[key] = when
             device = state.devices[device_id]
             fields = values or {}
-            pending = plan.pending.setdefault(key, dict(state.pending.get(key, {})))
+            pending = plan.pending.get(key)
+            if pending is None:
+                pending = plan.pending[key] = dict(state.pending.get(key, {}))
             _offline_resolves(plan, opened, device, when)
-            for rule in stream_rules:
-                if rule.applies(device.kind, device.site):
-                    _threshold(plan, opened, pending, rule, device, fields, when,
-                               state.limits.get(device.id))
-            if stream in FLAGGED_STREAMS:
+            checks = checks_of.get(device_id)
+            if checks is None:
+                checks = checks_of[device_id] = _checks(stream_rules, device,
+                                                        state.limits.get(device_id))
+            facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
+            for check in checks:
+                value = check.value(fields, facts)
+                if value is None or value != value:  # absent, or NaN
+                    continue
+                code = check.rule.code
+                # The common case changes nothing: no alert, none pending, not breached.
+                if ((device_id, code) not in opened and code not in pending
+                        and not check.breached(value, check.threshold)):
+                    continue
+                _threshold(plan, opened, pending, check, device, value, when)
+            if flagged:
                 _flags(plan, opened, device, fields, when)
     plan.seen.update(seen)
     return plan
 
 
-def _threshold(plan: Plan, opened: dict[tuple[int, str], Alert], pending: Pending, rule: Rule,
-               device: DeviceInfo, values: Mapping[str, Any], when: datetime,
-               limits: Mapping[str, float] | None) -> None:
+def _first(item: tuple[tuple[int, datetime], Any]) -> tuple[int, datetime]:
+    return item[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """A rule made ready for one device: its value, its operator and thresholds."""
+
+    rule: Rule
+    value: Callable[[Mapping[str, Any], Mapping[str, Any]], Any]  # (fields, device facts)
+    breached: Callable[[float, float], bool]
+    threshold: float
+    clear: float
+
+
+@cache
+def _reader(rule: Rule) -> Callable[[Mapping[str, Any], Mapping[str, Any]], Any]:
+    """Return how *rule* reads its value from a reading's fields and the device's facts."""
     derive = DERIVED.get(rule.stream, {}).get(rule.value)
-    value = derive(values, {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
-                   ) if derive else values.get(rule.value)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return
-    threshold, clear = rule.thresholds(limits)
+    if derive is not None:
+        return derive
+    name = rule.value
+    return lambda fields, _facts: fields.get(name)
+
+
+def _checks(rules: Iterable[Rule], device: DeviceInfo,
+            limits: Mapping[str, float] | None) -> tuple[_Check, ...]:
+    """Return the checks of the *rules* that watch *device* (once per device and batch)."""
+    return tuple(_Check(rule, _reader(rule), OPS[rule.op], *rule.thresholds(limits))
+                 for rule in rules if rule.applies(device.kind, device.site))
+
+
+def _threshold(plan: Plan, opened: dict[tuple[int, str], Alert], pending: Pending,
+               check: _Check, device: DeviceInfo, value: float, when: datetime) -> None:
+    rule = check.rule
     key = (device.id, rule.code)
     alert = opened.get(key)
     if alert is not None:
-        if rule.cleared(value, clear):
+        if rule.cleared(value, check.clear):
             _resolve(plan, opened, alert, when)
         return
-    if not rule.breached(value, threshold):
+    if not check.breached(value, check.threshold):
         pending.pop(rule.code, None)
         return
     since, first_value = pending.get(rule.code, (when, value))
@@ -210,10 +251,10 @@ def _threshold(plan: Plan, opened: dict[tuple[int, str], Alert], pending: Pendin
         pending[rule.code] = (since, first_value)
         return
     pending.pop(rule.code, None)
-    message = rule.message.format(value=value, threshold=threshold, site=device.site,
+    message = rule.message.format(value=value, threshold=check.threshold, site=device.site,
                                   device=device.slug, title=rule.title)
     _trigger(plan, opened, Alert(device, rule.code, rule.severity, rule.category, rule.title,
-                                 message, float(value), threshold, since))
+                                 message, float(value), check.threshold, since))
 
 
 def _flags(plan: Plan, opened: dict[tuple[int, str], Alert], device: DeviceInfo,

@@ -26,7 +26,7 @@ from bmsd.streams import BY_NAME, Stream
 Severity = Literal["info", "warning", "error", "critical"]
 #: From the least to the most severe.
 SEVERITIES: tuple[str, ...] = get_args(Severity)
-_OPS: dict[str, Callable[[float, float], bool]] = {
+OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 #: Values computed from a reading rather than stored as such.
@@ -110,7 +110,7 @@ class Rule(BaseModel):
         return self.threshold, clear
 
     def breached(self, value: float, threshold: float) -> bool:
-        return _OPS[self.op](value, threshold)
+        return OPS[self.op](value, threshold)
 
     def cleared(self, value: float, clear: float) -> bool:
         """Return whether *value* reached the clear threshold from the unsafe side."""
