@@ -134,14 +134,12 @@ def parse_message(stream: str, payload: bytes, received_at: datetime,
         return _whole(payload, "bad_shape", "payload has no readings (an empty array)")
 
     parsed = Parsed([], [])
+    keep = parsed.readings.append
     for index, item in enumerate(items):
-        where = f"{label}[{index}]" if batch else label
-        result = _parse_reading(spec, item, where, received_at, limits)
+        result = _parse_reading(spec, item, f"{label}[{index}]" if batch else label,
+                                index if batch else None, received_at, limits)
         if isinstance(result, Reading):
-            if batch:
-                result = Reading(result.time, result.values, result.extra, result.timestamped,
-                                 index)
-            parsed.readings.append(result)
+            keep(result)
         else:
             category, reason = result
             raw = payload if not batch else json.dumps(item, allow_nan=True).encode()
@@ -158,7 +156,7 @@ def _whole(payload: bytes, category: str, reason: str) -> Parsed:
     return Parsed([], [Reject(category, reason, payload)])
 
 
-def _parse_reading(spec: StreamSpec, item: object, where: str,
+def _parse_reading(spec: StreamSpec, item: object, where: str, index: int | None,
                    received_at: datetime, limits: Limits) -> Reading | tuple[str, str]:
     if not isinstance(item, dict):
         return "bad_shape", f"{where}: a reading must be a JSON object, not {_json_type(item)}"
@@ -199,7 +197,7 @@ def _parse_reading(spec: StreamSpec, item: object, where: str,
         return "no_measurement", (
             f"{where}: no measurement: none of the {spec.label} fields is set (e.g."
             f" {', '.join(spec.model.columns[:3])}){unknown}")
-    return Reading(when, values, extra, timestamped)
+    return Reading(when, values, extra, timestamped, index)
 
 
 def _json_type(value: object) -> str:
