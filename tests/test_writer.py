@@ -1,0 +1,36 @@
+"""The writer's own binary dumper: the same bytes psycopg would send, read back the same."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.pq import Format
+
+from bmsd.ingest.writer import Float8ArrayDumper
+
+ARRAYS = [[], [3.3], [3.3 + i / 1000 for i in range(16)], [1e308, -0.0, 5e-324, 2.0],
+          [1.5, None, 2.5], [None], [math.inf, -math.inf], [3, 4.0]]
+
+
+@pytest.mark.parametrize("values", ARRAYS, ids=repr)
+def test_float8_arrays_are_dumped_as_psycopg_dumps_them(db: psycopg.Connection[Any],
+                                                        values: list[float | None]) -> None:
+    theirs = db.adapters.get_dumper_by_oid(Float8ArrayDumper.oid, Format.BINARY)
+    ours = Float8ArrayDumper(list)
+    assert bytes(ours.dump(values)) == bytes(theirs(list, db).dump(values))
+
+
+def test_float8_arrays_read_back_equal(db: psycopg.Connection[Any]) -> None:
+    db.execute("CREATE TEMP TABLE cells (n int, v double precision[])")
+    with db.cursor() as cur:
+        cur.adapters.register_dumper(None, Float8ArrayDumper)
+        with cur.copy("COPY cells (n, v) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["integer", "double precision[]"])
+            for n, values in enumerate(ARRAYS):
+                copy.write_row((n, values))
+    back = dict(db.execute("SELECT n, v FROM cells").fetchall())
+    assert [back[n] for n in range(len(ARRAYS))] == [[float(v) if v is not None else None
+                                                      for v in a] for a in ARRAYS]
