@@ -108,7 +108,7 @@ def parse_message(stream: str, payload: bytes, received_at: datetime,
                       f"payload is not UTF-8 text: byte 0x{payload[exc.start]:02x} at offset"
                       f" {exc.start}; send JSON encoded as UTF-8")
     try:
-        document = json.loads(text, parse_constant=_refuse_constant)
+        document = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         return _whole(payload, "not_json", f"payload is not JSON: {exc}")
     if isinstance(document, dict) and "readings" in document:
@@ -150,6 +150,10 @@ def parse_message(stream: str, payload: bytes, received_at: datetime,
 def _refuse_constant(name: str) -> float:
     # json.loads accepts NaN/Infinity, which are not JSON; say so plainly.
     raise ValueError(f"{name} is not a JSON number")
+
+
+# json.loads with an option builds a decoder per call; one is enough.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _whole(payload: bytes, category: str, reason: str) -> Parsed:
