@@ -47,6 +47,10 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge(
             "bmsd_inflight_messages", "Messages received and not yet acknowledged", registry=r)
+        self.inbox_bytes = Gauge(
+            "bmsd_inbox_bytes",
+            "Payload bytes received and waiting for the ingest loop (bounded: README)",
+            registry=r)
         self.last_commit = Gauge(
             "bmsd_last_commit_timestamp_seconds",
             "Unix time of the last commit (the process start until the first)", registry=r)

@@ -3,7 +3,8 @@
 bmsd's rate is held down by a database slowed through a proxy, so the ratio is
 the same on any machine. Back-pressure must reach the broker: bmsd holds at most
 its in-flight window of messages waiting for a commit plus an inbox of two
-windows (a full inbox stops the MQTT thread reading, so TCP pushes back), and
+windows, at most 16 MiB of payloads (a full inbox stops the MQTT thread reading, so
+TCP pushes back), and
 the broker queues the rest in bmsd's session until it catches up. 60 s of overload when the
 reliability report runs it, 12 s in CI.
 """
@@ -14,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from bmsd.ingest.inbox import MAX_WAITING_BYTES
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import ProxyFactory
@@ -106,3 +108,34 @@ def test_five_times_faster_than_bmsd_for_a_minute(
     assert behind > 2 * rate * OVERLOAD_S, "the broker, not bmsd, holds the backlog"
     assert peak_inflight <= 3 * WINDOW  # the batch and the inbox
     assert peak_rss <= 1.2 * baseline, f"RSS grew from {baseline:.1f} to {peak_rss:.1f} MiB"
+
+
+def test_large_gateway_batches_wait_in_the_broker_not_in_bmsd(
+    bmsd_daemon: DaemonFactory, db_url: str, tcp_proxy: ProxyFactory, mqtt_broker: Broker,
+) -> None:
+    # 250 batches of 1,100 readings (about 100 kB each): the in-flight window
+    # (1000 messages) alone would let bmsd hold all 25 MB while the database lags.
+    database = tcp_proxy(db_url)
+    daemon = bmsd_daemon(database_url=database.url(db_url))
+    database.slow(0.02)
+    readings = load(250 * 1100, step_ms=10)
+    # Each batch goes to its first reading's machine (m0: 1100 is a multiple of 4);
+    # the readings' times are distinct across the whole load.
+    batches = [(readings[i][0], {"readings": [r for _, r in readings[i:i + 1100]]})
+               for i in range(0, len(readings), 1100)]
+    publisher = Publisher(mqtt_broker.publisher_url)
+    try:
+        baseline = daemon.rss_mb()
+        publisher.publish_many(batches)
+        peak_bytes, peak_rss = 0.0, baseline
+        while stored(db_url)[0] < len(readings) // 2:
+            peak_bytes = max(peak_bytes, daemon.metric("bmsd_inbox_bytes"))
+            peak_rss = max(peak_rss, daemon.rss_mb())
+            time.sleep(0.1)
+        database.heal()
+        exactly(db_url, len(readings))
+    finally:
+        publisher.close()
+    assert peak_bytes > 8 * 2**20, "the inbox filled up (else this test shows nothing)"
+    assert peak_bytes <= MAX_WAITING_BYTES + 200_000
+    assert peak_rss - baseline < 100, f"RSS grew from {baseline:.0f} to {peak_rss:.0f} MiB"

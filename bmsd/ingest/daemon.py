@@ -40,6 +40,7 @@ from bmsd.config import Config, redact_url
 from bmsd.errors import BmsdError, ConfigError
 from bmsd.ingest.database import Database
 from bmsd.ingest.health import HealthServer
+from bmsd.ingest.inbox import Inbox
 from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.lock import InstanceLock
 from bmsd.ingest.mqtt import Message, MqttSource
@@ -94,7 +95,7 @@ class Daemon:
         self.stop = threading.Event()
         self.notifier = notifier or Notifier()
         self._deadline: float | None = None
-        self._inbox: queue.Queue[Message] = queue.Queue(maxsize=2 * config.mqtt.receive_maximum)
+        self._inbox = Inbox(max_messages=2 * config.mqtt.receive_maximum)
         self._alerts: AlertEngine | None = None
         if config.alerts.enabled:
             self._alerts = AlertEngine(
@@ -111,6 +112,7 @@ class Daemon:
         # Read at each scrape, so it tells the truth while the loop is stuck:
         # what is in the batch and what waits in the queue before it.
         self.metrics.inflight.set_function(lambda: self._ingest.pending + self._inbox.qsize())
+        self.metrics.inbox_bytes.set_function(lambda: self._inbox.bytes)
         self._lock = InstanceLock(config.database, config.mqtt.client_id)
         self._waiting_for = "the database"
         self._heartbeat = time.monotonic()
