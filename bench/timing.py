@@ -9,7 +9,8 @@ from typing import Any
 import psycopg
 
 
-def time_query(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...],
+def time_query(conn: psycopg.Connection[Any], query: str,
+               params: tuple[Any, ...] | dict[str, Any],
                repeat: int) -> tuple[int, float, float]:
     """Run *query* once to warm up, then *repeat* times; return (rows, median ms, max ms)."""
     conn.execute(query, params).fetchall()
