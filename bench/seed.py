@@ -1,0 +1,215 @@
+"""The BMS seed's query table, loaded through bmsd (a benchmark, not a test).
+
+    .venv/bin/python bench/seed.py --sites 1000 --days 7
+
+Starts a throwaway TimescaleDB (community edition: aggregates, compression)
+and Mosquitto, runs `bmsd run` with the shipped defaults, and publishes every
+site controller's readings (one every 5 minutes over --days, the BMS seed's
+21-column site reading) as gateway batches of half a day. Values are
+realistic: smooth day curves plus small noise, at each sensor's resolution
+(0.1 V, 0.01 kW, 0.001 kWh, 0.001 Hz, ...), as a gateway sends them.
+
+Then: the no-loss count (published readings against stored rows), the
+aggregates refreshed, every whole day compressed, the bytes per reading at
+rest, and the seed's six queries with their targets (median of repeated runs
+after a warm-up):
+
+| seed query | here | target |
+|---|---|---|
+| latest reading, one site | `latest_readings(site)` | < 50 ms |
+| latest readings, all sites | `latest_readings()` | < 200 ms |
+| hourly data, 24 h | `site_telemetry_1h`, one site | < 100 ms |
+| daily data, 30 d | `site_telemetry_1d`, one site | < 50 ms |
+| active alerts | unresolved `alerts`, newest first | < 100 ms |
+| dashboard metrics | `v_site_overview` | < 300 ms |
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import random
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from run import Bmsd, Stack, _publisher
+from timing import time_query
+
+from bmsd.dev.fleet import refresh_aggregates
+from bmsd.schema.migrate import migrate
+
+STEP = timedelta(minutes=5)
+PER_MESSAGE = 144  # half a day of 5-minute readings: about 90 kB of JSON
+
+QUERIES = [
+    ("latest reading, one site", "SELECT * FROM latest_readings(%(site)s)", 50),
+    ("latest readings, all sites", "SELECT * FROM latest_readings()", 200),
+    ("hourly data, 24 h, one site", """
+        SELECT h.* FROM site_telemetry_1h h
+          JOIN devices d ON d.id = h.device_id JOIN sites s ON s.id = d.site_id
+         WHERE s.slug = %(site)s AND h.bucket >= now() - INTERVAL '24 hours'
+         ORDER BY h.bucket""", 100),
+    ("daily data, 30 d, one site", """
+        SELECT h.* FROM site_telemetry_1d h
+          JOIN devices d ON d.id = h.device_id JOIN sites s ON s.id = d.site_id
+         WHERE s.slug = %(site)s AND h.bucket >= now() - INTERVAL '30 days'
+         ORDER BY h.bucket""", 50),
+    ("active alerts", """
+        SELECT a.id, s.slug, d.slug, a.rule_code, a.severity, a.status, a.triggered_at,
+               a.message
+          FROM alerts a JOIN devices d ON d.id = a.device_id JOIN sites s ON s.id = d.site_id
+         WHERE a.status <> 'resolved' ORDER BY a.triggered_at DESC""", 100),
+    ("dashboard metrics", "SELECT * FROM v_site_overview", 300),
+]
+
+
+def reading(site: int, when: datetime, rng: random.Random) -> dict[str, Any]:
+    """One site reading: day curves with a per-site phase, noise, sensor resolution."""
+    x = 2 * math.pi * (when.timestamp() % 86400) / 86400 + site * 0.37
+
+    def value(smooth: float, noise: float, digits: int) -> float:
+        return round(smooth + rng.gauss(0, noise), digits)
+
+    sun = max(0.0, 80 * math.sin(x - 1.5))
+    solar = max(0.0, value(sun, 0.05, 2)) if sun > 0 else 0.0
+    grid = value(40 - 60 * math.sin(x - 1.5), 0.3, 2)
+    load = value(60 + 20 * math.sin(x), 0.3, 2)
+    hours = STEP.total_seconds() / 3600
+    return {
+        "timestamp": when.isoformat(),
+        "battery_voltage": value(400 + 20 * math.sin(x), 0.3, 1),
+        "battery_current": value(30 * math.cos(x), 0.2, 1),
+        "battery_charge_level": min(100.0, max(0.0, value(50 + 40 * math.sin(x), 0.1, 1))),
+        "battery_temperature": value(25 + 5 * math.sin(x), 0.1, 1),
+        "battery_state_of_health": value(97.5 - site % 7 * 0.3, 0.02, 1),
+        "battery_power_kw": value(-30 * math.cos(x), 0.05, 2),
+        "solar_power_kw": solar,
+        "solar_energy_kwh": round(solar * hours, 3),
+        "solar_efficiency": value(18.5, 0.1, 1) if solar else 0.0,
+        "inverter1_power_kw": round(solar / 2, 2),
+        "inverter1_efficiency": value(97.0, 0.1, 1),
+        "inverter1_temperature": value(35 + 10 * math.sin(x), 0.1, 1),
+        "inverter2_power_kw": round(solar - round(solar / 2, 2), 2),
+        "inverter2_efficiency": value(96.8, 0.1, 1),
+        "inverter2_temperature": value(34 + 10 * math.sin(x), 0.1, 1),
+        "grid_voltage": value(230 + 2 * math.sin(7 * x), 0.3, 1),
+        "grid_frequency": value(50, 0.02, 3),
+        "grid_power_kw": grid,
+        "grid_energy_kwh": round(grid * hours, 3),
+        "load_power_kw": load,
+        "load_energy_kwh": round(max(0.0, load) * hours, 3),
+    }
+
+
+def publish(port: int, sites: range, start: datetime, end: datetime) -> None:
+    """Publish these sites' readings as gateway batches, QoS 1 (a process of its own)."""
+    client = _publisher(port, f"bench-seed-{sites.start}")
+    rng = random.Random(sites.start)
+    infos = []
+    for site in sites:
+        when = start
+        while when < end:
+            batch = []
+            for _ in range(PER_MESSAGE):
+                if when >= end:
+                    break
+                batch.append(reading(site, when, rng))
+                when += STEP
+            infos.append(client.publish(f"site/site-{site:04d}/ctrl/telemetry",
+                                        json.dumps({"readings": batch}), qos=1))
+        while len(infos) > 2000:  # bounded memory: wait for the oldest acks
+            infos.pop(0).wait_for_publish(300)
+    for info in infos:
+        info.wait_for_publish(300)
+    client.disconnect()
+    client.loop_stop()
+
+
+def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=100)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--publishers", type=int, default=2)
+    args = parser.parse_args()
+
+    stack = Stack()
+    try:
+        with psycopg.connect(stack.pg.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE seed")
+        url = stack.pg.url("seed")
+        migrate(url)
+        end = datetime.now(UTC).replace(second=0, microsecond=0)
+        end -= timedelta(minutes=end.minute % 5)
+        start = end - timedelta(days=args.days)
+        expected = args.sites * math.ceil((end - start) / STEP)
+        daemon = Bmsd(stack, url, "bench-seed")
+        daemon.start()
+        time.sleep(2.5)  # subscribed
+        started = time.perf_counter()
+        per = math.ceil(args.sites / args.publishers)
+        procs = [multiprocessing.Process(target=publish, args=(
+            stack.broker.port, range(i * per, min(args.sites, (i + 1) * per)), start, end))
+            for i in range(args.publishers)]
+        for proc in procs:
+            proc.start()
+        with psycopg.connect(url, autocommit=True) as conn:
+            def stored() -> int:
+                row = conn.execute("SELECT count(*) FROM site_telemetry").fetchone()
+                return int(row[0]) if row else 0
+
+            last, last_change = -1, time.monotonic()
+            while (count := stored()) < expected or any(p.is_alive() for p in procs):
+                daemon.check_alive()
+                if count != last:
+                    last, last_change = count, time.monotonic()
+                elif time.monotonic() - last_change > 60:
+                    break  # nothing new for a minute: report what was stored
+                time.sleep(1)
+            loaded = time.perf_counter() - started
+            for proc in procs:
+                proc.join()
+            cpu, rss = daemon.usage()
+            daemon.stop()
+            count = stored()  # the unique index on (device_id, time): no row twice
+            (rejects,), = conn.execute("SELECT count(*) FROM ingest_rejects").fetchall()
+            print(f"published {expected:,} readings of {args.sites} sites over {args.days} days;"
+                  f" stored {count:,} once each, dead letters {rejects}:"
+                  f" {'no loss' if count == expected and not rejects else 'LOSS'}")
+            print(f"loaded through bmsd in {loaded:.0f} s ({count / loaded:,.0f} readings/s;"
+                  f" bmsd {cpu / count * 1e6:.0f} us CPU per reading, peak RSS {rss:.0f} MB)")
+
+            began = time.perf_counter()
+            refresh_aggregates(conn)
+            cutoff = end.replace(hour=0, minute=0)
+            (chunks,), = conn.execute(
+                "SELECT count(compress_chunk(c, if_not_compressed => true))"
+                " FROM show_chunks('site_telemetry', older_than => %s) c", (cutoff,)).fetchall()
+            (old,), = conn.execute("SELECT count(*) FROM site_telemetry WHERE time < %s",
+                                   (cutoff,)).fetchall()
+            before, after = conn.execute(
+                "SELECT before_compression_total_bytes, after_compression_total_bytes"
+                " FROM hypertable_compression_stats('site_telemetry')").fetchone() or (0, 0)
+            conn.execute("ANALYZE")
+            print(f"aggregated and compressed {chunks} daily chunks in"
+                  f" {time.perf_counter() - began:.0f} s: {before / old:.0f} -> {after / old:.1f}"
+                  f" bytes per site reading ({1 - after / before:.0%} saved; target <= 30)")
+
+            print("\n| seed query | rows | median | max | target |\n|---|--:|--:|--:|--:|")
+            params = {"site": f"site-{args.sites // 2:04d}"}
+            for label, query, target in QUERIES:
+                rows, median, worst = time_query(conn, query, params, args.repeat)
+                print(f"| {label} | {rows} | {median:.1f} ms | {worst:.1f} ms | < {target} ms"
+                      f"{'' if median < target else ' MISSED'} |")
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    main()
