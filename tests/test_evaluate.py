@@ -114,6 +114,20 @@ def test_flags_raise_at_once_and_resolve_when_a_reading_no_longer_carries_them()
     assert codes(batch(state, [pack(2)]).resolved) == ["FAN_FAILURE"]
 
 
+def test_a_reading_resolves_only_its_own_devices_flags_even_within_one_batch() -> None:
+    other = DeviceInfo(3, 10, "north", "pack-2", "battery_pack", 50)
+    state = State(devices={CTRL.id: CTRL, PACK.id: PACK, other.id: other})
+    batch(state, [pack(0, alarm_flags=["FAN"]),
+                  ("battery_telemetry", other.id, T0, {"alarm_flags": ["FAN"]})])
+    plan = batch(state, [pack(1)])
+    assert [(a.device.id, a.code) for a in plan.resolved] == [(PACK.id, "FAN")]
+    assert (other.id, "FAN") in state.open
+    plan = batch(state, [pack(2, alarm_flags=["FAN"]), pack(3), pack(4, alarm_flags=["FAN"])])
+    assert codes(plan.raised_and_cleared) == ["FAN"]
+    assert (PACK.id, "FAN") in state.open
+    assert codes(batch(state, [pack(5)]).resolved) == ["FAN"]
+
+
 def test_silence_raises_offline_and_the_next_reading_resolves_it() -> None:
     state = new_state()
     batch(state, [site(0, battery_charge_level=50)])

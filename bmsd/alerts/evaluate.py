@@ -145,6 +145,12 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
     """
     plan = Plan()
     opened = dict(state.open)  # this batch's view
+    # Each device's open flag alerts, in opening order: a reading resolves the
+    # ones it no longer carries without scanning every open alert of the fleet.
+    flagged_open: dict[int, dict[str, None]] = {}
+    for (device_id, code), alert in opened.items():
+        if alert.category in FLAG_CATEGORIES:
+            flagged_open.setdefault(device_id, {})[code] = None
     for stream, rows in readings.items():
         if not rows:
             continue
@@ -197,7 +203,8 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
                     continue
                 _threshold(plan, opened, pending, check, device, value, when)
             if flagged:
-                _flags(plan, opened, device, fields, when)
+                _flags(plan, opened, flagged_open.setdefault(device_id, {}), device,
+                       fields, when)
     plan.seen.update(seen)
     return plan
 
@@ -257,8 +264,10 @@ def _threshold(plan: Plan, opened: dict[tuple[int, str], Alert], pending: Pendin
                                  message, float(value), check.threshold, since))
 
 
-def _flags(plan: Plan, opened: dict[tuple[int, str], Alert], device: DeviceInfo,
-           values: Mapping[str, Any], when: datetime) -> None:
+def _flags(plan: Plan, opened: dict[tuple[int, str], Alert], flagged: dict[str, None],
+           device: DeviceInfo, values: Mapping[str, Any], when: datetime) -> None:
+    """Raise the flags a reading carries and resolve the device's others (*flagged*:
+    the codes of its open flag alerts, kept up to date here)."""
     carried: dict[str, tuple[str, str, str]] = {}
     for flag, code in PROTECTION_FLAGS.items():
         if values.get(flag):
@@ -266,15 +275,17 @@ def _flags(plan: Plan, opened: dict[tuple[int, str], Alert], device: DeviceInfo,
                              f"protection tripped: {flag.replace('_', '-')}")
     for flag in values.get("alarm_flags") or ():
         carried[flag] = ("warning", "device_alarm", f"device alarm {flag}")
-    for (device_id, code), alert in list(opened.items()):
-        if device_id == device.id and alert.category in FLAG_CATEGORIES \
-                and code not in carried:
+    for code in [c for c in flagged if c not in carried]:
+        del flagged[code]
+        alert = opened.get((device.id, code))
+        if alert is not None and alert.category in FLAG_CATEGORIES:
             _resolve(plan, opened, alert, when)
     for code, (severity, category, title) in carried.items():
         if (device.id, code) not in opened:
             message = f"{device.slug} at {device.site}: {title}"
             _trigger(plan, opened, Alert(device, code, severity, category, title, message,
                                          None, None, when))
+            flagged[code] = None
 
 
 def _offline_resolves(plan: Plan, opened: dict[tuple[int, str], Alert], device: DeviceInfo,
