@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bmsd.config import DEFAULT_ROUTES, RouteConfig
+from bmsd.ingest import routing
 from bmsd.ingest.routing import Match, Router
 
 ROUTER = Router(DEFAULT_ROUTES)
@@ -42,3 +43,15 @@ def test_topics_that_match_nothing_say_why() -> None:
     long = "d" * 65
     assert ROUTER.match(f"site/a/{long}/battery") == (
         f"topic 'site/a/{long}/battery': the device level is longer than 64 characters")
+
+
+def test_remembered_matches_stay_bounded_under_a_flood_of_made_up_topics() -> None:
+    router = Router(DEFAULT_ROUTES)
+    for n in range(routing._SEEN_MAX + 10):
+        assert isinstance(router.match(f"site/s{n}/d/telemetry"), Match)
+    assert len(router._seen) <= routing._SEEN_MAX
+    again = router.match("site/s1/d/telemetry")
+    assert isinstance(again, Match)
+    assert (again.site, again.device) == ("s1", "d")
+    assert isinstance(router.match("nowhere/x"), str)
+    assert router.match("nowhere/x") == router.match("nowhere/x")

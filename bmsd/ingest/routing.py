@@ -15,6 +15,8 @@ from bmsd.config import RouteConfig
 
 _VARIABLE = re.compile(r"^\{([a-z_]+)\}$")
 MAX_SLUG_LENGTH = 64
+# Topics whose match is remembered; a fleet has one per device and stream.
+_SEEN_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ class Router:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         self.routes = tuple(compile_route(r) for r in routes)
         self._by_depth: dict[int, list[Route]] = {}
+        self._seen: dict[str, Match | str] = {}
         for route in self.routes:
             self._by_depth.setdefault(len(route.levels), []).append(route)
 
@@ -79,7 +82,15 @@ class Router:
         return [route.filter for route in self.routes]
 
     def match(self, topic: str) -> Match | str:
-        """Return the match of *topic*, or why it has none."""
+        """Return the match of *topic*, or why it has none (remembered per topic)."""
+        found = self._seen.get(topic)
+        if found is None:
+            if len(self._seen) >= _SEEN_MAX:  # a flood of made-up topics: start over
+                self._seen.clear()
+            found = self._seen[topic] = self._match(topic)
+        return found
+
+    def _match(self, topic: str) -> Match | str:
         levels = topic.split("/")
         for route in self._by_depth.get(len(levels), ()):
             if all(want is None or want == got for want, got in zip(route.levels, levels,
