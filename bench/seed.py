@@ -33,6 +33,7 @@ import multiprocessing
 import random
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,6 +46,7 @@ from bmsd.schema.migrate import migrate
 
 STEP = timedelta(minutes=5)
 PER_MESSAGE = 144  # half a day of 5-minute readings: about 90 kB of JSON
+BACKLOG = 300_000  # readings published and not yet stored: about 200 MB in the broker
 
 QUERIES = [
     ("latest reading, one site", "SELECT * FROM latest_readings(%(site)s)", 50),
@@ -116,28 +118,53 @@ def reading(site: int, when: datetime, rng: random.Random) -> dict[str, Any]:
     return out
 
 
-def publish(port: int, sites: range, start: datetime, end: datetime) -> None:
-    """Publish these sites' readings as gateway batches, QoS 1 (a process of its own)."""
+def stored_by_bmsd(metrics: str) -> int:
+    """Rows bmsd committed, from its /metrics (a count(*) a second would load the database)."""
+    text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("bmsd_rows_written_total{")))
+
+
+def publish(port: int, sites: range, start: datetime, end: datetime, metrics: str,
+            publishers: int) -> None:
+    """Publish these sites' readings as gateway batches, QoS 1 (a process of its own).
+
+    Publishing waits while bmsd is more than BACKLOG readings behind (counting
+    the other publishers as going at this one's pace): past the broker's
+    max_queued_bytes (1 GiB) Mosquitto would drop messages for bmsd's session.
+    """
     client = _publisher(port, f"bench-seed-{sites.start}")
     rng = random.Random(sites.start)
     infos = []
+    sent = 0
     for site in sites:
-        when = start
-        while when < end:
-            batch = []
-            for _ in range(PER_MESSAGE):
-                if when >= end:
-                    break
-                batch.append(reading(site, when, rng))
-                when += STEP
-            infos.append(client.publish(f"site/site-{site:04d}/ctrl/telemetry",
-                                        json.dumps({"readings": batch}), qos=1))
-        while len(infos) > 2000:  # bounded memory: wait for the oldest acks
-            infos.pop(0).wait_for_publish(300)
+        while sent * publishers - stored_by_bmsd(metrics) > BACKLOG:
+            time.sleep(0.5)
+        sent += _publish_site(client, site, start, end, rng, infos)
     for info in infos:
         info.wait_for_publish(300)
     client.disconnect()
     client.loop_stop()
+
+
+def _publish_site(client: Any, site: int, start: datetime, end: datetime,
+                  rng: random.Random, infos: list[Any]) -> int:
+    """Publish one site's readings; return how many."""
+    sent = 0
+    when = start
+    while when < end:
+        batch = []
+        for _ in range(PER_MESSAGE):
+            if when >= end:
+                break
+            batch.append(reading(site, when, rng))
+            when += STEP
+        infos.append(client.publish(f"site/site-{site:04d}/ctrl/telemetry",
+                                    json.dumps({"readings": batch}), qos=1))
+        sent += len(batch)
+    while len(infos) > 2000:  # bounded memory: wait for the oldest acks
+        infos.pop(0).wait_for_publish(300)
+    return sent
 
 
 def main() -> None:
@@ -168,7 +195,8 @@ def main() -> None:
         started = time.perf_counter()
         per = math.ceil(args.sites / args.publishers)
         procs = [multiprocessing.Process(target=publish, args=(
-            stack.broker.port, range(i * per, min(args.sites, (i + 1) * per)), start, end))
+            stack.broker.port, range(i * per, min(args.sites, (i + 1) * per)), start, end,
+            daemon.env["BMSD_METRICS_ADDR"], args.publishers))
             for i in range(args.publishers)]
         for proc in procs:
             proc.start()
@@ -178,7 +206,9 @@ def main() -> None:
                 return int(row[0]) if row else 0
 
             last, last_change = -1, time.monotonic()
-            while (count := stored()) < expected or any(p.is_alive() for p in procs):
+            metrics = daemon.env["BMSD_METRICS_ADDR"]
+            while (count := stored_by_bmsd(metrics)) < expected or any(p.is_alive()
+                                                                       for p in procs):
                 daemon.check_alive()
                 if count != last:
                     last, last_change = count, time.monotonic()
