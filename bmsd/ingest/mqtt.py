@@ -105,6 +105,10 @@ class MqttSource:
                 raise ConfigError(
                     f"[mqtt] TLS files (ca_file, cert_file, key_file) cannot be used: {exc};"
                     " check the paths and that bmsd's user can read them") from exc
+        # Alert notifications in flight at once (paho's default is 20): the network
+        # thread also brings in a flood of readings, and between those turns it
+        # must get every queued notification out, or they pile up in memory.
+        client.max_inflight_messages_set(1000)
         self._jitter_backoff(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
