@@ -170,7 +170,8 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
                     _offline_resolves(plan, opened, state.devices[device_id], when)
             continue
         flagged = stream in FLAGGED_STREAMS
-        checks_of: dict[int, tuple[_Check, ...]] = {}
+        # Per device of this batch: its facts for derived values, and its checks.
+        checks_of: dict[int, tuple[dict[str, Any], tuple[_Check, ...]]] = {}
         for (device_id, when), values in sorted(rows.items(), key=_first):
             key = (device_id, stream)
             mark = plan.marks.get(key) or state.marks.get(key)
@@ -187,11 +188,12 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
             if pending is None:
                 pending = plan.pending[key] = dict(state.pending.get(key, {}))
             _offline_resolves(plan, opened, device, when)
-            checks = checks_of.get(device_id)
-            if checks is None:
-                checks = checks_of[device_id] = _checks(stream_rules, device,
-                                                        state.limits.get(device_id))
-            facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
+            ready = checks_of.get(device_id)
+            if ready is None:
+                ready = checks_of[device_id] = (
+                    {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz},
+                    _checks(stream_rules, device, state.limits.get(device_id)))
+            facts, checks = ready
             for check in checks:
                 value = check.value(fields, facts)
                 if value is None or value != value:  # absent, or NaN
