@@ -176,7 +176,7 @@ class Float8ArrayDumper(Dumper):
 
     psycopg's general array dumper handles any element type and nesting; at a
     battery pack's two 16-cell arrays per reading it took most of COPY's time.
-    A list holding None (not sent by our models) takes the general layout too.
+    A list holding None (our models never send one) is packed element by element.
     """
 
     format = Format.BINARY
@@ -200,7 +200,7 @@ _EMPTY_FLOAT8_ARRAY = struct.pack(">iiI", 0, 0, 701)
 
 @cache
 def _float8_array(n: int) -> struct.Struct:
-    return struct.Struct(">iiIii" + "id" * n)
+    return struct.Struct(_ARRAY_HEAD.format + "id" * n)
 
 
 class Writer:
