@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from run import Bmsd, Stack, _publisher
+from run import Bmsd, Stack, _publisher, stored
 from timing import time_query
 
 from bmsd.dev.fleet import refresh_aggregates
@@ -201,10 +201,6 @@ def main() -> None:
         for proc in procs:
             proc.start()
         with psycopg.connect(url, autocommit=True) as conn:
-            def stored() -> int:
-                row = conn.execute("SELECT count(*) FROM site_telemetry").fetchone()
-                return int(row[0]) if row else 0
-
             last, last_change = -1, time.monotonic()
             metrics = daemon.env["BMSD_METRICS_ADDR"]
             while (count := stored_by_bmsd(metrics)) < expected or any(p.is_alive()
@@ -220,7 +216,8 @@ def main() -> None:
                 proc.join()
             cpu, rss = daemon.usage()
             daemon.stop()
-            count = stored()  # the unique index on (device_id, time): no row twice
+            # the unique index on (device_id, time): no row twice
+            count = stored(url, "site_telemetry")
             rejects = conn.execute("SELECT reason, count(*) FROM ingest_rejects GROUP BY 1"
                                    " ORDER BY 2 DESC LIMIT 3").fetchall()
             print(f"published {expected:,} readings of {args.sites} sites over {args.days} days;"
