@@ -3,10 +3,10 @@
 bmsd's rate is held down by a database slowed through a proxy, so the ratio is
 the same on any machine. Back-pressure must reach the broker: bmsd holds at most
 its in-flight window of messages waiting for a commit plus an inbox of two
-windows, at most 16 MiB of payloads (a full inbox stops the MQTT thread reading, so
-TCP pushes back), and
-the broker queues the rest in bmsd's session until it catches up. 60 s of overload when the
-reliability report runs it, 12 s in CI.
+windows and at most 16 MiB of payloads (a full inbox stops the MQTT thread
+reading, so TCP pushes back), and the broker queues the rest in bmsd's session
+until it catches up. 60 s of overload when the reliability report runs it, 12 s
+in CI.
 """
 
 from __future__ import annotations
