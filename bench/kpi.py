@@ -24,7 +24,7 @@ from timing import time_query
 from bmsd.dev.localstack import LocalPostgres
 from bmsd.schema.migrate import load_demo_data, migrate
 
-LEVELS = ("energy_readings_1m", "energy_readings_15m", "energy_readings_1h",
+LEVELS = ("energy_readings_1m", "energy_readings_15m", "energy_site_15m", "energy_readings_1h",
           "energy_readings_1d", "production_data_1h", "production_data_1d")
 
 

@@ -20,6 +20,7 @@ TELEMETRY = ["site_telemetry", "battery_telemetry", "energy_readings", "producti
              "environmental_data"]
 AGGREGATES = [
     "energy_readings_1m", "energy_readings_15m", "energy_readings_1h", "energy_readings_1d",
+    "energy_site_15m",
     *[f"{t}_{lvl}" for t in TELEMETRY if t != "energy_readings" for lvl in ("1h", "1d")],
 ]
 DAY = timedelta(days=1)
@@ -211,6 +212,10 @@ def test_continuous_aggregates_are_hierarchical_and_real_time(db: Conn) -> None:
             materialized_only, definition = found[level.name]
             assert materialized_only is False
             assert f"FROM {level.source}" in " ".join(str(definition).split())
+    for site_level, source in aggregates.SITE_LEVELS.items():
+        materialized_only, definition = found[site_level]
+        assert materialized_only is False
+        assert f"FROM ({source} q JOIN devices d" in " ".join(str(definition).split())
 
 
 def jobs(db: Conn, proc: str) -> dict[str, dict[str, object]]:
@@ -346,6 +351,7 @@ def test_the_backlog_job_refreshes_every_level_of_every_stream_bottom_up(db: Con
     config, every = row
     assert isinstance(config, dict)
     assert isinstance(every, timedelta)
-    assert config["levels"] == {family.table: [level.name for level in family.levels]
+    assert config["levels"] == {family.table: aggregates.refresh_order(family)
                                 for family in aggregates.FAMILIES}
+    assert config["levels"]["energy_readings"][1:3] == ["energy_readings_15m", "energy_site_15m"]
     assert every <= timedelta(minutes=1)

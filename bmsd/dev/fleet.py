@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from bmsd.schema.aggregates import FAMILIES
+from bmsd.schema.aggregates import FAMILIES, refresh_order
 
 _ORG = """
     INSERT INTO organizations (slug, name) VALUES ('fleet', 'Fleet Energy')
@@ -169,7 +169,7 @@ _EVENTS = """
     SELECT triggered_at, site_id, device_id, 'alert_triggered', message FROM alerts
 """
 #: Every continuous aggregate, each level after the one it is built on.
-_AGGREGATES = tuple(level.name for family in FAMILIES for level in family.levels)
+_AGGREGATES = tuple(name for family in FAMILIES for name in refresh_order(family))
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,20 @@ CREATE FUNCTION bmsd_stddev(n numeric, s double precision, sq double precision)
 """
 
 
+# Per-site levels built over a device level with a join to devices (written by
+# hand in sql/180): name -> the level it reads. Refreshed right after it.
+SITE_LEVELS = {"energy_site_15m": "energy_readings_15m"}
+
+
+def refresh_order(family: Family) -> list[str]:
+    """Return the family's levels and the site levels over them, each after its source."""
+    names = []
+    for level in family.levels:
+        names.append(level.name)
+        names += [site for site, source in SITE_LEVELS.items() if source == level.name]
+    return names
+
+
 def level_sql(family: Family, level: Level) -> str:
     """Return the CREATE MATERIALIZED VIEW statement of one level."""
     columns = (*_COMMON, *family.columns)
