@@ -246,3 +246,54 @@ def test_never_two_unresolved_alerts_for_one_device_and_rule(
             unresolved.add(key)
         start = end
     assert unresolved == set(state.open)
+
+
+# Readings of two packs and a site controller, in any order of arrival: values
+# around the thresholds, sometimes absent or NaN, sometimes carrying flags.
+PACK_2 = DeviceInfo(3, 10, "north", "pack-2", "battery_pack", 50)
+maybe_value = st.one_of(st.none(), st.just(float("nan")), st.floats(0, 100, allow_nan=False))
+fleet_readings = st.lists(st.one_of(
+    st.tuples(st.just("site"), st.integers(1, 90), maybe_value, maybe_value),
+    st.tuples(st.sampled_from([PACK.id, PACK_2.id]), st.integers(1, 90),
+              st.lists(st.floats(4.0, 4.3, allow_nan=False), max_size=4),
+              st.sampled_from([{}, {}, {}, {"over_voltage": True}, {"alarm_flags": ["FAN"]},
+                               {"alarm_flags": []}]))), min_size=1, max_size=40)
+
+
+def fleet_transitions(drawn: list[tuple[Any, ...]], cuts: list[int]) -> list[Any]:
+    """Evaluate *drawn* readings in batches cut at *cuts*; return every transition."""
+    state = State(devices={CTRL.id: CTRL, PACK.id: PACK, PACK_2.id: PACK_2})
+    readings: list[tuple[str, int, datetime, dict[str, Any]]] = []
+    clock = dict.fromkeys(("site", PACK.id, PACK_2.id), 0)
+    for who, gap, first, second in drawn:
+        clock[who] += gap
+        when = T0 + timedelta(seconds=clock[who])
+        if who == "site":
+            readings.append(("site_telemetry", CTRL.id, when,
+                             {"battery_charge_level": first, "battery_temperature": second}))
+        else:
+            readings.append(("battery_telemetry", who, when, {"cell_voltages": first, **second}))
+    out: list[Any] = []
+    start = 0
+    for end in [*sorted(set(cuts)), len(readings)]:
+        if end <= start:
+            continue
+        plan = batch(state, readings[start:end])
+        for alert in (*plan.triggered, *plan.raised_and_cleared):
+            out.append(("raised", alert.device.id, alert.code, alert.triggered_at, alert.value))
+        for alert in plan.resolved:
+            out.append(("resolved", alert.device.id, alert.code, alert.triggered_at,
+                        alert.resolved_at))
+        start = end
+    out.append(("open", sorted(state.open), sorted(state.pending.items())))
+    return sorted(out, key=repr)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fleet_readings, st.lists(st.integers(0, 40), max_size=10))
+def test_a_batch_of_several_devices_and_streams_decides_as_its_readings_one_by_one(
+    drawn: list[tuple[Any, ...]], cuts: list[int]
+) -> None:
+    one_by_one = fleet_transitions(drawn, list(range(len(drawn))))
+    assert fleet_transitions(drawn, cuts) == one_by_one
+    assert fleet_transitions(drawn, []) == one_by_one

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
 from bmsd.alerts.rules import DERIVED, OPS, Rule
@@ -154,7 +153,7 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
     for stream, rows in readings.items():
         if not rows:
             continue
-        stream_rules = rules.get(stream, ())
+        prepared = [_prepared(rule) for rule in rules.get(stream, ())]
         if not needs_fields(stream, rules):
             # Nothing to evaluate per reading: only each device's newest one
             # moves its mark and ends a DEVICE_OFFLINE.
@@ -170,49 +169,92 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
                     _offline_resolves(plan, opened, state.devices[device_id], when)
             continue
         flagged = stream in FLAGGED_STREAMS
-        # Per device of this batch: its facts for derived values, and its checks.
-        checks_of: dict[int, tuple[dict[str, Any], tuple[_Check, ...]]] = {}
-        for (device_id, when), values in sorted(rows.items(), key=_first):
+        for device_id, series in _series(rows):
             key = (device_id, stream)
             mark = plan.marks.get(key) or state.marks.get(key)
-            if mark is not None and when <= mark:
-                continue  # late or redelivered: stored, but changes nothing
-            if mark is not None and device_id not in plan.intervals:
-                gap = (when - mark).total_seconds()
-                old = state.interval.get(device_id)
-                plan.intervals[device_id] = gap if old is None else 0.8 * old + 0.2 * gap
-            plan.marks[key] = when
+            if mark is not None:
+                # late or redelivered: stored, but changes nothing
+                series = [item for item in series if item[0] > mark]
+                if not series:
+                    continue
+                if device_id not in plan.intervals:
+                    gap = (series[0][0] - mark).total_seconds()
+                    old = state.interval.get(device_id)
+                    plan.intervals[device_id] = gap if old is None else 0.8 * old + 0.2 * gap
+            plan.marks[key] = series[-1][0]
             device = state.devices[device_id]
-            fields = values or {}
-            pending = plan.pending.get(key)
-            if pending is None:
-                pending = plan.pending[key] = dict(state.pending.get(key, {}))
-            _offline_resolves(plan, opened, device, when)
-            ready = checks_of.get(device_id)
-            if ready is None:
-                ready = checks_of[device_id] = (
-                    {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz},
-                    _checks(stream_rules, device, state.limits.get(device_id)))
-            facts, checks = ready
-            for check in checks:
-                value = check.value(fields, facts)
-                if value is None or value != value:  # absent, or NaN
-                    continue
-                code = check.rule.code
-                # The common case changes nothing: no alert, none pending, not breached.
-                if ((device_id, code) not in opened and code not in pending
-                        and not check.breached(value, check.threshold)):
-                    continue
-                _threshold(plan, opened, pending, check, device, value, when)
-            if flagged:
-                _flags(plan, opened, flagged_open.setdefault(device_id, {}), device,
-                       fields, when)
+            pending = plan.pending[key] = dict(state.pending.get(key, {}))
+            _offline_resolves(plan, opened, device, series[0][0])
+            facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
+            checks = _checks(prepared, device, state.limits.get(device_id))
+            own_flags = flagged_open.setdefault(device_id, {}) if flagged else {}
+            # The common case: nothing open or pending for the device, and no
+            # reading breaches a rule or carries a flag: nothing changes.
+            if (not pending and not own_flags
+                    and not any((device_id, check.rule.code) in opened for check in checks)
+                    and not any(_breached_by(check, series, facts) for check in checks)
+                    and not (flagged and _carry_flags(series))):
+                continue
+            for when, values in series:
+                fields = values or {}
+                for check in checks:
+                    value = check.value(fields, facts)
+                    if value is None or value != value:  # absent, or NaN
+                        continue
+                    _threshold(plan, opened, pending, check, device, value, when)
+                if flagged:
+                    _flags(plan, opened, own_flags, device, fields, when)
     plan.seen.update(seen)
     return plan
 
 
-def _first(item: tuple[tuple[int, datetime], Any]) -> tuple[int, datetime]:
+Series = list[tuple[datetime, Mapping[str, Any] | None]]
+
+
+def _series(rows: Mapping[tuple[int, datetime], Mapping[str, Any] | None],
+            ) -> list[tuple[int, Series]]:
+    """Return each device's readings in time order, devices in id order."""
+    out: dict[int, Series] = {}
+    for (device_id, when), values in rows.items():
+        out.setdefault(device_id, []).append((when, values))
+    for series in out.values():
+        series.sort(key=_when)
+    return sorted(out.items(), key=_device)
+
+
+def _when(item: tuple[datetime, Any]) -> datetime:
     return item[0]
+
+
+def _device(item: tuple[int, Series]) -> int:
+    return item[0]
+
+
+def _breached_by(check: _Check, series: Series, facts: Mapping[str, Any]) -> bool:
+    """Return whether any reading of *series* breaches *check*'s threshold.
+
+    The operators are monotonic, so comparing the highest value (lowest, for
+    ``<`` and ``<=``) decides for all of them at once.
+    """
+    if check.field is not None:
+        name = check.field
+        values = [v for _, fields in series
+                  if fields and (v := fields.get(name)) is not None and v == v]
+    else:
+        read = check.value
+        values = [v for _, fields in series
+                  if (v := read(fields or {}, facts)) is not None and v == v]
+    if not values:
+        return False
+    return check.breached(max(values) if check.upward else min(values), check.threshold)
+
+
+_FLAG_FIELDS = (*PROTECTION_FLAGS, "alarm_flags")
+
+
+def _carry_flags(series: Series) -> bool:
+    """Return whether any reading of *series* carries a protection or alarm flag."""
+    return any(fields and any(map(fields.get, _FLAG_FIELDS)) for _, fields in series)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,26 +263,31 @@ class _Check:
 
     rule: Rule
     value: Callable[[Mapping[str, Any], Mapping[str, Any]], Any]  # (fields, device facts)
+    field: str | None  # the stored field it reads, None for a derived value
     breached: Callable[[float, float], bool]
+    upward: bool  # breached above the threshold (> or >=), else below
     threshold: float
     clear: float
 
 
-@cache
-def _reader(rule: Rule) -> Callable[[Mapping[str, Any], Mapping[str, Any]], Any]:
-    """Return how *rule* reads its value from a reading's fields and the device's facts."""
+def _prepared(rule: Rule) -> _Check:
+    """Return *rule* as a check at its own thresholds (once per rule and batch)."""
     derive = DERIVED.get(rule.stream, {}).get(rule.value)
-    if derive is not None:
-        return derive
-    name = rule.value
-    return lambda fields, _facts: fields.get(name)
+    if derive is None:
+        name = rule.value
+        return _Check(rule, lambda fields, _facts: fields.get(name), name, OPS[rule.op],
+                      rule.op[0] == ">", rule.threshold, rule.threshold)
+    return _Check(rule, derive, None, OPS[rule.op], rule.op[0] == ">", rule.threshold,
+                  rule.threshold)
 
 
-def _checks(rules: Iterable[Rule], device: DeviceInfo,
+def _checks(prepared: Iterable[_Check], device: DeviceInfo,
             limits: Mapping[str, float] | None) -> tuple[_Check, ...]:
-    """Return the checks of the *rules* that watch *device* (once per device and batch)."""
-    return tuple(_Check(rule, _reader(rule), OPS[rule.op], *rule.thresholds(limits))
-                 for rule in rules if rule.applies(device.kind, device.site))
+    """Return the *prepared* checks that watch *device*, at its thresholds (once per
+    device and batch)."""
+    return tuple(_Check(c.rule, c.value, c.field, c.breached, c.upward,
+                        *c.rule.thresholds(limits))
+                 for c in prepared if c.rule.applies(device.kind, device.site))
 
 
 def _threshold(plan: Plan, opened: dict[tuple[int, str], Alert], pending: Pending,
