@@ -17,6 +17,10 @@ interleaved and medians reported, because the machine is noisy.
 - bmsd: `bmsd run` with the shipped defaults, 1 and 100 readings per message;
   CPU seconds and peak RSS read from /proc. A run whose stored row count
   differs from what was published is reported as FAILED.
+- bmsd scaled out: ``--instances`` (default 2) `bmsd run` members of one
+  shared group (``[mqtt] shared_group``, README "Scaling out") draining the
+  same backlogs; one process per core is how a box is used by bmsd, while the
+  do-nothing subscriber is one process either way.
 - Latency: publish-to-commit at half of bmsd's measured single-reading rate,
   from the reading's timestamp (set at publish) to its transaction's commit
   time (track_commit_timestamp), p50/p95/p99 over every row.
@@ -381,12 +385,16 @@ def main() -> None:
                         help="messages of 100 readings per drain")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency-s", type=float, default=20)
+    parser.add_argument("--instances", type=int, default=2,
+                        help="members of one shared group, for the scaled-out rows")
     parser.add_argument("--results", type=Path, help="write the table as Markdown here")
     args = parser.parse_args()
 
     stack = Stack()
     runs: dict[str, list[dict[str, float]]] = {
-        "null": [], "copy": [], "single": [], "batched": [], "battery": [], "battery-off": []}
+        "null": [], "copy": [], "single": [], "batched": [], "battery": [], "battery-off": [],
+        "single-n": [], "batched-n": []}
+    group = 'shared_group = "bench"\n'
     steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
         ("null", lambda: subscriber_limit(stack, args.messages)),
         ("copy", lambda: copy_limit(stack, args.batched_messages * 100)),
@@ -395,6 +403,10 @@ def main() -> None:
         ("battery", lambda: bmsd_drain(stack, args.messages, 1, battery=True)),
         ("battery-off", lambda: bmsd_drain(stack, args.messages, 1,
                                            "[alerts]\nenabled = false\n", battery=True)),
+        ("single-n", lambda: bmsd_drain(stack, args.messages, 1, instances=args.instances,
+                                        extra_mqtt=group)),
+        ("batched-n", lambda: bmsd_drain(stack, args.batched_messages, 100,
+                                         instances=args.instances, extra_mqtt=group)),
     ]
     try:
         for rep in range(args.repeat):
@@ -424,6 +436,13 @@ def main() -> None:
          "≥ 0.80 x do-nothing subscriber"),
         ("bmsd, 100 readings per message", f"{median(batched, 'rows_per_s'):,.0f} rows/s",
          f"{median(batched, 'rows_per_s') / copy:.2f} x COPY", "≥ 0.60 x COPY"),
+        (f"bmsd x {args.instances} instances (shared group), 1 reading per message",
+         f"{median(runs['single-n'], 'messages_per_s'):,.0f} msg/s",
+         f"{median(runs['single-n'], 'messages_per_s') / null:.2f} x subscriber",
+         "≥ 0.80 x do-nothing subscriber"),
+        (f"bmsd x {args.instances} instances (shared group), 100 readings per message",
+         f"{median(runs['batched-n'], 'rows_per_s'):,.0f} rows/s",
+         f"{median(runs['batched-n'], 'rows_per_s') / copy:.2f} x COPY", "≥ 0.60 x COPY"),
         ("CPU s per 1000 readings (1 / 100 per msg)",
          f"{median(single, 'cpu_s_per_1000'):.3f} / {median(batched, 'cpu_s_per_1000'):.3f}",
          "", "report; halve"),
