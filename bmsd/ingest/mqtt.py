@@ -32,6 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bmsd.config import MqttConfig
 from bmsd.errors import BrokerError, ConfigError, SessionTakenOver
+from bmsd.ingest.buffered_client import BufferedClient
 from bmsd.metrics import Metrics
 
 log = structlog.get_logger("bmsd.ingest.mqtt")
@@ -81,7 +82,7 @@ class MqttSource:
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (8883 if url.scheme == "mqtts" else 1883)
         v5 = config.protocol == "5"
-        client = paho.Client(
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2, client_id=config.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else False, manual_ack=True,
