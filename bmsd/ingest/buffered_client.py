@@ -5,8 +5,10 @@ packet type, one per byte of the remaining length, then the rest. A
 do-nothing subscriber spends half its time there (bench/RESULTS.md: 36 k ->
 78 k single-reading messages/s with this buffer). `BufferedClient` takes up
 to 64 KiB from the socket at once and hands paho's reader its pieces from
-that; after each read event it goes on reading packets until the buffer is
-empty, because the socket will not wake paho again for bytes already taken.
+that; after each read event it goes on reading the packets already in the
+buffer, because the socket will not wake paho again for bytes already taken,
+but takes no more from the socket until the next read event (paho writes
+our PUBACKs between read events).
 The buffer is dropped whenever paho closes the socket, so nothing of one
 connection reaches the next.
 
@@ -33,9 +35,12 @@ class _BufferedClient(paho.Client):
         super().__init__(*args, **kwargs)
         self._read_buffer = b""
         self._read_pos = 0
+        self._draining = False
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._read_pos >= len(self._read_buffer):
+            if self._draining:  # the rest waits for the socket's next read event
+                raise BlockingIOError
             data = super()._sock_recv(READ_SIZE)  # BlockingIOError: nothing now
             if not data:
                 return data  # the connection was closed
@@ -50,13 +55,19 @@ class _BufferedClient(paho.Client):
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         rc = super().loop_read(max_packets)
-        while (rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None
-               and self._read_pos < len(self._read_buffer)):
-            rc = self._packet_read()
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
-            if rc > 0:
-                return self._loop_rc_handle(rc)
+        # Packets already taken from the socket, and only those: reading on
+        # from the socket here would keep paho from its writes (our PUBACKs).
+        self._draining = True
+        try:
+            while (rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None
+                   and self._read_pos < len(self._read_buffer)):
+                rc = self._packet_read()
+                if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                    return MQTTErrorCode.MQTT_ERR_SUCCESS
+                if rc > 0:
+                    return self._loop_rc_handle(rc)
+        finally:
+            self._draining = False
         return rc
 
 
