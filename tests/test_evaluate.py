@@ -5,7 +5,7 @@ tests/test_alerts.py checks the same end to end, through a running bmsd.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -184,6 +184,16 @@ levels = st.lists(st.tuples(st.integers(1, 120), st.floats(0, 100, allow_nan=Fal
                             st.floats(20, 70, allow_nan=False)), min_size=1, max_size=40)
 
 
+def in_batches(state: State, readings: list[tuple[str, int, datetime, dict[str, Any]]],
+               cuts: list[int]) -> Iterator[Plan]:
+    """Evaluate and commit *readings* in batches cut at *cuts*; yield each plan."""
+    start = 0
+    for end in [*sorted(set(cuts)), len(readings)]:
+        if end > start:
+            yield batch(state, readings[start:end])
+            start = end
+
+
 def transitions(readings: list[tuple[int, float, float]], cuts: list[int]) -> list[Any]:
     """Evaluate *readings* in batches cut at *cuts*; return every alert transition."""
     state = new_state()
@@ -193,15 +203,10 @@ def transitions(readings: list[tuple[int, float, float]], cuts: list[int]) -> li
         stream.append(site(seconds, battery_charge_level=charge,
                            battery_temperature=temperature))
     out: list[Any] = []
-    start = 0
-    for end in [*sorted(set(cuts)), len(stream)]:
-        if end <= start:
-            continue
-        plan = batch(state, stream[start:end])
+    for plan in in_batches(state, stream, cuts):
         out += [("raised", a.code, a.triggered_at) for a in plan.triggered]
         out += [("raised", a.code, a.triggered_at) for a in plan.raised_and_cleared]
         out += [("resolved", a.code, a.triggered_at, a.resolved_at) for a in plan.resolved]
-        start = end
     return sorted(out, key=repr)
 
 
@@ -274,17 +279,12 @@ def fleet_transitions(drawn: list[tuple[Any, ...]], cuts: list[int]) -> list[Any
         else:
             readings.append(("battery_telemetry", who, when, {"cell_voltages": first, **second}))
     out: list[Any] = []
-    start = 0
-    for end in [*sorted(set(cuts)), len(readings)]:
-        if end <= start:
-            continue
-        plan = batch(state, readings[start:end])
+    for plan in in_batches(state, readings, cuts):
         for alert in (*plan.triggered, *plan.raised_and_cleared):
             out.append(("raised", alert.device.id, alert.code, alert.triggered_at, alert.value))
         for alert in plan.resolved:
             out.append(("resolved", alert.device.id, alert.code, alert.triggered_at,
                         alert.resolved_at))
-        start = end
     out.append(("open", sorted(state.open), sorted(state.pending.items())))
     return sorted(out, key=repr)
 
