@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from bmsd.alerts.rules import DERIVED, OPS, Rule
@@ -153,7 +154,6 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
     for stream, rows in readings.items():
         if not rows:
             continue
-        prepared = [_prepared(rule) for rule in rules.get(stream, ())]
         if not needs_fields(stream, rules):
             # Nothing to evaluate per reading: only each device's newest one
             # moves its mark and ends a DEVICE_OFFLINE.
@@ -169,9 +169,10 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
                     _offline_resolves(plan, opened, state.devices[device_id], when)
             continue
         flagged = stream in FLAGGED_STREAMS
+        prepared = [_prepared(rule) for rule in rules.get(stream, ())]
         for device_id, series in _series(rows):
             key = (device_id, stream)
-            mark = plan.marks.get(key) or state.marks.get(key)
+            mark = state.marks.get(key)  # one series per device and stream
             if mark is not None:
                 # late or redelivered: stored, but changes nothing
                 series = [item for item in series if item[0] > mark]
@@ -218,16 +219,11 @@ def _series(rows: Mapping[tuple[int, datetime], Mapping[str, Any] | None],
     for (device_id, when), values in rows.items():
         out.setdefault(device_id, []).append((when, values))
     for series in out.values():
-        series.sort(key=_when)
-    return sorted(out.items(), key=_device)
+        series.sort(key=_FIRST)
+    return sorted(out.items(), key=_FIRST)
 
 
-def _when(item: tuple[datetime, Any]) -> datetime:
-    return item[0]
-
-
-def _device(item: tuple[int, Series]) -> int:
-    return item[0]
+_FIRST = itemgetter(0)
 
 
 def _breached_by(check: _Check, series: Series, facts: Mapping[str, Any]) -> bool:
@@ -273,12 +269,14 @@ class _Check:
 def _prepared(rule: Rule) -> _Check:
     """Return *rule* as a check at its own thresholds (once per rule and batch)."""
     derive = DERIVED.get(rule.stream, {}).get(rule.value)
-    if derive is None:
-        name = rule.value
-        return _Check(rule, lambda fields, _facts: fields.get(name), name, OPS[rule.op],
-                      rule.op[0] == ">", rule.threshold, rule.threshold)
-    return _Check(rule, derive, None, OPS[rule.op], rule.op[0] == ">", rule.threshold,
+    field = None if derive is not None else rule.value
+    value = derive if derive is not None else _field_reader(rule.value)
+    return _Check(rule, value, field, OPS[rule.op], rule.op[0] == ">", rule.threshold,
                   rule.threshold)
+
+
+def _field_reader(name: str) -> Callable[[Mapping[str, Any], Mapping[str, Any]], Any]:
+    return lambda fields, _facts: fields.get(name)
 
 
 def _checks(prepared: Iterable[_Check], device: DeviceInfo,
