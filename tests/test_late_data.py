@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bmsd.schema.aggregates import FAMILIES, refresh_order
+from bmsd.schema.aggregates import FAMILIES, Family, refresh_order
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_report import Record, Scenario
 
@@ -40,9 +40,12 @@ def energy(when: datetime) -> float:
     return round(1 + (when.timestamp() // 60) % 37 / 10, 1)  # sensor resolution, 0.1 kWh
 
 
+def family_of(stream: str) -> Family:
+    return next(f for f in FAMILIES if f.table == stream)
+
+
 def levels(stream: str) -> list[tuple[str, str]]:
-    family = next(f for f in FAMILIES if f.table == stream)
-    return [(level.name, level.width) for level in family.levels]
+    return [(level.name, level.width) for level in family_of(stream).levels]
 
 
 def disagreements(db: psycopg.Connection[Any], stream: str, device: int, column: str,
@@ -159,8 +162,7 @@ def test_a_buffer_sent_twice_after_10_and_30_days_offline_is_stored_once_and_agg
         # 15 s), which this test is about.
         buffered = time.monotonic()
         for stream, *_ in GATEWAYS:
-            family = next(f for f in FAMILIES if f.table == stream)
-            for name in refresh_order(family):
+            for name in refresh_order(family_of(stream)):
                 job = db.execute("SELECT job_id FROM timescaledb_information.jobs"
                                  " WHERE proc_name = 'policy_refresh_continuous_aggregate'"
                                  " AND hypertable_name = %s", (name,)).fetchone()
