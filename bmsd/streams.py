@@ -28,12 +28,22 @@ from bmsd.ingest.models import (
 class StreamSpec:
     """One stream: its hypertable, payload model, default route and nature."""
 
-    name: str  # the hypertable, and the stream's name in routes and rules
+    name: str  # the table or view of its readings, and its name in routes and rules
     label: str  # short name in reasons; the default topic's last level
     model: type[ReadingModel]
     topic: str  # the default route
     device_kind: str  # given to devices first seen through the default route
     pack: bool = False  # a battery pack's readings: nested form, cells, flags
+
+    @property
+    def scaled_table(self) -> str | None:
+        """Return the hypertable of integers this stream is stored in, if any.
+
+        A stream whose model declares ``digits`` is stored, on the community
+        edition (sql/190), in ``<name>_scaled`` as integers; *name* is then
+        a view giving engineering units, which every reader uses.
+        """
+        return f"{self.name}_scaled" if self.model.digits else None
 
 
 SPECS: tuple[StreamSpec, ...] = (

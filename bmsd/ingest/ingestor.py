@@ -101,8 +101,9 @@ class Ingestor:
         """
         self._writer.prepare(conn)
         with conn.transaction():
-            kept = dict(conn.execute(_RETENTION, (list(NAMES),)).fetchall())
-        self._limits = {stream: self._stream_limits(kept.get(stream)) for stream in NAMES}
+            kept = dict(conn.execute(_RETENTION, (list(self._writer.tables.values()),)).fetchall())
+        self._limits = {stream: self._stream_limits(kept.get(table))
+                        for stream, table in self._writer.tables.items()}
 
     def accept(self, conn: psycopg.Connection[Any], message: Message) -> None:
         """Add *message* to the batch; database errors leave the batch unchanged."""

@@ -9,6 +9,7 @@ reading goes to the dead letter with the field named.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +20,10 @@ Temperature = Annotated[float | None, Field(ge=-60, le=150)]
 GridFrequency = Annotated[float | None, Field(ge=40, le=70)]
 NonNegative = Annotated[float | None, Field(ge=0)]
 Number = float | None
+# Site readings are stored as integers (sql/190), so their bounds must be finite:
+# 10^12 (a petawatt, a terawatt-hour) times 10^3 still fits a bigint.
+Signed = Annotated[float | None, Field(ge=-1e12, le=1e12)]
+Amount = Annotated[float | None, Field(ge=0, le=1e12)]
 MAX_CELLS = 1024
 CellVoltage = Annotated[float, Field(ge=0, le=5.0)]
 CellTemperature = Annotated[float, Field(ge=-60, le=150)]
@@ -31,33 +36,47 @@ class ReadingModel(BaseModel):
                               str_max_length=256)
     #: Columns of the hypertable written by COPY, after time and device_id.
     columns: ClassVar[tuple[str, ...]]
+    #: Fields stored as integers at this many decimal digits (the resolution
+    #: kept: 1 stores 400.1 V as 4001); empty when the hypertable holds floats.
+    digits: ClassVar[Mapping[str, int]] = {}
 
 
 class SiteTelemetry(ReadingModel):
     """Site-level telemetry (BMS design); also accepts its camelCase names."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
-    battery_voltage: Number = None
-    battery_current: Number = None
+    #: Stored as integers at a sensor's usual resolution (sql/190): 0.1 V, A, %
+    #: and degC, 0.01 kW, 0.001 kWh and Hz. A finer value is rounded to it.
+    digits: ClassVar[Mapping[str, int]] = {
+        "battery_voltage": 1, "battery_current": 1, "battery_charge_level": 1,
+        "battery_temperature": 1, "battery_state_of_health": 1, "battery_power_kw": 2,
+        "solar_power_kw": 2, "solar_energy_kwh": 3, "solar_efficiency": 1,
+        "inverter1_power_kw": 2, "inverter1_efficiency": 1, "inverter1_temperature": 1,
+        "inverter2_power_kw": 2, "inverter2_efficiency": 1, "inverter2_temperature": 1,
+        "grid_voltage": 1, "grid_frequency": 3, "grid_power_kw": 2, "grid_energy_kwh": 3,
+        "load_power_kw": 2, "load_energy_kwh": 3,
+    }
+    battery_voltage: Signed = None
+    battery_current: Signed = None
     battery_charge_level: Percent = None
     battery_temperature: Temperature = None
     battery_state_of_health: Percent = None
-    battery_power_kw: Number = None
-    solar_power_kw: Number = None
-    solar_energy_kwh: NonNegative = None
+    battery_power_kw: Signed = None
+    solar_power_kw: Signed = None
+    solar_energy_kwh: Amount = None
     solar_efficiency: Percent = None
-    inverter1_power_kw: Number = None
+    inverter1_power_kw: Signed = None
     inverter1_efficiency: Percent = None
     inverter1_temperature: Temperature = None
-    inverter2_power_kw: Number = None
+    inverter2_power_kw: Signed = None
     inverter2_efficiency: Percent = None
     inverter2_temperature: Temperature = None
-    grid_voltage: NonNegative = None
+    grid_voltage: Amount = None
     grid_frequency: GridFrequency = None
-    grid_power_kw: Number = None
-    grid_energy_kwh: Number = None
-    load_power_kw: Number = None
-    load_energy_kwh: NonNegative = None
+    grid_power_kw: Signed = None
+    grid_energy_kwh: Signed = None
+    load_power_kw: Signed = None
+    load_energy_kwh: Amount = None
 
 
 class BatteryTelemetry(ReadingModel):

@@ -1,14 +1,17 @@
 """Write a batch of readings to the hypertables in one transaction.
 
-The fast path is one binary COPY per hypertable. A reading that is already
-stored (redelivered after a crash) makes COPY fail with a unique violation,
-which aborts it; that hypertable's rows are then written again through a
-temporary staging table with INSERT ... ON CONFLICT DO NOTHING, and every
-row that was not inserted is compared with the stored one: the same values
-count as a duplicate, different values are dead-lettered. A row the
-database refuses for its data (a NUL character, a failed check, a value out
-of range) is isolated by bisecting the rows and dead-lettered alone. Each
-attempt runs in a savepoint, so the rest of the batch is unaffected.
+The fast path is one binary COPY per hypertable. Site readings go, where
+sql/190 ran (community edition), to ``site_telemetry_scaled`` as integers
+at each field's resolution (``SiteTelemetry.digits``), rounded here. A
+reading that is already stored (redelivered after a crash) makes COPY fail
+with a unique violation, which aborts it; that hypertable's rows are then
+written again through a temporary staging table with INSERT ... ON CONFLICT
+DO NOTHING, and every row that was not inserted is compared with the stored
+one: the same values count as a duplicate, different values are
+dead-lettered. A row the database refuses for its data (a NUL character, a
+failed check, a value out of range) is isolated by bisecting the rows and
+dead-lettered alone. Each attempt runs in a savepoint, so the rest of the
+batch is unaffected.
 
 Everything - rows, dead letters, ``devices.last_seen_at``, the days late
 readings fell on (``aggregate_backlog``, which a database job refreshes in
@@ -169,6 +172,20 @@ class Outcome:
 # rather than retry the batch. Anything else is the database's trouble, not
 # the data's, and the whole batch is retried.
 _DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+_INTEGERS = ("integer", "bigint")
+
+
+def _scaler(columns: Sequence[str], digits: Any) -> tuple[int | None, ...] | None:
+    """Return each column's factor to its stored integer (None: stored as is)."""
+    if not digits:
+        return None
+    return tuple(10 ** digits[c] if c in digits else None for c in columns)
+
+
+def _scaled(values: tuple[Any, ...], factors: tuple[int | None, ...]) -> tuple[Any, ...]:
+    # round() of the product, not int(): 400.1 * 10 is 4000.9999999999995.
+    return tuple(v if f is None or v is None else round(v * f)
+                 for v, f in zip(values, factors, strict=True))
 
 
 class Float8ArrayDumper(Dumper):
@@ -209,25 +226,38 @@ class Writer:
     def __init__(self) -> None:
         self._columns: dict[str, list[str]] = {}
         self._types: dict[str, list[str]] = {}
+        self._factors: dict[str, tuple[int | None, ...] | None] = {}
+        #: The hypertable each stream is written to (a scaled one where it exists).
+        self.tables: dict[str, str] = {s: s for s in NAMES}
         self._backlog = False  # aggregate_backlog exists (community edition)
 
     def prepare(self, conn: psycopg.Connection[Any]) -> None:
         """Read the hypertables' column types; check they hold every payload field."""
         for spec in SPECS:
-            stream = spec.name
+            stream = table = spec.name
+            scaled = spec.scaled_table
+            if scaled:
+                with conn.transaction():
+                    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (scaled,)).fetchone()
+                table = scaled if row and row[0] else stream
             wanted = ["time", "device_id", *spec.model.columns, "extra"]
             try:
                 with conn.transaction():
-                    found = dict(conn.execute(_COLUMN_TYPES, (stream,)).fetchall())
+                    found = dict(conn.execute(_COLUMN_TYPES, (table,)).fetchall())
             except psycopg.errors.UndefinedTable as exc:
                 raise DatabaseError(
-                    f"table {stream} does not exist: run `bmsd migrate` first") from exc
+                    f"table {table} does not exist: run `bmsd migrate` first") from exc
             missing = [c for c in wanted if c not in found]
-            if missing:
-                raise DatabaseError(f"table {stream} lacks columns {', '.join(missing)}:"
+            floats = [c for c in spec.model.digits
+                      if table == scaled and found.get(c) not in _INTEGERS]
+            if missing or floats:
+                raise DatabaseError(f"table {table} lacks {'integer ' if floats else ''}columns"
+                                    f" {', '.join(missing or floats)}:"
                                     " run `bmsd migrate` with this version's sql/")
             self._columns[stream] = wanted
             self._types[stream] = [found[c] for c in wanted]
+            self._factors[stream] = _scaler(wanted, spec.model.digits) if table == scaled else None
+            self.tables[stream] = table
         with conn.transaction():
             row = conn.execute("SELECT to_regclass('aggregate_backlog') IS NOT NULL").fetchone()
         self._backlog = bool(row and row[0])
@@ -258,7 +288,7 @@ class Writer:
                outcome: Outcome) -> None:
         try:
             with conn.transaction():
-                self._copy(conn, sql.Identifier(stream), stream, rows)
+                self._copy(conn, sql.Identifier(self.tables[stream]), stream, rows)
         except psycopg.errors.UniqueViolation:
             self._write_staged(conn, stream, rows, outcome)
         except _DATA_ERRORS as exc:
@@ -270,18 +300,20 @@ class Writer:
               rows: list[Row]) -> None:
         columns = sql.SQL(", ").join(map(sql.Identifier, self._columns[stream]))
         statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(table, columns)
+        factors = self._factors[stream]
         with conn.cursor() as cur:
             cur.adapters.register_dumper(None, Float8ArrayDumper)
             with cur.copy(statement) as copy:
                 copy.set_types(self._types[stream])
                 for row in rows:
                     extra = row.extra
-                    copy.write_row((*row.values[:-1], None if extra is None else Jsonb(extra)))
+                    values = row.values if factors is None else _scaled(row.values, factors)
+                    copy.write_row((*values[:-1], None if extra is None else Jsonb(extra)))
 
     def _write_staged(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
                       outcome: Outcome) -> None:
         stage = sql.Identifier(f"bmsd_stage_{stream}")
-        target = sql.Identifier(stream)
+        target = sql.Identifier(self.tables[stream])
         names = self._columns[stream]
         columns = sql.SQL(", ").join(map(sql.Identifier, names))
         try:
