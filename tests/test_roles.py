@@ -26,7 +26,7 @@ def test_ingest_alerts_and_redelivery_need_no_more_than_bmsd_ingest(
                    what="the reading stored once and its alerts raised")
     with psycopg.connect(ingest_login, autocommit=True) as conn:
         for statement in ("CREATE TABLE intruder (x int)", "DROP TABLE alerts",
-                          "TRUNCATE site_telemetry", "ALTER TABLE devices ADD COLUMN x int",
+                          "TRUNCATE battery_telemetry", "ALTER TABLE devices ADD COLUMN x int",
                           "DELETE FROM alerts", "SELECT * FROM pg_authid"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
