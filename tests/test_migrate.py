@@ -16,6 +16,7 @@ import pytest
 from bmsd.dev.localstack import LocalPostgres
 from bmsd.errors import MigrationError
 from bmsd.schema.migrate import default_sql_dir, load_scripts, migrate
+from tests.fix_daemon import wait_until
 from tests.fix_db import PgServer
 
 SCRIPTS = load_scripts(default_sql_dir())
@@ -102,6 +103,43 @@ def test_a_failing_script_names_itself_and_leaves_nothing_half_done(
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
     assert "900_broken.sql" not in recorded(empty_db_url)
+
+
+def test_a_script_that_deadlocks_with_another_session_is_tried_again(
+    empty_db_url: str, sql_copy: Path
+) -> None:
+    migrate(empty_db_url, sql_dir=sql_copy, skip_community=True)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE first_lock (id int); CREATE TABLE second_lock (id int)")
+    (sql_copy / "900_locks.sql").write_text(
+        "LOCK TABLE first_lock;\nLOCK TABLE second_lock;\nCREATE TABLE after_locks (id int);\n")
+    # Another session, as a background job might, holds one table and then
+    # wants the other once the script waits for the first: a deadlock that
+    # PostgreSQL resolves by cancelling the script, which waited first.
+    other = psycopg.connect(empty_db_url)
+    other.execute("LOCK TABLE second_lock")
+
+    def job() -> None:
+        with psycopg.connect(empty_db_url, autocommit=True) as watch:
+            wait_until(lambda: watch.execute(
+                "SELECT 1 FROM pg_locks WHERE relation = 'second_lock'::regclass"
+                " AND NOT granted").fetchone(), timeout_s=30, what="the script waiting")
+        other.execute("LOCK TABLE first_lock")
+        other.commit()
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    progress: list[str] = []
+    try:
+        report = migrate(empty_db_url, sql_dir=sql_copy, skip_community=True,
+                         on_progress=progress.append)
+    finally:
+        thread.join()
+        other.close()
+    assert report.applied == ["900_locks.sql"]
+    assert "900_locks.sql deadlocked with another session" in " ".join(progress)
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT to_regclass('after_locks')").fetchone() != (None,)
 
 
 def test_concurrent_runs_apply_each_script_once(empty_db_url: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from bmsd.ingest.database import connect
 from bmsd.resources import package_file
 
 COMMUNITY_MARKER = "-- requires: timescaledb-community"
+#: Tries of a script that deadlocks with a TimescaleDB background job.
+DEADLOCK_ATTEMPTS = 5
 SCRIPT_NAME = re.compile(r"^\d{3}_[a-z0-9_]+\.sql$")
 # An arbitrary constant shared by every bmsd migrate: only one runs at a time.
 ADVISORY_LOCK_KEY = 0x626D7364  # "bmsd"
@@ -286,14 +289,26 @@ def _apply_one(
         return
     if on_progress:
         on_progress(f"applying {script.name}")
-    try:
-        with conn.transaction():
-            conn.execute(sql.SQL(script.text))  # our own file's text, not user input
-            conn.execute(_RECORD_APPLIED, params)
-    except psycopg.Error as exc:
-        diag = exc.diag
-        where = f" (at: {diag.context.strip()})" if diag.context else ""
-        raise MigrationError(f"sql/{script.name} failed: {exc}".strip() + where) from exc
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL(script.text))  # our own file's text, not user input
+                conn.execute(_RECORD_APPLIED, params)
+            break
+        except psycopg.errors.DeadlockDetected as exc:
+            # A TimescaleDB job (a refresh, the backlog) ran into the script's
+            # locks; PostgreSQL rolled the script back whole: try it again.
+            if attempt == DEADLOCK_ATTEMPTS:
+                raise MigrationError(f"sql/{script.name} failed {attempt} times: {exc};"
+                                     " run `bmsd migrate` again") from exc
+            if on_progress:
+                on_progress(f"{script.name} deadlocked with another session"
+                            f" (a TimescaleDB job?); trying again in {attempt} s")
+            time.sleep(attempt)
+        except psycopg.Error as exc:
+            diag = exc.diag
+            where = f" (at: {diag.context.strip()})" if diag.context else ""
+            raise MigrationError(f"sql/{script.name} failed: {exc}".strip() + where) from exc
     report.applied.append(script.name)
 
 
