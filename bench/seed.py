@@ -42,6 +42,7 @@ from run import Bmsd, Stack, _publisher, stored
 from timing import time_query
 
 from bmsd.dev.fleet import refresh_aggregates
+from bmsd.ingest.models import SiteTelemetry
 from bmsd.schema.migrate import migrate
 
 STEP = timedelta(minutes=5)
@@ -70,16 +71,9 @@ QUERIES = [
 ]
 
 
-#: Each column's sensor resolution, in decimal digits (0.1 V, 0.01 kW, 0.001 kWh, ...).
-DIGITS = {
-    "battery_voltage": 1, "battery_current": 1, "battery_charge_level": 1,
-    "battery_temperature": 1, "battery_state_of_health": 1, "battery_power_kw": 2,
-    "solar_power_kw": 2, "solar_energy_kwh": 3, "solar_efficiency": 1,
-    "inverter1_power_kw": 2, "inverter1_efficiency": 1, "inverter1_temperature": 1,
-    "inverter2_power_kw": 2, "inverter2_efficiency": 1, "inverter2_temperature": 1,
-    "grid_voltage": 1, "grid_frequency": 3, "grid_power_kw": 2, "grid_energy_kwh": 3,
-    "load_power_kw": 2, "load_energy_kwh": 3,
-}
+#: Each column's sensor resolution, in decimal digits (0.1 V, 0.01 kW, 0.001 kWh, ...):
+#: the resolution bmsd stores them at.
+DIGITS = SiteTelemetry.digits
 
 
 def reading(site: int, when: datetime, rng: random.Random) -> dict[str, Any]:
@@ -229,18 +223,22 @@ def main() -> None:
             began = time.perf_counter()
             refresh_aggregates(conn)
             cutoff = end.replace(hour=0, minute=0)
+            # The hypertable behind the site_telemetry view (integers, sql/190).
+            (table,), = conn.execute("SELECT coalesce(to_regclass('site_telemetry_scaled'),"
+                                     " 'site_telemetry')::text").fetchall()
             (chunks,), = conn.execute(
                 "SELECT count(compress_chunk(c, if_not_compressed => true))"
-                " FROM show_chunks('site_telemetry', older_than => %s) c", (cutoff,)).fetchall()
+                " FROM show_chunks(%s::regclass, older_than => %s) c", (table, cutoff)).fetchall()
             (old,), = conn.execute("SELECT count(*) FROM site_telemetry WHERE time < %s",
                                    (cutoff,)).fetchall()
             before, after = conn.execute(
                 "SELECT before_compression_total_bytes, after_compression_total_bytes"
-                " FROM hypertable_compression_stats('site_telemetry')").fetchone() or (0, 0)
+                " FROM hypertable_compression_stats(%s::regclass)", (table,)).fetchone() or (0, 0)
             conn.execute("ANALYZE")
             print(f"aggregated and compressed {chunks} daily chunks in"
                   f" {time.perf_counter() - began:.0f} s: {before / old:.0f} -> {after / old:.1f}"
-                  f" bytes per site reading ({1 - after / before:.0%} saved; target <= 30)")
+                  f" bytes per site reading in {table} ({1 - after / before:.0%} saved;"
+                  " target <= 30)")
 
             print("\n| seed query | rows | median | max | target |\n|---|--:|--:|--:|--:|")
             params = {"site": f"site-{args.sites // 2:04d}"}
