@@ -122,12 +122,16 @@ class MqttConfig(_Frozen):
     @field_validator("url")
     @classmethod
     def _mqtt_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError("must start with mqtt:// or mqtts:// (e.g. mqtt://host:1883)")
-        if not parts.hostname:
-            raise ValueError("has no host (e.g. mqtt://127.0.0.1:1883)")
-        return value
+        return _check_mqtt_url(value)
+
+
+def _check_mqtt_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError("must start with mqtt:// or mqtts:// (e.g. mqtt://host:1883)")
+    if not parts.hostname:
+        raise ValueError("has no host (e.g. mqtt://127.0.0.1:1883)")
+    return value
 
 
 class IngestConfig(_Frozen):
@@ -157,8 +161,19 @@ class AlertsConfig(_Frozen):
     enabled: bool = True
     rules_file: Path | None = None  # default: the shipped config/alerts.toml
     mqtt_prefix: str | None = "bmsd/alerts"  # "" turns publishing off
+    # The broker notifications go to, over a connection of their own; default
+    # [mqtt] url (the same credentials and TLS files are used).
+    mqtt_url: str | None = None
     limits_refresh_s: PositiveInt = 60
     offline_check_s: PositiveInt = 5
+    # Notifications the broker has not acknowledged yet, above which no new
+    # readings are taken (memory stays bounded; none is dropped).
+    max_pending_notifications: PositiveInt = 10_000
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        return _check_mqtt_url(value) if value else None
 
 
 class MetricsConfig(_Frozen):
@@ -354,7 +369,7 @@ def describe(config: Config) -> str:
             lines.append(f"\n[{key}]")
             section = getattr(config, key)
             for name, item in value.items():
-                if name == "url":
+                if name.endswith("url") and item:
                     item = redact_url(item)
                 lines.append(f"{name} = {_toml(item)}")
             if getattr(section, "password", None) is not None:

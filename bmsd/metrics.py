@@ -80,6 +80,9 @@ class Metrics:
         self.alert_transitions = Counter(
             "bmsd_alert_transitions", "Alerts raised and resolved", ["code", "kind"],
             registry=r)
+        self.notifications_pending = Gauge(
+            "bmsd_alert_notifications_pending",
+            "Alert notifications published and not yet acknowledged by the broker", registry=r)
         self.alert_seconds = Histogram(
             "bmsd_alert_evaluation_seconds", "Time to evaluate and write one batch's alerts",
             buckets=_LATENCY_BUCKETS, registry=r)

@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bmsd.alerts.rules import DEFAULT_RULES_PATH, Rule, load_rules
 from bmsd.errors import ConfigError
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
+from tests.fix_proxy import ProxyFactory
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 SITE_TOPIC = "site/north/ctrl-1/telemetry"
@@ -240,6 +241,41 @@ def test_alerts_are_published_retained_and_cleared_on_resolution(
     finally:
         watcher.disconnect()
         watcher.loop_stop()
+
+
+def test_notifications_wait_for_their_broker_and_readings_wait_for_the_notifications(
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, mqtt_broker: Any,
+    tcp_proxy: ProxyFactory,
+) -> None:
+    # Notifications go over a connection of their own, here through a proxy
+    # that is then cut: they wait in bmsd, and above the bound it stops
+    # taking readings, which wait at the broker; nothing is dropped.
+    proxy = tcp_proxy(mqtt_broker.url)
+    daemon = bmsd_daemon(f'[alerts]\nmqtt_url = "{proxy.url(mqtt_broker.url)}"\n'
+                         "max_pending_notifications = 2\n")
+    wait_until(lambda: proxy.connections > 0, what="the notification connection")
+    proxy.refuse()
+    proxy.cut()
+    sites = [f"ctrl-{n}" for n in range(4)]
+    for second, device in enumerate(sites):
+        publisher.publish(f"site/north/{device}/telemetry",
+                          {"timestamp": at(second), "batteryChargeLevel": 8})
+    # Each reading raises BATTERY_LOW and BATTERY_CRITICAL.
+    wait_until(lambda: daemon.metric("bmsd_alert_notifications_pending") == 2 * len(sites),
+               what="eight notifications waiting for their broker")
+    before = stored(db_url)
+    publish_levels(publisher, [(60 + s, 50) for s in range(10)], topic="site/north/ok/telemetry")
+    time.sleep(2)
+    assert stored(db_url) == before  # not taken while the notifications wait
+    assert "alert_notifications_backlog" in [e.get("event") for e in daemon.events()]
+    proxy.heal()
+    wait_until(lambda: stored(db_url) == before + 10, timeout_s=60,
+               what="the readings taken once the notifications went out")
+    assert daemon.metric("bmsd_alert_notifications_pending") == 0
+    for device in sites:
+        document = retained(mqtt_broker.publisher_url,
+                            f"bmsd/alerts/north/{device}/BATTERY_CRITICAL") or {}
+        assert document.get("status") == "active", device
 
 
 def test_an_acknowledged_alert_still_resolves(

@@ -43,7 +43,7 @@ from bmsd.ingest.health import HealthServer
 from bmsd.ingest.inbox import Inbox
 from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.lock import InstanceLock
-from bmsd.ingest.mqtt import Message, MqttSource
+from bmsd.ingest.mqtt import Message, MqttPublisher, MqttSource
 from bmsd.ingest.notify import Notifier
 from bmsd.metrics import Metrics
 from bmsd.schema.migrate import all_scripts, missing_scripts
@@ -53,6 +53,9 @@ log = structlog.get_logger("bmsd")
 _IDLE_PING_S = 10.0
 _ALIVE_WITHIN_S = 60.0
 _STATUS_EVERY_S = 5.0
+# At exit, how long alert notifications of the last commits may take to be
+# acknowledged (a few ms normally); unresolved ones are announced again at start.
+_NOTICES_AT_EXIT_S = 2.0
 
 
 class _GaveUp(Exception):
@@ -106,6 +109,11 @@ class Daemon:
         self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts)
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
                                   self.metrics)
+        self._notices: MqttPublisher | None = None
+        if self._alerts is not None and config.alerts.mqtt_prefix:
+            broker = config.mqtt.model_copy(update={"url": config.alerts.mqtt_url}) \
+                if config.alerts.mqtt_url else config.mqtt
+            self._notices = MqttPublisher(broker, self.metrics)
         self._db = Database(config.database, self.metrics, sleep=self._sleep)
         self.metrics.instance.info({"client_id": config.mqtt.client_id,
                                     "shared_group": config.mqtt.shared_group or ""})
@@ -115,6 +123,7 @@ class Daemon:
         self.metrics.inbox_bytes.set_function(lambda: self._inbox.bytes)
         self._lock = InstanceLock(config.database, config.mqtt.client_id)
         self._waiting_for = "the database"
+        self._paused_for_notices = False
         self._heartbeat = time.monotonic()
         self._rows = 0  # committed since start, for STATUS
         self._last_commit: float | None = None
@@ -169,6 +178,9 @@ class Daemon:
             return 1
         finally:
             self._source.close()
+            if self._notices is not None:
+                self._notices.wait_sent(_NOTICES_AT_EXIT_S)
+                self._notices.close()
             self._lock.release()
             self._db.close()
             self.http.stop()
@@ -183,6 +195,8 @@ class Daemon:
         if self._alerts is not None:
             self._db.run(self._alerts.load)
         self._set_waiting("the MQTT subscription")
+        if self._notices is not None:
+            self._notices.start()
         self._source.start()
         while not self._source.subscribed.wait(0.1):
             self._heartbeat = time.monotonic()
@@ -281,8 +295,11 @@ class Daemon:
             try:
                 # A batch held here found the inbox empty while it was too young to
                 # commit: wait for its idle age, the flush interval or a message.
-                wait = ingest.seconds_to_due(idle=True)
-                message = inbox.get(timeout=min(max(wait, 0.001), 0.5))
+                wait = min(max(ingest.seconds_to_due(idle=True), 0.001), 0.5)
+                if self._notices_backlogged():
+                    time.sleep(min(wait, 0.05))
+                    raise queue.Empty
+                message = inbox.get(timeout=wait)
             except queue.Empty:
                 message = None
             idle = message is None
@@ -300,6 +317,25 @@ class Daemon:
             elif not ingest.pending and time.monotonic() - db.last_ok > ping_every:
                 db.run(self._ping)
                 self.notifier.progress()
+
+    def _notices_backlogged(self) -> bool:
+        """Whether too many alert notifications wait for the broker to take readings.
+
+        The readings wait at the broker meanwhile (unacknowledged), so memory
+        stays bounded and nothing is dropped; the network thread that sends
+        the notifications does not depend on this loop.
+        """
+        pending = self._notices.pending if self._notices is not None else 0
+        over = pending > self.config.alerts.max_pending_notifications
+        if over != self._paused_for_notices:
+            self._paused_for_notices = over
+            if over:
+                log.warning("alert_notifications_backlog", pending=pending,
+                            meaning="taking no readings until the broker acknowledges more"
+                                    " alert notifications ([alerts] max_pending_notifications)")
+            else:
+                log.info("alert_notifications_backlog_cleared")
+        return over
 
     def _flush(self) -> None:
         outcome = self._db.run(self._ingest.flush)
@@ -361,7 +397,8 @@ class Daemon:
         self.notifier.ready(self._status_line())
 
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
-        self._source.publish(topic, payload, retain)
+        if self._notices is not None:
+            self._notices.publish(topic, payload, retain)
 
     def _ping(self, conn: psycopg.Connection[Any]) -> None:
         """Check the database while idle, and that we still hold our instance lock."""
