@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
@@ -175,7 +175,8 @@ _DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 _INTEGERS = ("integer", "bigint")
 
 
-def _scaler(columns: Sequence[str], digits: Any) -> tuple[int | None, ...] | None:
+def _scaler(columns: Sequence[str],
+            digits: Mapping[str, int]) -> tuple[int | None, ...] | None:
     """Return each column's factor to its stored integer (None: stored as is)."""
     if not digits:
         return None

@@ -34,12 +34,15 @@ from dataclasses import replace
 
 import annotated_types
 
-from bmsd.ingest.models import ReadingModel, SiteTelemetry
 from bmsd.schema import aggregates
+from bmsd.streams import BY_NAME
 
-STREAM = "site_telemetry"
-MODEL: type[ReadingModel] = SiteTelemetry
-TABLE = f"{STREAM}_scaled"
+SPEC = BY_NAME["site_telemetry"]
+STREAM = SPEC.name
+MODEL = SPEC.model
+if SPEC.scaled_table is None:
+    raise ImportError(f"{MODEL.__name__} declares no digits: nothing to store as integers")
+TABLE: str = SPEC.scaled_table  # the name bmsd's writer looks for
 #: Range checks of sql/030 kept on the integers: column -> (low, high), in units.
 CHECKS = {"battery_charge_level": (0, 100), "battery_state_of_health": (0, 100),
           "solar_energy_kwh": (0, None), "load_energy_kwh": (0, None)}
@@ -77,17 +80,13 @@ def _check(name: str) -> str:
     return f" CHECK ({name} BETWEEN {low} AND {high})"
 
 
-def _columns() -> list[str]:
-    return list(MODEL.columns)
-
-
 def _list(items: list[str], indent: str) -> str:
     return (",\n" + indent).join(items)
 
 
 def table_sql() -> str:
     """Return the first part: the integer hypertable, the rows copied, the view in its place."""
-    names = _columns()
+    names = list(MODEL.columns)
     definitions = [f"{n:<24} {column_type(n) if n in MODEL.digits else 'double precision'}"
                    f"{_check(n)}" for n in names]
     copied = [_scale(n, n) if n in MODEL.digits else n for n in names]
