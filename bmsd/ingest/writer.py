@@ -175,11 +175,8 @@ _DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 _INTEGERS = ("integer", "bigint")
 
 
-def _scaler(columns: Sequence[str],
-            digits: Mapping[str, int]) -> tuple[int | None, ...] | None:
+def _scaler(columns: Sequence[str], digits: Mapping[str, int]) -> tuple[int | None, ...]:
     """Return each column's factor to its stored integer (None: stored as is)."""
-    if not digits:
-        return None
     return tuple(10 ** digits[c] if c in digits else None for c in columns)
 
 
@@ -252,7 +249,7 @@ class Writer:
             floats = [c for c in spec.model.digits
                       if table == scaled and found.get(c) not in _INTEGERS]
             if missing or floats:
-                raise DatabaseError(f"table {table} lacks {'integer ' if floats else ''}columns"
+                raise DatabaseError(f"table {table} lacks {'' if missing else 'integer '}columns"
                                     f" {', '.join(missing or floats)}:"
                                     " run `bmsd migrate` with this version's sql/")
             self._columns[stream] = wanted
