@@ -66,6 +66,12 @@ def _address(config: MqttConfig) -> tuple[str, int]:
     return url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
 
 
+def _jitter_backoff(client: paho.Client, cap: float) -> None:
+    """Draw *client*'s reconnect backoff bounds afresh, so many daemons do not retry in step."""
+    client.reconnect_delay_set(min_delay=max(1, round(random.uniform(0.5, 2))),  # noqa: S311
+                               max_delay=max(1, round(cap * random.uniform(0.75, 1))))  # noqa: S311
+
+
 def _log_in(client: paho.Client, config: MqttConfig) -> tuple[str | None, bool]:
     """Set *client*'s credentials and TLS from *config*; return the user and whether TLS."""
     url = urlsplit(config.url)
@@ -118,7 +124,7 @@ class MqttSource:
             clean_session=None if v5 else False, manual_ack=True,
         )
         self._user, self._tls = _log_in(client, config)
-        self._jitter_backoff(client)
+        _jitter_backoff(client, config.reconnect_max_backoff_s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
@@ -256,7 +262,7 @@ class MqttSource:
             log.warning("mqtt_disconnected", reason=str(reason),
                         meaning="reconnecting with backoff; unacknowledged messages will be"
                                 " redelivered")
-        self._jitter_backoff(client)
+        _jitter_backoff(client, self._config.reconnect_max_backoff_s)
 
     def _on_message(self, client: paho.Client, userdata: object,
                     message: paho.MQTTMessage) -> None:
@@ -270,11 +276,6 @@ class MqttSource:
                               bytes(message.payload), datetime.now(UTC)))
 
     # --- helpers ---------------------------------------------------------------
-
-    def _jitter_backoff(self, client: paho.Client) -> None:
-        cap = self._config.reconnect_max_backoff_s
-        client.reconnect_delay_set(min_delay=max(1, round(random.uniform(0.5, 2))),  # noqa: S311
-                                   max_delay=max(1, round(cap * random.uniform(0.75, 1))))  # noqa: S311
 
     def _set_fatal(self, error: BrokerError) -> None:
         if self.fatal is None:
@@ -312,7 +313,7 @@ class MqttPublisher:
                              clean_session=None if self._v5 else True)
         _log_in(client, config)
         client.max_inflight_messages_set(1000)
-        client.reconnect_delay_set(1, max(1, round(config.reconnect_max_backoff_s)))
+        _jitter_backoff(client, config.reconnect_max_backoff_s)
         client.on_publish = self._on_publish
         client.on_connect = self._on_connect
         self._client = client
