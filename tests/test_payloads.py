@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bmsd.ingest.payloads import Limits, Parsed, parse_message
+from bmsd.dev.simulate import Options, plan
+from bmsd.ingest.payloads import Limits, Parsed, _parse_each, _parse_valid, parse_message
 from bmsd.streams import BY_NAME, NAMES
 from tests.fix_report import Record, Scenario
 
@@ -219,9 +221,11 @@ json_values = st.recursive(
 def test_any_json_document_gives_readings_or_reasons_never_an_exception(
     stream: str, document: Any
 ) -> None:
-    parsed = parse_message(stream, json.dumps(document).encode(), NOW, LIMITS)
+    payload = json.dumps(document).encode()
+    parsed = parse_message(stream, payload, NOW, LIMITS)
     assert parsed.readings or parsed.rejects
     assert all(r.reason for r in parsed.rejects)
+    assert parsed == _parse_each(BY_NAME[stream], payload, NOW, LIMITS)
 
 
 @settings(max_examples=300, deadline=None)
@@ -293,7 +297,7 @@ def test_a_hundred_thousand_hostile_payloads_end_as_readings_or_reasons(
 ) -> None:
     rng = random.Random(100_000)  # the same inputs every run
     limits = Limits(max_message_bytes=64 * 1024)
-    readings = rejects = 0
+    readings = rejects = one_pass = 0
     for n in range(100_000):
         stream = NAMES[n % len(NAMES)]
         if n % 10 == 0:
@@ -306,6 +310,10 @@ def test_a_hundred_thousand_hostile_payloads_end_as_readings_or_reasons(
                 payload = b'{"readings": ' + b"[" * 30000 + b"]" * 30000 + b"}"
         parsed = parse_message(stream, payload, NOW, limits)
         assert parsed.readings or parsed.rejects, payload
+        # The one-pass validation and the reading by reading path agree.
+        if len(payload) <= limits.max_message_bytes:
+            assert parsed == _parse_each(BY_NAME[stream], payload, NOW, limits), payload
+            one_pass += _parse_valid(BY_NAME[stream], payload, NOW, limits) is not None
         readings += len(parsed.readings)
         rejects += len(parsed.rejects)
         for reject in parsed.rejects:
@@ -316,7 +324,24 @@ def test_a_hundred_thousand_hostile_payloads_end_as_readings_or_reasons(
                 assert reject.payload == payload
             else:
                 assert reject.payload
+    assert one_pass > 100  # the one-pass path was taken too, not only the other
     reliability(Scenario("10^5 hostile payloads (parser only, no servers)", 100_000, readings,
                          0, rejects, note="no unhandled exception; every reject has a category,"
                                           " a reason and its raw bytes; published: inputs,"
                                           " stored: readings parsed"))
+
+
+@pytest.mark.parametrize("per_message", [1, 3])
+def test_what_gateways_send_is_validated_in_one_pass(per_message: int) -> None:
+    """The fast path takes every stream's valid messages, returning what the other would."""
+    start = NOW - timedelta(hours=1)
+    messages = list(itertools.islice(plan(Options(messages=2000, start=start, alerts=0.1,
+                                                  per_message=per_message)), 2000))
+    assert {m.stream for m in messages} == set(NAMES)
+    for m in messages:
+        spec = BY_NAME[m.stream]
+        one_pass = _parse_valid(spec, m.payload, m.at, LIMITS)
+        assert one_pass is not None, m.payload
+        assert one_pass == _parse_each(spec, m.payload, m.at, LIMITS)
+        assert len(one_pass.readings) == m.valid
+        assert not one_pass.rejects

@@ -130,24 +130,21 @@ class Ingestor:
             return
         origin = Origin(message.topic, route.template, message.payload, None,
                         message.received_at)
-        add = self._batch.add
         stream = route.stream
-        newest = message.received_at
-        late_before = newest - LATE_AFTER
-        undated = 0
-        for reading in parsed.readings:
-            add(stream, Row((reading.time, device, *reading.values, reading.extra), origin,
-                            reading.index))
-            if reading.time > newest:
-                newest = reading.time
-            elif reading.time < late_before:
-                self._batch.late.add((stream, reading.time.astimezone(UTC).date()))
-            undated += not reading.timestamped
+        self._batch.extend(stream, [Row((r.time, device, *r.values, r.extra), origin, r.index)
+                                    for r in parsed.readings])
+        times = [r.time for r in parsed.readings]
+        latest, earliest = max(times), min(times)
+        if earliest < message.received_at - LATE_AFTER:
+            late_before = message.received_at - LATE_AFTER
+            self._batch.late.update((stream, t.astimezone(UTC).date()) for t in times
+                                    if t < late_before)
+        undated = sum(not r.timestamped for r in parsed.readings)
         if undated:
             self._metrics.readings_without_time.labels(route.template).inc(undated)
         else:
-            self._lag_times.append(max(r.time for r in parsed.readings))
-        self._batch.see(device, newest)
+            self._lag_times.append(latest)
+        self._batch.see(device, max(latest, message.received_at))
         self._hold(message, dead)
 
     def _hold(self, message: Message, dead: list[DeadLetter]) -> None:
