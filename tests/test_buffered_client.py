@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bmsd.ingest.buffered_client import READ_SIZE, BufferedClient, _BufferedClient
+from bmsd.ingest.buffered_client import READ_SIZE, BufferedClient, _BufferedClient, ack_many
 from tests.fix_daemon import wait_until
 from tests.fix_mqtt import Broker
 
@@ -65,3 +65,47 @@ def test_messages_of_every_size_arrive_whole_and_in_order(mqtt_broker: Broker) -
             client.loop_stop()
     assert [len(p) for p in received] == [len(p) for p in payloads]
     assert received == payloads
+
+
+def test_acks_sent_together_acknowledge_exactly_those_messages(mqtt_broker: Broker) -> None:
+    # A session acknowledges the first 300 of 500 messages with one ack_many;
+    # connected again, the broker sends the other 200 and only those.
+    topic = f"test/acks/{time.monotonic_ns()}"
+    client_id = f"acks-{time.monotonic_ns()}"
+    received: list[tuple[int, bytes]] = []
+
+    def session() -> paho.Client:
+        parts = urlsplit(mqtt_broker.publisher_url)
+        client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                protocol=paho.MQTTv311, clean_session=False,
+                                manual_ack=True)
+        client.username_pw_set(parts.username, parts.password)
+        client.max_inflight_messages_set(1000)
+        client.on_message = lambda c, u, m: received.append((m.mid, m.payload))
+        client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+        client.loop_start()
+        return client
+
+    subscriber = session()
+    subscribed = threading.Event()
+    subscriber.on_subscribe = lambda *args: subscribed.set()
+    subscriber.subscribe(topic, qos=1)
+    assert subscribed.wait(10)
+    publisher = connected(mqtt_broker.publisher_url, paho.Client, f"plain-{time.monotonic_ns()}")
+    try:
+        for n in range(500):
+            publisher.publish(topic, str(n).encode(), qos=1).wait_for_publish(10)
+        wait_until(lambda: len(received) == 500, timeout_s=30, what="500 messages")
+        ack_many(subscriber, [mid for mid, _ in received[:300]])
+        time.sleep(1)  # the network thread sends them
+        subscriber.disconnect()
+        subscriber.loop_stop()
+        received.clear()
+        subscriber = session()
+        wait_until(lambda: len(received) == 200, timeout_s=30, what="the 200 not acknowledged")
+        time.sleep(1)
+        assert [p for _, p in received] == [str(n).encode() for n in range(300, 500)]
+    finally:
+        for client in (subscriber, publisher):
+            client.disconnect()
+            client.loop_stop()

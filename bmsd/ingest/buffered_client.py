@@ -1,4 +1,4 @@
-"""paho's client with a read buffer under its packet reader: half its CPU per message.
+"""paho's client with a read buffer under its packet reader, and PUBACKs sent together.
 
 paho reads every packet with a system call per piece: one byte for the
 packet type, one per byte of the remaining length, then the rest. A
@@ -12,20 +12,38 @@ our PUBACKs between read events).
 The buffer is dropped whenever paho closes the socket, so nothing of one
 connection reaches the next.
 
+`ack_many` queues the PUBACKs of a committed batch as one write: paho's
+`ack` queues each as a packet of its own, with a wake-up of its network
+thread and a system call to send each, and every one of those threads'
+turns waits for the interpreter lock while the ingest loop parses.
+
 This overrides private methods of paho-mqtt 2 (``_sock_recv``, ``_sock_close``,
-``loop_read`` around ``_packet_read``). Where they are missing (another paho),
-`BufferedClient` is paho's own client.
+``loop_read`` around ``_packet_read``) and queues with ``_packet_queue``.
+Where they are missing (another paho), `BufferedClient` is paho's own client
+(and `ack_many` acknowledges one message at a time).
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
 READ_SIZE = 64 * 1024
-_PRIVATE = ("_sock_recv", "_sock_close", "_packet_read", "_loop_rc_handle")
+_PRIVATE = ("_sock_recv", "_sock_close", "_packet_read", "_loop_rc_handle", "_packet_queue")
+_PUBACK = struct.Struct("!BBH")  # packet type, remaining length 2, packet id
+
+
+def ack_many(client: paho.Client, mids: Sequence[int]) -> None:
+    """Acknowledge the QoS 1 messages *mids*, in this order (see the module's docstring)."""
+    if isinstance(client, _BufferedClient):
+        client.ack_many(mids)
+    else:
+        for mid in mids:
+            client.ack(mid, 1)
 
 
 class _BufferedClient(paho.Client):
@@ -69,6 +87,13 @@ class _BufferedClient(paho.Client):
         finally:
             self._draining = False
         return rc
+
+    def ack_many(self, mids: Sequence[int]) -> None:
+        """Queue the PUBACKs of *mids*, in order, as one packet: one write sends them."""
+        if mids:
+            puback = _PUBACK.pack
+            self._packet_queue(paho.PUBACK, b"".join([puback(paho.PUBACK, 2, m) for m in mids]),
+                               0, 1)
 
 
 BufferedClient: type[paho.Client] = (

@@ -34,7 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bmsd.config import MqttConfig
 from bmsd.errors import BrokerError, ConfigError, SessionTakenOver
-from bmsd.ingest.buffered_client import BufferedClient
+from bmsd.ingest.buffered_client import BufferedClient, ack_many
 from bmsd.metrics import Metrics
 
 log = structlog.get_logger("bmsd.ingest.mqtt")
@@ -171,14 +171,18 @@ class MqttSource:
     # --- acknowledgement -----------------------------------------------------
 
     def ack(self, messages: Iterable[Message]) -> int:
-        """Acknowledge *messages* in order; return how many were sent."""
-        sent = 0
+        """Acknowledge *messages* in order; return how many were sent.
+
+        Those received on an earlier connection are not: the broker sends them again.
+        """
         generation = self._generation
-        for message in messages:
-            if message.qos > 0 and message.generation == generation:
+        current = [m for m in messages if m.qos > 0 and m.generation == generation]
+        if all(m.qos == 1 for m in current):
+            ack_many(self._client, [m.mid for m in current])
+        else:  # QoS 2 (not granted by our subscriptions): paho's own, one by one
+            for message in current:
                 self._client.ack(message.mid, message.qos)
-                sent += 1
-        return sent
+        return len(current)
 
     # --- paho callbacks (network thread) ----------------------------------------
 
