@@ -2,19 +2,18 @@
 
 The main thread runs the ingest loop; paho's thread receives messages into a
 bounded queue (bounded twice over: the broker sends no more than the
-in-flight window until we acknowledge); the committer's thread commits each
-batch the loop hands over, and acknowledges its messages (committer.py).
-Signal handlers only record what was asked (`Signals`); the loop acts on
-it. On SIGTERM/SIGINT bmsd stops taking messages, commits and acknowledges
-what it holds, disconnects and exits 0 within ``shutdown_timeout_s``; what
-it could not commit by then stays unacknowledged and the broker redelivers
-it. A second signal exits 1 at once, even while the loop is blocked on the
-database. A fatal condition exits 1 with its reason.
+in-flight window until we acknowledge). Signal handlers only record what
+was asked (`Signals`); the loop acts on it. On SIGTERM/SIGINT bmsd stops
+taking messages, commits and acknowledges what it holds, disconnects and
+exits 0 within ``shutdown_timeout_s``; what it could not commit by then
+stays unacknowledged and the broker redelivers it. A second signal exits 1
+at once, even while the loop is blocked on the database. A fatal condition
+exits 1 with its reason.
 
 Under systemd (bmsd/ingest/notify.py) the daemon says READY=1 once the database
 answers with the schema this bmsd expects, the instance lock is held and the
 subscription is acknowledged; STATUS= every few seconds; WATCHDOG=1 only
-from the loop, after it saw a commit or made a database round trip.
+from the loop, after a commit or a database round trip.
 """
 
 from __future__ import annotations
@@ -39,15 +38,13 @@ from bmsd.alerts.evaluate import Plan
 from bmsd.alerts.rules import load_rules
 from bmsd.config import Config, redact_url
 from bmsd.errors import BmsdError, ConfigError
-from bmsd.ingest.committer import Committer
 from bmsd.ingest.database import Database
 from bmsd.ingest.health import HealthServer
 from bmsd.ingest.inbox import Inbox
-from bmsd.ingest.ingestor import Held, Ingestor
+from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.lock import InstanceLock
 from bmsd.ingest.mqtt import Message, MqttPublisher, MqttSource
 from bmsd.ingest.notify import Notifier
-from bmsd.ingest.writer import Outcome
 from bmsd.metrics import Metrics
 from bmsd.schema.migrate import all_scripts, missing_scripts
 
@@ -118,16 +115,11 @@ class Daemon:
                 if config.alerts.mqtt_url else config.mqtt
             self._notices = MqttPublisher(broker, self.metrics)
         self._db = Database(config.database, self.metrics, sleep=self._sleep)
-        # Batches commit on a connection and thread of their own (committer.py).
-        self._committer = Committer(
-            Database(config.database, self.metrics, sleep=self._sleep,
-                     application_name="bmsd-commit", deadline=self._db.deadline),
-            self._ingest.commit, self._committed)
         self.metrics.instance.info({"client_id": config.mqtt.client_id,
                                     "shared_group": config.mqtt.shared_group or ""})
         # Read at each scrape, so it tells the truth while the loop is stuck:
         # what is in the batch and what waits in the queue before it.
-        self.metrics.inflight.set_function(lambda: self._in_hand() + self._inbox.qsize())
+        self.metrics.inflight.set_function(lambda: self._ingest.pending + self._inbox.qsize())
         self.metrics.inbox_bytes.set_function(lambda: self._inbox.bytes)
         self._lock = InstanceLock(config.database, config.mqtt.client_id)
         self._waiting_for = "the database"
@@ -147,7 +139,7 @@ class Daemon:
 
     def _ready(self) -> tuple[bool, dict[str, object]]:
         subscribed = self._source.subscribed.is_set()
-        db = self._db.up and self._committer.db.up
+        db = self._db.up
         ready = subscribed and db and not self.stop.is_set()
         details: dict[str, object] = {
             "client_id": self.config.mqtt.client_id,
@@ -175,8 +167,8 @@ class Daemon:
             self._drain()
             return 0
         except _GaveUp:
-            if self._in_hand():
-                log.warning("bmsd_shutdown_incomplete", unacknowledged=self._in_hand(),
+            if self._ingest.pending:
+                log.warning("bmsd_shutdown_incomplete", unacknowledged=self._ingest.pending,
                             meaning="the database did not answer before shutdown_timeout_s;"
                                     " the broker redelivers these messages to the next bmsd")
             return 0
@@ -185,14 +177,12 @@ class Daemon:
             self.notifier.status(f"failed: {exc}")
             return 1
         finally:
-            self._committer.close()
             self._source.close()
             if self._notices is not None:
                 self._notices.wait_sent(_NOTICES_AT_EXIT_S)
                 self._notices.close()
             self._lock.release()
             self._db.close()
-            self._committer.db.close()
             self.http.stop()
             log.info("bmsd_stopped")
 
@@ -201,7 +191,6 @@ class Daemon:
         self._set_waiting("the database")
         self._db.run(self._check_schema)
         self._db.run(self._ingest.prepare)
-        self._committer.db.run(self._ping_only)  # its connection, before anything commits
         self._db.run(lambda conn: self._lock.acquire(on_wait=self._set_waiting))
         if self._alerts is not None:
             self._db.run(self._alerts.load)
@@ -255,7 +244,7 @@ class Daemon:
                                                   " signal exits at once")
                 self._begin_shutdown()
             else:
-                log.warning("bmsd_forced_exit", unacknowledged=self._in_hand(),
+                log.warning("bmsd_forced_exit", unacknowledged=self._ingest.pending,
                             meaning="unacknowledged messages will be redelivered by the broker")
                 os._exit(1)
 
@@ -272,35 +261,24 @@ class Daemon:
         next_offline = next_limits = next_status = time.monotonic()
         backlog_seen = datetime.now(UTC)
         window_flushes = 0
-        fed = self._last_commit
-        committer = self._committer
         reloads = self.signals.reloads
         ping_every = min(_IDLE_PING_S, self.notifier.watchdog_interval_s or _IDLE_PING_S)
         while not self.stop.is_set():
             now = self._heartbeat = time.monotonic()
             if self._source.fatal is not None:
                 raise self._source.fatal
-            committer.check()
-            if self._last_commit != fed:
-                fed = self._last_commit
-                self.notifier.progress()
             engine = self._alerts
             if engine is not None:
-                # The committer applies each batch's alert changes: the engine is
-                # touched here only while no batch commits.
                 if not republished and self._source.subscribed.is_set():
                     # Re-announce what is unresolved: a crash between a commit and
                     # its publish must lose no notification.
                     republished = True
-                    committer.wait(self._tick)
                     log.info("alerts_republished", count=engine.republish())
                 if self.signals.reloads != reloads:
                     reloads = self.signals.reloads
-                    committer.wait(self._tick)
                     self._reload_rules(engine)
                 if now >= next_limits:
                     next_limits = now + self.config.alerts.limits_refresh_s
-                    committer.wait(self._tick)
                     db.run(functools.partial(self._read_limits, engine))
                 if ingest.window_flushes != window_flushes or inbox.qsize() > 0:
                     # Draining a backlog: every device would look silent.
@@ -309,7 +287,6 @@ class Daemon:
                 if now >= next_offline and self._source.subscribed.is_set():
                     next_offline = now + self.config.alerts.offline_check_s
                     since = max(self._source.subscribed_at, backlog_seen)
-                    committer.wait(self._tick)
                     engine.apply(db.run(functools.partial(self._offline, engine,
                                                           since=since)))
             if now >= next_status:
@@ -317,11 +294,8 @@ class Daemon:
                 self.notifier.status(self._status_line())
             try:
                 # A batch held here found the inbox empty while it was too young to
-                # commit: wait for its idle age, the flush interval or a message; or,
-                # if it is due, for a message or the end of the commit before it.
+                # commit: wait for its idle age, the flush interval or a message.
                 wait = min(max(ingest.seconds_to_due(idle=True), 0.001), 0.5)
-                if committer.busy and ingest.due(idle=True):
-                    wait = 0.5
                 if self._notices_backlogged():
                     time.sleep(min(wait, 0.05))
                     raise queue.Empty
@@ -331,18 +305,16 @@ class Daemon:
             idle = message is None
             if message is not None:
                 self._accept(message)
-                # Take what is already waiting: until the batch is full, or due
-                # while the committer is free to take it.
-                while not ingest.full() and (committer.busy or not ingest.due()):
+                # Take what is already waiting before looking at the clock again.
+                while not ingest.due():
                     try:
                         self._accept(inbox.get_nowait())
                     except queue.Empty:
                         idle = True
                         break
-            if ingest.due(idle) and (ingest.full() or not committer.busy):
-                self._hand_over()
-            elif (not ingest.pending and not committer.busy
-                  and time.monotonic() - db.last_ok > ping_every):
+            if ingest.due(idle):
+                self._flush()
+            elif not ingest.pending and time.monotonic() - db.last_ok > ping_every:
                 db.run(self._ping)
                 self.notifier.progress()
 
@@ -365,28 +337,12 @@ class Daemon:
                 log.info("alert_notifications_backlog_cleared")
         return over
 
-    def _hand_over(self) -> None:
-        """Hand the batch to the committer (once the one before is committed)."""
-        self._committer.submit(self._ingest.take(), self._tick)
-
-    def _committed(self, held: Held, outcome: Outcome | None) -> None:
-        """Called on the committer's thread after each commit (None: it failed for good)."""
-        if outcome is not None:
-            self._rows += sum(outcome.written.values())
-            self._last_commit = time.monotonic()
-            self.metrics.last_commit.set(time.time())
-        self._inbox.wake()  # the loop may hand over the next batch now
-
-    def _in_hand(self) -> int:
-        """Return how many received messages wait for a commit (not those in the inbox)."""
-        return self._ingest.pending + self._committer.holding
-
-    def _tick(self) -> None:
-        """Called while the loop waits for the committer: keep the heartbeat, honour a
-        fatal broker condition."""
-        self._heartbeat = time.monotonic()
-        if self._source.fatal is not None:
-            raise self._source.fatal
+    def _flush(self) -> None:
+        outcome = self._db.run(self._ingest.flush)
+        self._rows += sum(outcome.written.values())
+        self._last_commit = time.monotonic()
+        self.metrics.last_commit.set(time.time())
+        self.notifier.progress()
 
     def _status_line(self) -> str:
         """Return the one line `systemctl status` shows."""
@@ -395,7 +351,7 @@ class Daemon:
                  else f"last commit {time.monotonic() - self._last_commit:.0f} s ago")
         alerts = self._alerts.unresolved if self._alerts is not None else 0
         return (f"ingesting: {self._rows / elapsed:.0f} rows/s since start,"
-                f" {self._in_hand() + self._inbox.qsize()} messages waiting, {since},"
+                f" {self._ingest.pending + self._inbox.qsize()} messages waiting, {since},"
                 f" {alerts} unresolved alerts")
 
     def _drain(self) -> None:
@@ -403,20 +359,18 @@ class Daemon:
         self.notifier.stopping()
         self._source.stop_intake()
         self._begin_shutdown()
-        in_hand = self._in_hand() + self._inbox.qsize()
         while True:
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 break
             self._accept(message)
-            if self._ingest.full():
-                self._hand_over()
+            if self._ingest.due():
+                self._flush()
         if self._ingest.pending:
-            self._hand_over()
-        self._committer.wait(self._tick)
-        if in_hand:
-            log.info("bmsd_drained", committed_messages=in_hand)
+            pending = self._ingest.pending
+            self._flush()
+            log.info("bmsd_drained", committed_messages=pending)
 
     @staticmethod
     def _offline(engine: AlertEngine, conn: psycopg.Connection[Any], since: datetime) -> Plan:
@@ -446,10 +400,6 @@ class Daemon:
         if self._notices is not None:
             self._notices.publish(topic, payload, retain)
 
-    @staticmethod
-    def _ping_only(conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SELECT 1")
-
     def _ping(self, conn: psycopg.Connection[Any]) -> None:
         """Check the database while idle, and that we still hold our instance lock."""
         conn.execute("SELECT 1")
@@ -469,7 +419,7 @@ class Daemon:
         while (left := end - time.monotonic()) > 0:
             self._heartbeat = time.monotonic()
             if self._deadline is not None and (time.monotonic() > self._deadline
-                                               or not self._in_hand()):
+                                               or not self._ingest.pending):
                 raise _GaveUp  # past the deadline, or nothing in hand to commit
             if self._source.fatal is not None:
                 raise self._source.fatal

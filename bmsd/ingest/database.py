@@ -19,9 +19,8 @@ never replies (a proxy that stops forwarding, a server wedged on I/O), so
 ``operation_timeout_s``: the blocked call then fails like a lost connection
 and is retried, and nothing it held is acknowledged.
 
-`Database` is one connection of the daemon, used from one thread (the ingest
-loop's, and the committer's), with transient failures retried under
-jittered, capped backoff.
+`Database` is the daemon's one connection, used from its main thread, with
+transient failures retried under jittered, capped backoff.
 """
 
 from __future__ import annotations
@@ -160,13 +159,13 @@ class Database:
 
     def __init__(self, config: DatabaseConfig, metrics: Metrics,
                  sleep: Callable[[float], None] = time.sleep,
-                 application_name: str = "bmsd", deadline: Deadline | None = None) -> None:
+                 application_name: str = "bmsd") -> None:
         self.config = config
         self._metrics = metrics
         self._sleep = sleep
         self._application_name = application_name
         self._conn: psycopg.Connection[Any] | None = None
-        self.deadline = deadline or Deadline(config.operation_timeout_s)
+        self.deadline = Deadline(config.operation_timeout_s)
         self.up = False
         self.last_ok = 0.0  # time.monotonic() of the last success
 

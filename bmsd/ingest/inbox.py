@@ -36,7 +36,6 @@ class Inbox:
         self._max_bytes = max_bytes
         self._max_wait_s = max_wait_s
         self._changed = threading.Condition()
-        self._woken = False
 
     def put(self, message: Message) -> None:
         """Add *message*, once there is room for it (see the module's docstring)."""
@@ -59,24 +58,15 @@ class Inbox:
             self._changed.notify_all()
 
     def get(self, timeout: float) -> Message:
-        """Return the oldest message; raise `queue.Empty` if none came within *timeout*,
-        or if `wake` was called since the last `get`."""
+        """Return the oldest message; raise `queue.Empty` if none came within *timeout*."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while not self._messages:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._woken:
-                    self._woken = False
+                if remaining <= 0:
                     raise queue.Empty
                 self._changed.wait(remaining)
-            self._woken = False
             return self._take()
-
-    def wake(self) -> None:
-        """End the wait of `get` (or the next one) now: something else needs the reader."""
-        with self._changed:
-            self._woken = True
-            self._changed.notify_all()
 
     def get_nowait(self) -> Message:
         """Return the oldest message; raise `queue.Empty` if there is none."""

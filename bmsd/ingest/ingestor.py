@@ -1,15 +1,14 @@
-"""Turn received messages into batches, and commit and acknowledge each when due.
+"""Turn received messages into a batch, and commit and acknowledge it when due.
 
 A message goes: topic → route (routing) → readings or rejects (payloads) →
-device id (registry) → the batch (writer.Batch). A batch is handed over for
-its commit (`take`, then `commit` - on the committer's thread, see
-committer.py, while the next batch is gathered) when it is full - a
-hypertable holds ``max_batch_rows``, half the broker's in-flight window is
-unacknowledged in it (the broker sends the other half while it commits), its
-payloads pass ``MAX_PENDING_BYTES`` - or ``flush_interval_ms`` after its
-first message; and, when no message waits (the caller says so), once it is
-``idle_flush_ms`` old. All hypertables are written in one transaction; only
-after the commit are its messages acknowledged, in order.
+device id (registry) → the batch (writer.Batch). A batch is flushed - all
+hypertables in one transaction - when a hypertable holds ``max_batch_rows``,
+when as many messages are unacknowledged as the broker will send us (the
+in-flight window; waiting longer would stall the broker), when the held
+payloads pass ``MAX_PENDING_BYTES``, or ``flush_interval_ms`` after its first
+message; and, when no message waits (the caller says so), once it is
+``idle_flush_ms`` old. Only after the commit are its messages acknowledged,
+in order.
 
 A reading may be as old as ``ingest.max_reading_age_s``, but never older
 than its hypertable's retention (its chunk would be dropped again): older
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,9 +35,8 @@ from bmsd.ingest.writer import Batch, DeadLetter, Origin, Outcome, Row, Writer
 from bmsd.metrics import Metrics
 from bmsd.streams import NAMES
 
-#: Payload bytes a batch holds before it is full, whatever the other limits (two
-#: batches are in hand: one committing, one gathered).
-MAX_PENDING_BYTES = 32 * 1024 * 1024
+#: Payload bytes held before a flush is forced, whatever the other limits.
+MAX_PENDING_BYTES = 64 * 1024 * 1024
 #: Readings older than this lie before the refresh policies' windows (sql/110).
 LATE_AFTER = timedelta(days=3)
 
@@ -50,17 +47,8 @@ _RETENTION = """
 """
 
 
-@dataclass
-class Held:
-    """A batch taken for its commit, and the messages its commit acknowledges."""
-
-    batch: Batch
-    messages: list[Message]
-    lag_times: list[datetime]  # the newest reading time of each dated message
-
-
 class Ingestor:
-    """Gather messages into a batch; commit and acknowledge it when due."""
+    """Gather messages into a batch; flush and acknowledge it when due."""
 
     def __init__(self, config: Config, metrics: Metrics,
                  ack: Callable[[list[Message]], int],
@@ -76,12 +64,12 @@ class Ingestor:
         self._metrics = metrics
         self._ack = ack
         self._alerts = alerts
-        self.window_flushes = 0  # batches full by the in-flight window: a backlog
+        self.window_flushes = 0  # flushes forced by a full in-flight window: a backlog
         self._clock = clock
         self._max_rows = ingest.max_batch_rows
         self._interval_s = ingest.flush_interval_ms / 1000
         self._idle_s = ingest.idle_flush_ms / 1000
-        self._window = max(1, config.mqtt.receive_maximum // 2)
+        self._window = config.mqtt.receive_maximum
         self._batch = Batch()
         self._pending: list[Message] = []
         self._pending_bytes = 0
@@ -169,17 +157,14 @@ class Ingestor:
         self._pending.append(message)
         self._pending_bytes += len(message.payload)
 
-    def full(self) -> bool:
-        """Return whether the batch may take no more messages (see the module's docstring)."""
-        return (self._batch.largest >= self._max_rows
-                or len(self._pending) >= self._window
-                or self._pending_bytes >= MAX_PENDING_BYTES)
-
     def due(self, idle: bool = False) -> bool:
-        """Return whether the batch should be committed now; *idle*: no message waits."""
+        """Return whether the batch should be flushed now; *idle*: no message waits."""
         if not self._pending:
             return False
-        return self.full() or self.seconds_to_due(idle) <= 0
+        return (self._batch.largest >= self._max_rows
+                or len(self._pending) >= self._window
+                or self._pending_bytes >= MAX_PENDING_BYTES
+                or self.seconds_to_due(idle) <= 0)
 
     def seconds_to_due(self, idle: bool = False) -> float:
         """Return the seconds until the flush interval of the batch runs out, or, if
@@ -189,41 +174,35 @@ class Ingestor:
         limit = min(self._interval_s, self._idle_s) if idle else self._interval_s
         return self._first_at + limit - self._clock()
 
-    def take(self) -> Held:
-        """Return the batch for its commit, and start the next one."""
-        if len(self._pending) >= self._window:
-            self.window_flushes += 1
-        held = Held(self._batch, self._pending, self._lag_times)
-        self._batch = Batch()
-        self._pending = []
-        self._pending_bytes = 0
-        self._first_at = None
-        self._lag_times = []
-        return held
-
-    def commit(self, conn: psycopg.Connection[Any], held: Held) -> Outcome:
-        """Commit *held*, then acknowledge its messages; an error leaves it for a retry."""
+    def flush(self, conn: psycopg.Connection[Any]) -> Outcome:
+        """Commit the batch, then acknowledge its messages; errors leave it for a retry."""
         started = time.perf_counter()
         engine = self._alerts
         plan = None
-        batch = held.batch
         with conn.transaction():
-            outcome = self._writer.write(conn, batch)
+            outcome = self._writer.write(conn, self._batch)
             if engine is not None:
-                plan = engine.plan(conn, batch)
+                plan = engine.plan(conn, self._batch)
         committed = datetime.now(UTC)
         if engine is not None and plan is not None:
             engine.apply(plan)
+        if len(self._pending) >= self._window:
+            self.window_flushes += 1
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_rows.observe(sum(outcome.written.values()))
         for table, count in outcome.written.items():
             self._metrics.rows_written.labels(table).inc(count)
         for table, count in outcome.duplicates.items():
             self._metrics.duplicates.labels(table).inc(count)
-        for letter in outcome.dead[len(batch.dead):]:
+        for letter in outcome.dead[len(self._batch.dead):]:
             self._metrics.messages_rejected.labels(letter.origin.route or "",
                                                    letter.category).inc()
-        for when in held.lag_times:
+        for when in self._lag_times:
             self._metrics.lag_seconds.observe(max((committed - when).total_seconds(), 0.0))
-        self._ack(held.messages)
+        self._ack(self._pending)
+        self._batch = Batch()
+        self._pending = []
+        self._pending_bytes = 0
+        self._first_at = None
+        self._lag_times = []
         return outcome
