@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """``histogram.observe`` each of *amounts*, taking its locks once per bucket, not
+    twice per amount (a batch observes one latency per message).
+
+    This reads the client's private layout (``_upper_bounds``, ``_buckets``,
+    ``_sum``, kept per bucket, not cumulative); without it, it observes one by one.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or histogram._labelnames:
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    # bisect_left: the first bound >= amount, as observe's "amount <= bound".
+    for index, count in Tally(bisect_left(bounds, a) for a in amounts).items():
+        buckets[index].inc(count)
+    total.inc(sum(amounts))
 
 
 class Metrics:

@@ -32,7 +32,7 @@ from bmsd.ingest.payloads import Limits, parse_message
 from bmsd.ingest.registry import Registry, Unresolved
 from bmsd.ingest.routing import Router
 from bmsd.ingest.writer import Batch, DeadLetter, Origin, Outcome, Row, Writer
-from bmsd.metrics import Metrics
+from bmsd.metrics import Metrics, observe_many
 from bmsd.streams import NAMES
 
 #: Payload bytes held before a flush is forced, whatever the other limits.
@@ -75,6 +75,7 @@ class Ingestor:
         self._pending_bytes = 0
         self._first_at: float | None = None
         self._lag_times: list[datetime] = []
+        self._received: dict[str, Any] = {}  # messages_received by route, labelled once
 
     @property
     def filters(self) -> list[str]:
@@ -113,7 +114,11 @@ class Ingestor:
             self._hold(message, [DeadLetter(origin, "no_route", match)])
             return
         route = match.route
-        self._metrics.messages_received.labels(route.template).inc()
+        received = self._received.get(route.template)
+        if received is None:
+            received = self._received[route.template] = \
+                self._metrics.messages_received.labels(route.template)
+        received.inc()
         parsed = parse_message(route.stream, message.payload, message.received_at,
                                self._limits[route.stream])
         dead = [DeadLetter(Origin(message.topic, route.template, r.payload, r.index,
@@ -197,8 +202,8 @@ class Ingestor:
         for letter in outcome.dead[len(self._batch.dead):]:
             self._metrics.messages_rejected.labels(letter.origin.route or "",
                                                    letter.category).inc()
-        for when in self._lag_times:
-            self._metrics.lag_seconds.observe(max((committed - when).total_seconds(), 0.0))
+        observe_many(self._metrics.lag_seconds,
+                     [max((committed - when).total_seconds(), 0.0) for when in self._lag_times])
         self._ack(self._pending)
         self._batch = Batch()
         self._pending = []
