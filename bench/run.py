@@ -27,7 +27,10 @@ interleaved and medians reported, because the machine is noisy.
   do-nothing subscriber is one process either way.
 - Latency: publish-to-commit at half of bmsd's measured single-reading rate,
   from the reading's timestamp (set at publish) to its transaction's commit
-  time (track_commit_timestamp), p50/p95/p99 over every row.
+  time (track_commit_timestamp), p50/p95/p99 over every row. The two
+  publisher processes share the machine: on 2 cores, generating 12,000
+  msg/s takes 0.9 of a core, and readings then queue behind the load
+  generator, not behind bmsd (bench/RESULTS.md).
 """
 
 from __future__ import annotations
