@@ -345,3 +345,21 @@ def test_what_gateways_send_is_validated_in_one_pass(per_message: int) -> None:
         assert one_pass == _parse_each(spec, m.payload, m.at, LIMITS)
         assert len(one_pass.readings) == m.valid
         assert not one_pass.rejects
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"power_kw": 1, "power_kw": 2, "timestamp": "2026-05-01T11:59:00Z"}',  # last wins
+    b'{"readings": [{"power_kw": 1}], "readings": [{"power_kw": 2}]}',
+    b'{"timestamp": "2026-05-01T11:58:00Z", "timestamp": "2026-05-01T11:59:00Z", "power_kw": 3}',
+    b'{"note": "\\ud800", "power_kw": 3}',  # a lone surrogate
+    b'{"note": "\\u0000", "power_kw": 3}',
+    b'{"n": 123456789012345678901234567890, "power_kw": 1.0000000000000002}',
+    b'{"n": -0.0, "power_kw": -0.0}',
+    b'{"\\u0072eadings": [{"power_kw": 1}], "power_kw": 5}',  # "readings", escaped
+    b'\xef\xbb\xbf{"power_kw": 1}',  # a byte order mark
+    b'[]',
+])
+def test_odd_but_decodable_json_gives_the_same_from_either_path(payload: bytes) -> None:
+    spec = BY_NAME["energy_readings"]
+    assert parse_message(spec.name, payload, NOW, LIMITS) == _parse_each(spec, payload, NOW,
+                                                                         LIMITS)
