@@ -301,3 +301,41 @@ def test_demo_data_loads_on_request_only_and_twice_without_harm(empty_db_url: st
         assert conn.execute("SELECT count(*) FROM carbon_factors").fetchone() == (2,)
         assert "demo_data.sql" not in {r[0] for r in conn.execute(
             "SELECT name FROM bmsd_migrations")}
+
+
+def test_a_script_that_races_another_session_for_a_catalog_row_is_tried_again(
+    empty_db_url: str, sql_copy: Path
+) -> None:
+    # Two sessions changing one catalog row (here: a table's privileges; for
+    # sql/190, a TimescaleDB job's row): the one that waited fails with
+    # "tuple concurrently updated" once the other commits.
+    migrate(empty_db_url, sql_dir=sql_copy, skip_community=True)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE granted (id int)")
+    (sql_copy / "900_grant.sql").write_text("GRANT INSERT ON granted TO bmsd_ingest;\n")
+    other = psycopg.connect(empty_db_url)
+    other.execute("GRANT SELECT ON granted TO bmsd_reader")
+
+    def job() -> None:
+        with psycopg.connect(empty_db_url, autocommit=True) as watch:
+            wait_until(lambda: watch.execute(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+            ).fetchone(), timeout_s=30, what="the script waiting")
+        other.commit()
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    progress: list[str] = []
+    try:
+        report = migrate(empty_db_url, sql_dir=sql_copy, skip_community=True,
+                         on_progress=progress.append)
+    finally:
+        thread.join()
+        other.close()
+    assert report.applied == ["900_grant.sql"]
+    assert "900_grant.sql changed a catalog row another session changed meanwhile" in " ".join(
+        progress)
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT has_table_privilege('bmsd_ingest', 'granted', 'INSERT'),"
+                            " has_table_privilege('bmsd_reader', 'granted', 'SELECT')"
+                            ).fetchone() == (True, True)

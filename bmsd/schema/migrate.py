@@ -28,7 +28,7 @@ from bmsd.ingest.database import connect
 from bmsd.resources import package_file
 
 COMMUNITY_MARKER = "-- requires: timescaledb-community"
-#: Tries of a script that deadlocks with a TimescaleDB background job.
+#: Tries of a script that deadlocks, or races for a catalog row, with a TimescaleDB job.
 DEADLOCK_ATTEMPTS = 5
 SCRIPT_NAME = re.compile(r"^\d{3}_[a-z0-9_]+\.sql$")
 # An arbitrary constant shared by every bmsd migrate: only one runs at a time.
@@ -295,21 +295,39 @@ def _apply_one(
                 conn.execute(sql.SQL(script.text))  # our own file's text, not user input
                 conn.execute(_RECORD_APPLIED, params)
             break
-        except psycopg.errors.DeadlockDetected as exc:
-            # A TimescaleDB job (a refresh, the backlog) ran into the script's
-            # locks; PostgreSQL rolled the script back whole: try it again.
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.InternalError_) as exc:
+            # A TimescaleDB job (a refresh, the backlog, the scheduler updating a
+            # job's row) ran into the script's locks or changed a catalog row the
+            # script changes ("tuple concurrently updated"); PostgreSQL rolled
+            # the script back whole: try it again.
+            clash = _clash(exc)
+            if clash is None:
+                raise _failed(script.name, exc) from exc
             if attempt == DEADLOCK_ATTEMPTS:
                 raise MigrationError(f"sql/{script.name} failed {attempt} times: {exc};"
                                      " run `bmsd migrate` again") from exc
             if on_progress:
-                on_progress(f"{script.name} deadlocked with another session"
-                            f" (a TimescaleDB job?); trying again in {attempt} s")
+                on_progress(f"{script.name} {clash} (a TimescaleDB job?);"
+                            f" trying again in {attempt} s")
             time.sleep(attempt)
         except psycopg.Error as exc:
-            diag = exc.diag
-            where = f" (at: {diag.context.strip()})" if diag.context else ""
-            raise MigrationError(f"sql/{script.name} failed: {exc}".strip() + where) from exc
+            raise _failed(script.name, exc) from exc
     report.applied.append(script.name)
+
+
+def _failed(name: str, exc: psycopg.Error) -> MigrationError:
+    diag = exc.diag
+    where = f" (at: {diag.context.strip()})" if diag.context else ""
+    return MigrationError(f"sql/{name} failed: {exc}".strip() + where)
+
+
+def _clash(exc: psycopg.Error) -> str | None:
+    """Say how *exc* is a clash with another session that trying again cures, or None."""
+    if isinstance(exc, psycopg.errors.DeadlockDetected):
+        return "deadlocked with another session"
+    if "tuple concurrently" in str(exc):  # updated or deleted: SQLSTATE XX000
+        return "changed a catalog row another session changed meanwhile"
+    return None
 
 
 _ROLE_EXISTS = "SELECT 1 FROM pg_roles WHERE rolname = %s"
