@@ -7,15 +7,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from bmsd.dev.localstack import LocalPostgres
 from bmsd.errors import MigrationError
-from bmsd.schema.migrate import default_sql_dir, load_scripts, migrate
+from bmsd.schema.migrate import Report, default_sql_dir, load_scripts, migrate
 from tests.fix_daemon import wait_until
 from tests.fix_db import PgServer
 
@@ -108,34 +109,20 @@ def test_a_failing_script_names_itself_and_leaves_nothing_half_done(
 def test_a_script_that_deadlocks_with_another_session_is_tried_again(
     empty_db_url: str, sql_copy: Path
 ) -> None:
-    migrate(empty_db_url, sql_dir=sql_copy, skip_community=True)
-    with psycopg.connect(empty_db_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE first_lock (id int); CREATE TABLE second_lock (id int)")
-    (sql_copy / "900_locks.sql").write_text(
-        "LOCK TABLE first_lock;\nLOCK TABLE second_lock;\nCREATE TABLE after_locks (id int);\n")
     # Another session, as a background job might, holds one table and then
     # wants the other once the script waits for the first: a deadlock that
     # PostgreSQL resolves by cancelling the script, which waited first.
-    other = psycopg.connect(empty_db_url)
-    other.execute("LOCK TABLE second_lock")
-
-    def job() -> None:
-        with psycopg.connect(empty_db_url, autocommit=True) as watch:
-            wait_until(lambda: watch.execute(
-                "SELECT 1 FROM pg_locks WHERE relation = 'second_lock'::regclass"
-                " AND NOT granted").fetchone(), timeout_s=30, what="the script waiting")
+    def release(other: psycopg.Connection[Any]) -> None:
         other.execute("LOCK TABLE first_lock")
         other.commit()
 
-    thread = threading.Thread(target=job)
-    thread.start()
-    progress: list[str] = []
-    try:
-        report = migrate(empty_db_url, sql_dir=sql_copy, skip_community=True,
-                         on_progress=progress.append)
-    finally:
-        thread.join()
-        other.close()
+    report, progress = migrate_against(
+        empty_db_url, sql_copy,
+        tables="CREATE TABLE first_lock (id int); CREATE TABLE second_lock (id int)",
+        script=("900_locks.sql", "LOCK TABLE first_lock;\nLOCK TABLE second_lock;\n"
+                                 "CREATE TABLE after_locks (id int);\n"),
+        hold="LOCK TABLE second_lock", release=release,
+        waiting="relation = 'second_lock'::regclass AND NOT granted")
     assert report.applied == ["900_locks.sql"]
     assert "900_locks.sql deadlocked with another session" in " ".join(progress)
     with psycopg.connect(empty_db_url) as conn:
@@ -309,29 +296,11 @@ def test_a_script_that_races_another_session_for_a_catalog_row_is_tried_again(
     # Two sessions changing one catalog row (here: a table's privileges; for
     # sql/190, a TimescaleDB job's row): the one that waited fails with
     # "tuple concurrently updated" once the other commits.
-    migrate(empty_db_url, sql_dir=sql_copy, skip_community=True)
-    with psycopg.connect(empty_db_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE granted (id int)")
-    (sql_copy / "900_grant.sql").write_text("GRANT INSERT ON granted TO bmsd_ingest;\n")
-    other = psycopg.connect(empty_db_url)
-    other.execute("GRANT SELECT ON granted TO bmsd_reader")
-
-    def job() -> None:
-        with psycopg.connect(empty_db_url, autocommit=True) as watch:
-            wait_until(lambda: watch.execute(
-                "SELECT 1 FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
-            ).fetchone(), timeout_s=30, what="the script waiting")
-        other.commit()
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    progress: list[str] = []
-    try:
-        report = migrate(empty_db_url, sql_dir=sql_copy, skip_community=True,
-                         on_progress=progress.append)
-    finally:
-        thread.join()
-        other.close()
+    report, progress = migrate_against(
+        empty_db_url, sql_copy, tables="CREATE TABLE granted (id int)",
+        script=("900_grant.sql", "GRANT INSERT ON granted TO bmsd_ingest;\n"),
+        hold="GRANT SELECT ON granted TO bmsd_reader", release=lambda other: other.commit(),
+        waiting="locktype = 'transactionid' AND NOT granted")
     assert report.applied == ["900_grant.sql"]
     assert "900_grant.sql changed a catalog row another session changed meanwhile" in " ".join(
         progress)
@@ -339,3 +308,35 @@ def test_a_script_that_races_another_session_for_a_catalog_row_is_tried_again(
         assert conn.execute("SELECT has_table_privilege('bmsd_ingest', 'granted', 'INSERT'),"
                             " has_table_privilege('bmsd_reader', 'granted', 'SELECT')"
                             ).fetchone() == (True, True)
+
+
+def migrate_against(url: str, sql_copy: Path, tables: str, script: tuple[str, str],
+                    hold: str, release: Callable[[psycopg.Connection[Any]], None],
+                    waiting: str) -> tuple[Report, list[str]]:
+    """Migrate the schema, create *tables*, then migrate *script* (name, text) while
+    another session, as a background job might, runs *hold* in an open transaction;
+    once the script waits (a `pg_locks` row matching *waiting*), call *release* on
+    that session. Return the report and the progress lines."""
+    migrate(url, sql_dir=sql_copy, skip_community=True)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(tables)
+    (sql_copy / script[0]).write_text(script[1])
+    other = psycopg.connect(url)
+    other.execute(hold)
+
+    def job() -> None:
+        with psycopg.connect(url, autocommit=True) as watch:
+            wait_until(lambda: watch.execute(f"SELECT 1 FROM pg_locks WHERE {waiting}"
+                                             ).fetchone(), timeout_s=30,
+                       what="the script waiting")
+        release(other)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    progress: list[str] = []
+    try:
+        report = migrate(url, sql_dir=sql_copy, skip_community=True, on_progress=progress.append)
+    finally:
+        thread.join()
+        other.close()
+    return report, progress
