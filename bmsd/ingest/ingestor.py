@@ -139,9 +139,8 @@ class Ingestor:
         self._batch.extend(stream, [Row((r.time, device, *r.values, r.extra), origin, r.index)
                                     for r in parsed.readings])
         times = [r.time for r in parsed.readings]
-        latest, earliest = max(times), min(times)
-        if earliest < message.received_at - LATE_AFTER:
-            late_before = message.received_at - LATE_AFTER
+        latest, late_before = max(times), message.received_at - LATE_AFTER
+        if min(times) < late_before:
             self._batch.late.update((stream, t.astimezone(UTC).date()) for t in times
                                     if t < late_before)
         undated = sum(not r.timestamped for r in parsed.readings)

@@ -153,7 +153,7 @@ class Batch:
         held = self.rows[stream]
         get = held.get
         for row in rows:
-            key = row.values[1], row.values[0]
+            key = row.key
             if get(key) is None:
                 held[key] = row
             else:

@@ -295,14 +295,16 @@ def _apply_one(
                 conn.execute(sql.SQL(script.text))  # our own file's text, not user input
                 conn.execute(_RECORD_APPLIED, params)
             break
-        except (psycopg.errors.DeadlockDetected, psycopg.errors.InternalError_) as exc:
+        except psycopg.Error as exc:
             # A TimescaleDB job (a refresh, the backlog, the scheduler updating a
             # job's row) ran into the script's locks or changed a catalog row the
             # script changes ("tuple concurrently updated"); PostgreSQL rolled
-            # the script back whole: try it again.
+            # the script back whole: try it again. Anything else is the script's.
             clash = _clash(exc)
             if clash is None:
-                raise _failed(script.name, exc) from exc
+                diag = exc.diag
+                where = f" (at: {diag.context.strip()})" if diag.context else ""
+                raise MigrationError(f"sql/{script.name} failed: {exc}".strip() + where) from exc
             if attempt == DEADLOCK_ATTEMPTS:
                 raise MigrationError(f"sql/{script.name} failed {attempt} times: {exc};"
                                      " run `bmsd migrate` again") from exc
@@ -310,22 +312,15 @@ def _apply_one(
                 on_progress(f"{script.name} {clash} (a TimescaleDB job?);"
                             f" trying again in {attempt} s")
             time.sleep(attempt)
-        except psycopg.Error as exc:
-            raise _failed(script.name, exc) from exc
     report.applied.append(script.name)
-
-
-def _failed(name: str, exc: psycopg.Error) -> MigrationError:
-    diag = exc.diag
-    where = f" (at: {diag.context.strip()})" if diag.context else ""
-    return MigrationError(f"sql/{name} failed: {exc}".strip() + where)
 
 
 def _clash(exc: psycopg.Error) -> str | None:
     """Say how *exc* is a clash with another session that trying again cures, or None."""
     if isinstance(exc, psycopg.errors.DeadlockDetected):
         return "deadlocked with another session"
-    if "tuple concurrently" in str(exc):  # updated or deleted: SQLSTATE XX000
+    if isinstance(exc, psycopg.errors.InternalError_) and "tuple concurrently" in str(exc):
+        # updated or deleted: SQLSTATE XX000
         return "changed a catalog row another session changed meanwhile"
     return None
 
