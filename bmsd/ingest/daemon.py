@@ -25,9 +25,10 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -48,6 +49,7 @@ from bmsd.ingest.notify import Notifier
 from bmsd.metrics import Metrics
 from bmsd.schema.migrate import all_scripts, missing_scripts
 
+T = TypeVar("T")
 log = structlog.get_logger("bmsd")
 
 _IDLE_PING_S = 10.0
@@ -279,7 +281,7 @@ class Daemon:
                     self._reload_rules(engine)
                 if now >= next_limits:
                     next_limits = now + self.config.alerts.limits_refresh_s
-                    db.run(functools.partial(self._read_limits, engine))
+                    self._aside(functools.partial(self._read_limits, engine))
                 if ingest.window_flushes != window_flushes or inbox.qsize() > 0:
                     # Draining a backlog: every device would look silent.
                     window_flushes = ingest.window_flushes
@@ -287,7 +289,7 @@ class Daemon:
                 if now >= next_offline and self._source.subscribed.is_set():
                     next_offline = now + self.config.alerts.offline_check_s
                     since = max(self._source.subscribed_at, backlog_seen)
-                    engine.apply(db.run(functools.partial(self._offline, engine,
+                    engine.apply(self._aside(functools.partial(self._offline, engine,
                                                           since=since)))
             if now >= next_status:
                 next_status = now + _STATUS_EVERY_S
@@ -315,7 +317,7 @@ class Daemon:
             if ingest.due(idle):
                 self._flush()
             elif not ingest.pending and time.monotonic() - db.last_ok > ping_every:
-                db.run(self._ping)
+                self._aside(self._ping)
                 self.notifier.progress()
 
     def _notices_backlogged(self) -> bool:
@@ -392,7 +394,7 @@ class Daemon:
                       meaning="the new rules are invalid; the old ones stay in force")
         else:
             engine.set_rules(rules)
-            self._db.run(functools.partial(self._read_limits, engine))
+            self._aside(functools.partial(self._read_limits, engine))
             log.info("alert_rules_reloaded", rules=len(rules))
         self.notifier.ready(self._status_line())
 
@@ -406,6 +408,11 @@ class Daemon:
         lock_conn = self._lock.connection
         with self._db.deadline.watch(lock_conn) if lock_conn else contextlib.nullcontext():
             self._lock.check()
+
+    def _aside(self, action: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run a statement that is not the batch's: its early COPY gives way first."""
+        self._ingest.release()
+        return self._db.run(action)
 
     def _accept(self, message: Message) -> None:
         self._db.run(lambda conn: self._ingest.accept(conn, message))

@@ -127,7 +127,10 @@ class Ingestor:
         if not parsed.readings:
             self._hold(message, dead)
             return
-        device = self._registry.resolve(conn, match)  # may raise: nothing changed yet
+        device: int | Unresolved | None = self._registry.cached(match)
+        if device is None:
+            self._writer.abandon()  # the lookup needs the connection
+            device = self._registry.resolve(conn, match)  # may raise: nothing changed yet
         if isinstance(device, Unresolved):
             origin = Origin(message.topic, route.template, message.payload, None,
                             message.received_at)
@@ -136,8 +139,9 @@ class Ingestor:
         origin = Origin(message.topic, route.template, message.payload, None,
                         message.received_at)
         stream = route.stream
-        self._batch.extend(stream, [Row((r.time, device, *r.values, r.extra), origin, r.index)
-                                    for r in parsed.readings])
+        added = self._batch.extend(stream, [Row((r.time, device, *r.values, r.extra), origin,
+                                                r.index) for r in parsed.readings])
+        self._writer.send(conn, stream, added)
         times = [r.time for r in parsed.readings]
         latest, late_before = max(times), message.received_at - LATE_AFTER
         if min(times) < late_before:
@@ -150,6 +154,11 @@ class Ingestor:
             self._lag_times.append(latest)
         self._batch.see(device, max(latest, message.received_at))
         self._hold(message, dead)
+
+    def release(self) -> None:
+        """Free the connection for a statement of another kind than the batch's
+        (the batch's early COPY is rolled back; the commit writes its rows)."""
+        self._writer.abandon()
 
     def _hold(self, message: Message, dead: list[DeadLetter]) -> None:
         self._batch.dead.extend(dead)
@@ -183,7 +192,7 @@ class Ingestor:
         started = time.perf_counter()
         engine = self._alerts
         plan = None
-        with conn.transaction():
+        with self._writer.transaction(conn):
             outcome = self._writer.write(conn, self._batch)
             if engine is not None:
                 plan = engine.plan(conn, self._batch)

@@ -76,6 +76,13 @@ class Registry:
         self._on_register = on_register
         self._clock = clock
 
+    def cached(self, match: Match) -> int | None:
+        """Return the device id of *match* if `resolve` needs no statement for it."""
+        device_id = self._ids.get((match.site, match.device))
+        if device_id is None or (device_id, match.route.stream) not in self._streams:
+            return None
+        return device_id
+
     def resolve(self, conn: psycopg.Connection[Any], match: Match) -> int | Unresolved:
         """Return the device id of *match*, registering it if allowed.
 

@@ -13,6 +13,13 @@ failed check, a value out of range) is isolated by bisecting the rows and
 dead-lettered alone. Each attempt runs in a savepoint, so the rest of the
 batch is unaffected.
 
+While a batch fills, its rows are sent early (`EarlyCopy`): the batch's
+transaction begins with its first message, and a COPY into that message's
+hypertable takes each new message's rows as they are accepted, so that
+PostgreSQL, a process of its own, stores them while the next messages are
+parsed; the commit then only ends that COPY. It is an optimization only: on
+any trouble it is rolled back and the commit writes the whole batch as above.
+
 Everything - rows, dead letters, ``devices.last_seen_at``, the days late
 readings fell on (``aggregate_backlog``, which a database job refreshes in
 the continuous aggregates), and the alert changes they cause - commits
@@ -22,9 +29,11 @@ the commit are the messages acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
@@ -148,18 +157,25 @@ class Batch:
         else:
             self.dead.append(row.dead("duplicate_conflict", _conflict(key[1])))
 
-    def extend(self, stream: str, rows: list[Row]) -> None:
-        """Add the rows of one message (`add` each, in one pass)."""
+    def extend(self, stream: str, rows: list[Row]) -> list[Row]:
+        """Add the rows of one message (`add` each, in one pass); return those added."""
         held = self.rows[stream]
         get = held.get
-        for row in rows:
+        added = rows
+        for i, row in enumerate(rows):
             key = row.key
             if get(key) is None:
                 held[key] = row
             else:
+                if added is rows:
+                    added = rows[:i]
                 self.add(stream, row)
+                continue
+            if added is not rows:
+                added.append(row)
         if len(held) > self.largest:
             self.largest = len(held)
+        return added
 
     def see(self, device_id: int, when: datetime) -> None:
         """Note that *device_id* was heard from at *when*."""
@@ -232,6 +248,31 @@ def _float8_array(n: int) -> struct.Struct:
     return struct.Struct(_ARRAY_HEAD.format + "id" * n)
 
 
+class _Abandoned(Exception):
+    """Why an early COPY was ended: the server rolls it back."""
+
+
+@dataclass
+class EarlyCopy:
+    """A batch's open transaction and its COPY of one stream's rows (see the module).
+
+    *sent* rows of the batch's *stream*, the first ones it holds, are in it,
+    or in *waiting*: rows are written to the COPY a few hundred at a time, as
+    one call per message cost single readings more than the overlap gained.
+    """
+
+    conn: psycopg.Connection[Any]
+    transaction: contextlib.AbstractContextManager[Any]  # conn.transaction(), entered
+    copy: psycopg.Copy
+    stream: str
+    sent: int = 0
+    waiting: list[Row] = field(default_factory=list)
+
+
+#: Rows gathered before they are written to an early COPY.
+EARLY_CHUNK = 250
+
+
 class Writer:
     """Write batches to the hypertables; one instance per daemon."""
 
@@ -242,6 +283,102 @@ class Writer:
         #: The hypertable each stream is written to (a scaled one where it exists).
         self.tables: dict[str, str] = {s: s for s in NAMES}
         self._backlog = False  # aggregate_backlog exists (community edition)
+        self._early: EarlyCopy | None = None
+        self._early_off = False  # abandoned in this batch: the rest waits for the commit
+        self._committing: EarlyCopy | None = None  # the early COPY `transaction` ended
+
+    def send(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row]) -> None:
+        """Send a message's new *rows* of *stream* ahead of the commit, if it can.
+
+        Never raises: what could not be sent is written by `write` at the commit.
+        """
+        early = self._early
+        if early is None:
+            if self._early_off or not rows or not self._columns:
+                return
+            early = self._begin_early(conn, stream)
+            if early is None:
+                return
+        elif early.stream != stream or early.conn is not conn:
+            return
+        early.sent += len(rows)
+        waiting = early.waiting
+        waiting += rows
+        if len(waiting) >= EARLY_CHUNK:
+            try:
+                self._copy_rows(early.copy, stream, waiting)
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the commit starts over
+                self.abandon(exc)
+                return
+            waiting.clear()
+
+    def _begin_early(self, conn: psycopg.Connection[Any], stream: str) -> EarlyCopy | None:
+        transaction = conn.transaction()
+        try:
+            transaction.__enter__()
+        except psycopg.Error:
+            self._early_off = True
+            return None
+        try:
+            cur = conn.cursor()
+            cur.adapters.register_dumper(None, Float8ArrayDumper)
+            # psycopg's public copy() holds the connection's lock until the COPY
+            # ends; between messages the lock must be free, so that a statement
+            # sent by mistake fails (and the connection is reset) instead of
+            # waiting forever for it.
+            conn.wait(cur._start_copy_gen(self._copy_statement(
+                sql.Identifier(self.tables[stream]), stream)))
+            copy = psycopg.Copy(cur)
+            copy.set_types(self._types[stream])
+        except Exception as exc:  # noqa: BLE001
+            self._early_off = True
+            with contextlib.suppress(psycopg.Error):
+                transaction.__exit__(type(exc), exc, exc.__traceback__)
+            return None
+        self._early = EarlyCopy(conn, transaction, copy, stream)
+        return self._early
+
+    def abandon(self, reason: BaseException | None = None) -> None:
+        """Roll back the early COPY, freeing the connection for other statements;
+        the batch's rows are all written at its commit."""
+        early, self._early = self._early, None
+        if early is None:
+            return
+        self._early_off = True
+        exc = reason or _Abandoned("the connection is needed for another statement")
+        with contextlib.suppress(psycopg.Error):
+            early.copy.finish(exc)
+        with contextlib.suppress(psycopg.Error):
+            early.transaction.__exit__(type(exc), exc, exc.__traceback__)
+
+    @contextlib.contextmanager
+    def transaction(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """The batch's transaction: the early COPY's, ended here, or a new one."""
+        early, self._early = self._early, None
+        self._early_off = False
+        if early is not None and early.conn is conn:
+            try:
+                self._copy_rows(early.copy, early.stream, early.waiting)
+                early.copy.finish(None)
+            except Exception as exc:  # noqa: BLE001 - a row already stored, a value refused, ...
+                early.transaction.__exit__(type(exc), exc, exc.__traceback__)
+                early = None
+        else:
+            early = None  # from a connection since lost: the server rolled it back
+        if early is None:
+            with conn.transaction():
+                yield
+            return
+        self._committing = early
+        try:
+            yield
+        except BaseException:
+            early.transaction.__exit__(*sys.exc_info())
+            raise
+        else:
+            early.transaction.__exit__(None, None, None)
+        finally:
+            self._committing = None
 
     def prepare(self, conn: psycopg.Connection[Any]) -> None:
         """Read the hypertables' column types; check they hold every payload field."""
@@ -282,9 +419,14 @@ class Writer:
         outcome.duplicates.update(batch.duplicates)
         if batch.seen:
             conn.execute(_LOCK_DEVICES, (sorted(batch.seen),))
-        for stream, rows in batch.rows.items():
+        early = self._committing
+        for stream, held in batch.rows.items():
+            rows = list(held.values())
+            if early is not None and early.stream == stream:
+                outcome.written[stream] += early.sent
+                rows = rows[early.sent:]
             if rows:
-                self._write(conn, stream, list(rows.values()), outcome)
+                self._write(conn, stream, rows, outcome)
         dead = batch.dead + outcome.dead
         if dead:
             self._dead_letter(conn, dead)
@@ -308,19 +450,24 @@ class Writer:
         else:
             outcome.written[stream] += len(rows)
 
+    def _copy_statement(self, table: sql.Identifier, stream: str) -> sql.Composed:
+        columns = sql.SQL(", ").join(map(sql.Identifier, self._columns[stream]))
+        return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(table, columns)
+
     def _copy(self, conn: psycopg.Connection[Any], table: sql.Identifier, stream: str,
               rows: list[Row]) -> None:
-        columns = sql.SQL(", ").join(map(sql.Identifier, self._columns[stream]))
-        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(table, columns)
-        factors = self._factors[stream]
         with conn.cursor() as cur:
             cur.adapters.register_dumper(None, Float8ArrayDumper)
-            with cur.copy(statement) as copy:
+            with cur.copy(self._copy_statement(table, stream)) as copy:
                 copy.set_types(self._types[stream])
-                for row in rows:
-                    extra = row.extra
-                    values = row.values if factors is None else _scaled(row.values, factors)
-                    copy.write_row((*values[:-1], None if extra is None else Jsonb(extra)))
+                self._copy_rows(copy, stream, rows)
+
+    def _copy_rows(self, copy: psycopg.Copy, stream: str, rows: list[Row]) -> None:
+        factors = self._factors[stream]
+        for row in rows:
+            extra = row.extra
+            values = row.values if factors is None else _scaled(row.values, factors)
+            copy.write_row((*values[:-1], None if extra is None else Jsonb(extra)))
 
     def _write_staged(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
                       outcome: Outcome) -> None:

@@ -1,0 +1,148 @@
+"""A batch's rows go to the database while it fills (the writer's early COPY).
+
+Whatever happens before the commit - a reading already stored, one the
+database refuses, a new device to look up, another statement on the
+connection, a lost connection - every reading is stored exactly once and the
+messages are acknowledged only after the commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from bmsd.config import load_config
+from bmsd.ingest.ingestor import Ingestor
+from bmsd.ingest.mqtt import Message
+from bmsd.ingest.writer import Outcome
+from bmsd.metrics import Metrics
+
+START = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+
+
+class Harness:
+    """An ingestor on its own connection, as the daemon's main loop drives it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.acked: list[int] = []
+        self.ingestor = Ingestor(load_config(None, {"BMSD_DATABASE_URL": url}),
+                                 Metrics(CollectorRegistry()), ack=self._ack)
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.ingestor.prepare(self.conn)
+        self._mid = 0
+
+    def _ack(self, messages: list[Message]) -> int:
+        self.acked.extend(m.mid for m in messages)
+        return len(messages)
+
+    def accept(self, device: str, first: int, count: int = 10,
+               extra: dict[str, Any] | None = None) -> None:
+        readings = [{"timestamp": (START + timedelta(seconds=first + i)).isoformat(),
+                     "power_kw": float(first + i), **(extra or {})} for i in range(count)]
+        self._mid += 1
+        self.ingestor.accept(self.conn, Message(0, self._mid, 1, f"factory/f1/{device}/energy",
+                                                json.dumps(readings).encode(),
+                                                datetime.now(UTC)))
+
+    def copying(self) -> bool:
+        """Whether this connection's session is running a COPY now (seen from another)."""
+        with psycopg.connect(self.url, autocommit=True) as other:
+            row = other.execute("SELECT state, query FROM pg_stat_activity WHERE pid = %s",
+                                (self.conn.info.backend_pid,)).fetchone()
+        return row is not None and row[0] == "active" and row[1].startswith("COPY")
+
+    def flush(self) -> Outcome:
+        return self.ingestor.flush(self.conn)
+
+
+@pytest.fixture
+def harness(db_url: str) -> Iterator[Harness]:
+    h = Harness(db_url)
+    h.accept("m1", 0)  # the devices are known: no lookup ends a batch's early COPY
+    h.accept("m2", 0)
+    h.flush()
+    yield h
+    h.conn.close()
+
+
+def stored(db: psycopg.Connection[Any]) -> list[tuple[str, float]]:
+    return db.execute("SELECT d.slug, e.power_kw FROM energy_readings e"
+                      " JOIN devices d ON d.id = e.device_id ORDER BY 1, 2").fetchall()
+
+
+def expected(*parts: tuple[str, int, int]) -> list[tuple[str, float]]:
+    return sorted((device, float(v)) for device, first, count in parts
+                  for v in range(first, first + count))
+
+
+def test_a_batch_is_stored_while_it_fills_and_seen_at_its_commit(
+        harness: Harness, db: psycopg.Connection[Any]) -> None:
+    harness.accept("m1", 100)
+    harness.accept("m2", 100)
+    assert harness.copying(), "the rows were not sent before the commit"
+    assert stored(db) == expected(("m1", 0, 10), ("m2", 0, 10)), "seen before the commit"
+    assert harness.acked == [1, 2]
+    outcome = harness.flush()
+    assert outcome.written["energy_readings"] == 20
+    assert stored(db) == expected(("m1", 0, 10), ("m2", 0, 10), ("m1", 100, 10),
+                                  ("m2", 100, 10))
+    assert harness.acked == [1, 2, 3, 4]
+
+
+def test_readings_already_stored_are_counted_as_duplicates_once(
+        harness: Harness, db: psycopg.Connection[Any]) -> None:
+    harness.accept("m1", 0)  # redelivered: stored by the first batch
+    harness.accept("m1", 5)  # half of it stored, half new
+    assert harness.copying()
+    outcome = harness.flush()
+    assert outcome.written["energy_readings"] == 5
+    assert outcome.duplicates["energy_readings"] == 15
+    assert stored(db) == expected(("m1", 0, 15), ("m2", 0, 10))
+
+
+def test_a_reading_the_database_refuses_is_dead_lettered_alone(
+        harness: Harness, db: psycopg.Connection[Any]) -> None:
+    harness.accept("m1", 100)
+    harness.accept("m2", 100, count=1, extra={"note": "a NUL \u0000 jsonb cannot hold"})
+    harness.accept("m2", 200)
+    outcome = harness.flush()
+    assert [d.category for d in outcome.dead] == ["database"]
+    assert stored(db) == expected(("m1", 0, 10), ("m2", 0, 10), ("m1", 100, 10),
+                                  ("m2", 200, 10))
+    assert harness.acked == [1, 2, 3, 4, 5]
+
+
+def test_a_new_device_and_a_statement_aside_mid_batch_lose_nothing(
+        harness: Harness, db: psycopg.Connection[Any]) -> None:
+    harness.accept("m1", 100)
+    harness.accept("m3", 100)  # unknown: looked up (and registered) mid-batch
+    harness.accept("m1", 200)
+    harness.ingestor.release()
+    assert harness.conn.execute("SELECT 1").fetchone() == (1,)
+    harness.accept("m2", 100)
+    harness.flush()
+    assert stored(db) == expected(("m1", 0, 10), ("m2", 0, 10), ("m1", 100, 10),
+                                  ("m3", 100, 10), ("m1", 200, 10), ("m2", 100, 10))
+
+
+def test_a_connection_lost_mid_batch_loses_nothing(
+        harness: Harness, db: psycopg.Connection[Any]) -> None:
+    harness.accept("m1", 100)
+    assert harness.copying()
+    db.execute("SELECT pg_terminate_backend(%s)", (harness.conn.info.backend_pid,))
+    harness.accept("m2", 100, count=2000)  # sent on a dead connection: no error here
+    with pytest.raises(psycopg.OperationalError):
+        harness.flush()
+    assert harness.acked == [1, 2]
+    harness.conn = psycopg.connect(harness.url, autocommit=True)  # as Database.run retries
+    harness.flush()
+    assert stored(db) == expected(("m1", 0, 10), ("m2", 0, 10), ("m1", 100, 10),
+                                  ("m2", 100, 2000))
+    assert harness.acked == [1, 2, 3, 4]
