@@ -13,7 +13,7 @@ interleaved and medians reported, because the machine is noisy.
 - Limit (a): a do-nothing paho-mqtt subscriber, same library, MQTT 3.1.1,
   QoS 1, manual acks sent at once, draining the same backlog.
 - Limit (b): binary COPY of the same rows straight into the same hypertable,
-  5000 rows a transaction.
+  as many rows a transaction as bmsd's batches hold (``max_batch_rows``).
 - bmsd: `bmsd run` with the shipped defaults, 1 and 100 readings per message;
   CPU seconds and peak RSS read from /proc. A run whose stored row count
   differs from what was published is reported as FAILED.
@@ -57,6 +57,7 @@ import paho.mqtt.client as paho
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bmsd.config import IngestConfig
 from bmsd.dev.localstack import LocalMosquitto, LocalPostgres, free_port
 from bmsd.schema.migrate import migrate
 
@@ -271,13 +272,14 @@ def copy_limit(stack: Stack, rows: int) -> dict[str, float]:
         data = [(start + timedelta(milliseconds=n * 100), n % 50 + 1, 0.0, 0.01, 400.0)
                 for n in range(rows)]
         started = time.perf_counter()
-        for i in range(0, rows, 5000):
+        per = IngestConfig().max_batch_rows
+        for i in range(0, rows, per):
             with conn.transaction(), conn.cursor() as cur, cur.copy(
                 "COPY energy_readings (time, device_id, power_kw, energy_kwh, voltage)"
                 " FROM STDIN (FORMAT BINARY)"
             ) as copy:
                 copy.set_types(["timestamptz", "int4", "float8", "float8", "float8"])
-                for row in data[i:i + 5000]:
+                for row in data[i:i + per]:
                     copy.write_row(row)
         elapsed = time.perf_counter() - started
     if stored(url) != rows:

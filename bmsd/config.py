@@ -137,7 +137,7 @@ def _check_mqtt_url(value: str) -> str:
 class IngestConfig(_Frozen):
     """How readings are validated, batched and written."""
 
-    max_batch_rows: PositiveInt = 5000
+    max_batch_rows: PositiveInt = 20000
     flush_interval_ms: PositiveInt = 200
     # Commit once no received message waits and the batch is this old (group
     # commit: at low load a message waits about this long plus one round trip;
