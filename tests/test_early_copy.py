@@ -47,9 +47,15 @@ class Harness:
         readings = [{"timestamp": (START + timedelta(seconds=first + i)).isoformat(),
                      "power_kw": float(first + i), **(extra or {})} for i in range(count)]
         self._mid += 1
-        self.ingestor.accept(self.conn, Message(0, self._mid, 1, f"factory/f1/{device}/energy",
-                                                json.dumps(readings).encode(),
-                                                datetime.now(UTC)))
+        self.last = Message(0, self._mid, 1, f"factory/f1/{device}/energy",
+                            json.dumps(readings).encode(), datetime.now(UTC))
+        self.ingestor.accept(self.conn, self.last)
+
+    def reconnect_and_retry(self) -> None:
+        """Do what `Database.run` does after a transient error: a new connection, the
+        same message again."""
+        self.conn = psycopg.connect(self.url, autocommit=True)
+        self.ingestor.accept(self.conn, self.last)
 
     def copying(self) -> bool:
         """Whether this connection's session is running a COPY now (seen from another)."""
@@ -137,12 +143,26 @@ def test_a_connection_lost_mid_batch_loses_nothing(
     harness.accept("m1", 100)
     assert harness.copying()
     db.execute("SELECT pg_terminate_backend(%s)", (harness.conn.info.backend_pid,))
-    harness.accept("m2", 100, count=2000)  # sent on a dead connection: no error here
+    harness.accept("m2", 100, count=2000)  # libpq reports a failed write at the next read
     with pytest.raises(psycopg.OperationalError):
         harness.flush()
     assert harness.acked == [1, 2]
     harness.conn = psycopg.connect(harness.url, autocommit=True)  # as Database.run retries
-    harness.flush()
+    outcome = harness.flush()
+    assert outcome.written["energy_readings"] == 2010
     assert stored(db) == expected(("m1", 0, 10), ("m2", 0, 10), ("m1", 100, 10),
                                   ("m2", 100, 2000))
     assert harness.acked == [1, 2, 3, 4]
+
+
+def test_a_batch_that_cannot_begin_leaves_the_message_to_be_tried_again(
+        harness: Harness, db: psycopg.Connection[Any]) -> None:
+    db.execute("SELECT pg_terminate_backend(%s)", (harness.conn.info.backend_pid,))
+    with pytest.raises(psycopg.OperationalError):  # transient: Database.run tries it again
+        harness.accept("m1", 100)
+    harness.reconnect_and_retry()
+    outcome = harness.flush()
+    assert outcome.written["energy_readings"] == 10
+    assert not outcome.duplicates, "the failed attempt left its rows in the batch"
+    assert stored(db) == expected(("m1", 0, 10), ("m2", 0, 10), ("m1", 100, 10))
+    assert harness.acked == [1, 2, 3]

@@ -109,6 +109,7 @@ class Daemon:
                 offline_after_s={r.stream: r.offline_after_s for r in config.routes},
                 shared=config.mqtt.shared_group is not None)
         self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts)
+        self._accepting: Message | None = None
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
                                   self.metrics)
         self._notices: MqttPublisher | None = None
@@ -169,8 +170,8 @@ class Daemon:
             self._drain()
             return 0
         except _GaveUp:
-            if self._ingest.pending:
-                log.warning("bmsd_shutdown_incomplete", unacknowledged=self._ingest.pending,
+            if self._in_hand():
+                log.warning("bmsd_shutdown_incomplete", unacknowledged=self._in_hand(),
                             meaning="the database did not answer before shutdown_timeout_s;"
                                     " the broker redelivers these messages to the next bmsd")
             return 0
@@ -246,7 +247,7 @@ class Daemon:
                                                   " signal exits at once")
                 self._begin_shutdown()
             else:
-                log.warning("bmsd_forced_exit", unacknowledged=self._ingest.pending,
+                log.warning("bmsd_forced_exit", unacknowledged=self._in_hand(),
                             meaning="unacknowledged messages will be redelivered by the broker")
                 os._exit(1)
 
@@ -415,7 +416,14 @@ class Daemon:
         return self._db.run(action)
 
     def _accept(self, message: Message) -> None:
+        self._accepting = message  # in hand while a database error has it tried again
         self._db.run(lambda conn: self._ingest.accept(conn, message))
+        self._accepting = None
+
+    def _in_hand(self) -> int:
+        """Return how many received messages wait for a commit (the batch's, and the one
+        being added to it)."""
+        return self._ingest.pending + (self._accepting is not None)
 
     def _ack(self, messages: list[Message]) -> int:
         return self._source.ack(messages)
@@ -426,7 +434,7 @@ class Daemon:
         while (left := end - time.monotonic()) > 0:
             self._heartbeat = time.monotonic()
             if self._deadline is not None and (time.monotonic() > self._deadline
-                                               or not self._ingest.pending):
+                                               or not self._in_hand()):
                 raise _GaveUp  # past the deadline, or nothing in hand to commit
             if self._source.fatal is not None:
                 raise self._source.fatal

@@ -139,9 +139,11 @@ class Ingestor:
         origin = Origin(message.topic, route.template, message.payload, None,
                         message.received_at)
         stream = route.stream
-        added = self._batch.extend(stream, [Row((r.time, device, *r.values, r.extra), origin,
-                                                r.index) for r in parsed.readings])
-        self._writer.send(conn, stream, added)
+        rows = [Row((r.time, device, *r.values, r.extra), origin, r.index)
+                for r in parsed.readings]
+        batch = self._batch
+        self._writer.send(conn, stream, batch.fresh(stream, rows))  # may raise: as above
+        batch.extend(stream, rows)
         times = [r.time for r in parsed.readings]
         latest, late_before = max(times), message.received_at - LATE_AFTER
         if min(times) < late_before:

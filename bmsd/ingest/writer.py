@@ -157,25 +157,31 @@ class Batch:
         else:
             self.dead.append(row.dead("duplicate_conflict", _conflict(key[1])))
 
-    def extend(self, stream: str, rows: list[Row]) -> list[Row]:
-        """Add the rows of one message (`add` each, in one pass); return those added."""
+    def fresh(self, stream: str, rows: list[Row]) -> list[Row]:
+        """Return the rows of one message that `extend` would add (changing nothing)."""
+        held = self.rows[stream]
+        keys = {row.key for row in rows}
+        if len(keys) == len(rows) and keys.isdisjoint(held):
+            return rows  # the usual case
+        out: dict[tuple[int, datetime], Row] = {}
+        for row in rows:
+            key = row.key
+            if key not in held and key not in out:
+                out[key] = row
+        return list(out.values())
+
+    def extend(self, stream: str, rows: list[Row]) -> None:
+        """Add the rows of one message (`add` each, in one pass)."""
         held = self.rows[stream]
         get = held.get
-        added = rows
-        for i, row in enumerate(rows):
+        for row in rows:
             key = row.key
             if get(key) is None:
                 held[key] = row
             else:
-                if added is rows:
-                    added = rows[:i]
                 self.add(stream, row)
-                continue
-            if added is not rows:
-                added.append(row)
         if len(held) > self.largest:
             self.largest = len(held)
-        return added
 
     def see(self, device_id: int, when: datetime) -> None:
         """Note that *device_id* was heard from at *when*."""
@@ -288,9 +294,11 @@ class Writer:
         self._committing: EarlyCopy | None = None  # the early COPY `transaction` ended
 
     def send(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row]) -> None:
-        """Send a message's new *rows* of *stream* ahead of the commit, if it can.
+        """Send a message's new *rows* of *stream* (`Batch.fresh`) ahead of the commit.
 
-        Never raises: what could not be sent is written by `write` at the commit.
+        Call it before the batch takes the rows. What cannot be sent is written
+        at the commit; a lost connection raises (a transient error: the caller
+        reconnects and tries the message again).
         """
         early = self._early
         if early is None:
@@ -307,8 +315,10 @@ class Writer:
         if len(waiting) >= EARLY_CHUNK:
             try:
                 self._copy_rows(early.copy, stream, waiting)
-            except Exception as exc:  # noqa: BLE001 - whatever it was, the commit starts over
+            except Exception as exc:  # whatever it was, the commit starts over
                 self.abandon(exc)
+                if conn.broken:
+                    raise
                 return
             waiting.clear()
 
@@ -318,6 +328,8 @@ class Writer:
             transaction.__enter__()
         except psycopg.Error:
             self._early_off = True
+            if conn.broken:
+                raise
             return None
         try:
             cur = conn.cursor()
@@ -330,10 +342,12 @@ class Writer:
                 sql.Identifier(self.tables[stream]), stream)))
             copy = psycopg.Copy(cur)
             copy.set_types(self._types[stream])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._early_off = True
             with contextlib.suppress(psycopg.Error):
                 transaction.__exit__(type(exc), exc, exc.__traceback__)
+            if conn.broken:
+                raise
             return None
         self._early = EarlyCopy(conn, transaction, copy, stream)
         return self._early
