@@ -419,7 +419,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=30_000,
                         help="single-reading messages per drain")
-    parser.add_argument("--batched-messages", type=int, default=2000,
+    parser.add_argument("--batched-messages", type=int, default=5000,
                         help="messages of 100 readings per drain")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency-s", type=float, default=20)
