@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from bmsd.config import load_config
 from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.mqtt import Message
-from bmsd.ingest.writer import Outcome
+from bmsd.ingest.writer import Batch, Origin, Outcome, Row
 from bmsd.metrics import Metrics
 
 START = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
@@ -166,3 +166,22 @@ def test_a_batch_that_cannot_begin_leaves_the_message_to_be_tried_again(
     assert not outcome.duplicates, "the failed attempt left its rows in the batch"
     assert stored(db) == expected(("m1", 0, 10), ("m2", 0, 10), ("m1", 100, 10))
     assert harness.acked == [1, 2, 3]
+
+
+def test_the_rows_sent_early_are_those_the_batch_takes() -> None:
+    origin = Origin("factory/f1/m1/energy", "factory/+/+/energy", b"{}", None, START)
+
+    def row(device: int, second: int, power: float) -> Row:
+        return Row((START + timedelta(seconds=second), device, power, None, None, None, None,
+                    None, None), origin)
+
+    batch = Batch()
+    batch.extend("energy_readings", [row(1, 0, 1.0), row(1, 1, 1.0)])
+    for message in ([row(1, 2, 1.0)], [row(1, 1, 1.0)], [row(2, 0, 1.0), row(2, 1, 1.0)],
+                    [row(1, 0, 9.0), row(1, 3, 1.0), row(1, 3, 2.0), row(1, 4, 1.0)]):
+        before = dict(batch.rows["energy_readings"])
+        fresh = batch.fresh("energy_readings", message)
+        assert batch.rows["energy_readings"] == before, "fresh changed the batch"
+        batch.extend("energy_readings", message)
+        added = [r for k, r in batch.rows["energy_readings"].items() if k not in before]
+        assert fresh == added

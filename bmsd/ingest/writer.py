@@ -160,8 +160,11 @@ class Batch:
     def fresh(self, stream: str, rows: list[Row]) -> list[Row]:
         """Return the rows of one message that `extend` would add (changing nothing)."""
         held = self.rows[stream]
+        if len(rows) == 1:
+            return [] if rows[0].key in held else rows
         keys = {row.key for row in rows}
-        if len(keys) == len(rows) and keys.isdisjoint(held):
+        # (not keys.isdisjoint(held): that walks the whole batch)
+        if len(keys) == len(rows) and not any(map(held.__contains__, keys)):
             return rows  # the usual case
         out: dict[tuple[int, datetime], Row] = {}
         for row in rows:
