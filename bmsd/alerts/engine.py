@@ -21,9 +21,9 @@ from bmsd.alerts.evaluate import Plan, State
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
 from bmsd.alerts.store import AlertStore
-from bmsd.ingest.writer import Batch
+from bmsd.ingest.writer import Batch, Row
 from bmsd.metrics import Metrics
-from bmsd.streams import BY_NAME
+from bmsd.streams import SPECS
 
 log = structlog.get_logger("bmsd.alerts")
 
@@ -47,6 +47,10 @@ class AlertEngine:
         """Use these rules from now on; state of unchanged codes is kept."""
         self.rules = tuple(rules)
         self._by_stream = evaluate.by_stream(self.rules)
+        # Each stream's fields its rules and flags read, picked from its rows.
+        self._readers = {
+            spec.name: Row.reader(spec.model.columns, names) for spec in SPECS
+            if (names := evaluate.fields_read(spec.name, self._by_stream))}
 
     @property
     def unresolved(self) -> int:
@@ -66,9 +70,10 @@ class AlertEngine:
     def plan(self, conn: psycopg.Connection[Any], batch: Batch) -> Plan:
         """Decide and write, in the caller's transaction, what *batch* changes."""
         started = time.perf_counter()
+        readers = self._readers
         readings = {
-            stream: ({key: row.fields(BY_NAME[stream].model.columns) for key, row in rows.items()}
-                     if evaluate.needs_fields(stream, self._by_stream) else dict.fromkeys(rows))
+            stream: ({key: read(row) for key, row in rows.items()}
+                     if (read := readers.get(stream)) else dict.fromkeys(rows))
             for stream, rows in batch.rows.items() if rows}
         devices = {device for rows in readings.values() for device, _ in rows}
         if self._shared:

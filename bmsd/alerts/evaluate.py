@@ -29,13 +29,14 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 
-from bmsd.alerts.rules import DERIVED, OPS, Rule
+from bmsd.alerts.rules import DERIVED, OPS, Derived, Rule
 from bmsd.streams import SPECS
 
 PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
                     "under_voltage": "PROTECTION_UNDER_VOLTAGE",
                     "over_current": "PROTECTION_OVER_CURRENT",
                     "over_temperature": "PROTECTION_OVER_TEMPERATURE"}
+_FLAG_FIELDS = (*PROTECTION_FLAGS, "alarm_flags")
 OFFLINE = "DEVICE_OFFLINE"
 FLAG_CATEGORIES = ("battery_protection", "device_alarm")
 #: The streams whose readings carry protection and alarm flags.
@@ -132,6 +133,18 @@ def by_stream(rules: Iterable[Rule]) -> dict[str, tuple[Rule, ...]]:
     return out
 
 
+def fields_read(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> tuple[str, ...]:
+    """Return the fields of *stream* that evaluating its readings reads (none: only
+    their times matter)."""
+    names: dict[str, None] = {}
+    for rule in rules.get(stream, ()):
+        derive = DERIVED.get(stream, {}).get(rule.value)
+        names[rule.value if derive is None else derive.source] = None
+    if stream in FLAGGED_STREAMS:
+        names.update(dict.fromkeys(_FLAG_FIELDS))
+    return tuple(names)
+
+
 def needs_fields(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> bool:
     """Return whether evaluating *stream* reads its readings' fields, not just their times."""
     return bool(rules.get(stream)) or stream in FLAGGED_STREAMS
@@ -193,7 +206,7 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
             # reading breaches a rule or carries a flag: nothing changes.
             if (not pending and not own_flags
                     and not any((device_id, check.rule.code) in opened for check in checks)
-                    and not any(_breached_by(check, series, facts) for check in checks)
+                    and not _breaches(checks, series, facts)
                     and not (flagged and _carry_flags(series))):
                 continue
             for when, values in series:
@@ -226,26 +239,41 @@ def _series(rows: Mapping[tuple[int, datetime], Mapping[str, Any] | None],
 _FIRST = itemgetter(0)
 
 
-def _breached_by(check: _Check, series: Series, facts: Mapping[str, Any]) -> bool:
-    """Return whether any reading of *series* breaches *check*'s threshold.
+def _breaches(checks: Iterable[_Check], series: Series, facts: Mapping[str, Any]) -> bool:
+    """Return whether any reading of *series* breaches the threshold of any of *checks*.
 
     The operators are monotonic, so comparing the highest value (lowest, for
-    ``<`` and ``<=``) decides for all of them at once.
+    ``<`` and ``<=``) decides for all readings at once; a field is read once
+    for all the checks that use it (a battery's cell arrays feed five).
     """
-    if check.field is not None:
-        name = check.field
-        values = [v for _, fields in series
-                  if fields and (v := fields.get(name)) is not None and v == v]
-    else:
-        read = check.value
-        values = [v for _, fields in series
-                  if (v := read(fields or {}, facts)) is not None and v == v]
-    if not values:
-        return False
-    return check.breached(max(values) if check.upward else min(values), check.threshold)
+    columns: dict[str, list[Any]] = {}
+    for check in checks:
+        name = check.source
+        column = columns.get(name)
+        if column is None:
+            column = columns[name] = [
+                v for _, fields in series
+                if fields and (v := fields.get(name)) is not None and v == v and v != []]
+        if not column:
+            continue
+        derive = check.derive
+        if derive is None:
+            values = column
+        elif derive.of is not None:
+            values = list(map(derive.of, column))
+        else:
+            assert derive.of_device is not None
+            values = [derive.of_device(x, facts) for x in column]
+        extreme = _EXTREME[check.upward](values)
+        if extreme != extreme:  # a derived NaN: max and min return it only when it comes first
+            extreme = _EXTREME[check.upward]((v for v in values if v == v), default=None)
+        if extreme is not None and check.breached(extreme, check.threshold):
+            return True
+    return False
 
 
-_FLAG_FIELDS = (*PROTECTION_FLAGS, "alarm_flags")
+_EXTREME: dict[bool, Any] = {True: max, False: min}  # by check.upward
+
 
 
 def _carry_flags(series: Series) -> bool:
@@ -259,7 +287,8 @@ class _Check:
 
     rule: Rule
     value: Callable[[Mapping[str, Any], Mapping[str, Any]], Any]  # (fields, device facts)
-    field: str | None  # the stored field it reads, None for a derived value
+    source: str  # the stored field it reads
+    derive: Derived | None  # how the value is computed from that field; None: it is the value
     breached: Callable[[float, float], bool]
     upward: bool  # breached above the threshold (> or >=), else below
     threshold: float
@@ -269,10 +298,11 @@ class _Check:
 def _prepared(rule: Rule) -> _Check:
     """Return *rule* as a check at its own thresholds (once per rule and batch)."""
     derive = DERIVED.get(rule.stream, {}).get(rule.value)
-    field = None if derive is not None else rule.value
-    value = derive if derive is not None else _field_reader(rule.value)
-    return _Check(rule, value, field, OPS[rule.op], rule.op[0] == ">", rule.threshold,
-                  rule.threshold)
+    if derive is None:
+        return _Check(rule, _field_reader(rule.value), rule.value, None, OPS[rule.op],
+                      rule.op[0] == ">", *rule.thresholds(None))
+    return _Check(rule, derive, derive.source, derive, OPS[rule.op], rule.op[0] == ">",
+                  *rule.thresholds(None))
 
 
 def _field_reader(name: str) -> Callable[[Mapping[str, Any], Mapping[str, Any]], Any]:
@@ -280,12 +310,19 @@ def _field_reader(name: str) -> Callable[[Mapping[str, Any], Mapping[str, Any]],
 
 
 def _checks(prepared: Iterable[_Check], device: DeviceInfo,
-            limits: Mapping[str, float] | None) -> tuple[_Check, ...]:
+            limits: Mapping[str, float] | None) -> list[_Check]:
     """Return the *prepared* checks that watch *device*, at its thresholds (once per
     device and batch)."""
-    return tuple(_Check(c.rule, c.value, c.field, c.breached, c.upward,
-                        *c.rule.thresholds(limits))
-                 for c in prepared if c.rule.applies(device.kind, device.site))
+    out = []
+    for check in prepared:
+        rule = check.rule
+        if not rule.applies(device.kind, device.site):
+            continue
+        if limits and rule.limit is not None:  # else: the rule's own thresholds
+            check = _Check(rule, check.value, check.source, check.derive, check.breached,
+                           check.upward, *rule.thresholds(limits))
+        out.append(check)
+    return out
 
 
 def _threshold(plan: Plan, opened: dict[tuple[int, str], Alert], pending: Pending,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import operator
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -29,25 +30,43 @@ SEVERITIES: tuple[str, ...] = get_args(Severity)
 OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """A value computed from one field of a reading, its *source*: *of* the
+    source's value, or *of_device* that value and the device's facts. A reading
+    whose source is unset (or an empty array) has no such value."""
+
+    source: str
+    of: Callable[[Any], float] | None = None
+    of_device: Callable[[Any, Mapping[str, Any]], float] | None = None
+
+    def __call__(self, fields: Mapping[str, Any], facts: Mapping[str, Any]) -> float | None:
+        value = fields.get(self.source)
+        if value is None or value == []:
+            return None
+        if self.of is not None:
+            return self.of(value)
+        assert self.of_device is not None
+        return self.of_device(value, facts)
+
+
+def _spread(values: list[float]) -> float:
+    return max(values) - min(values)
+
+
 #: Values computed from a reading rather than stored as such.
-DERIVED: dict[str, dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], float | None]]] = {
+DERIVED: dict[str, dict[str, Derived]] = {
     "battery_telemetry": {
-        "max_cell_voltage":
-            lambda r, d: max(r["cell_voltages"]) if r.get("cell_voltages") else None,
-        "min_cell_voltage":
-            lambda r, d: min(r["cell_voltages"]) if r.get("cell_voltages") else None,
-        "max_cell_temperature":
-            lambda r, d: max(r["cell_temperatures"]) if r.get("cell_temperatures") else None,
-        "min_cell_temperature":
-            lambda r, d: min(r["cell_temperatures"]) if r.get("cell_temperatures") else None,
-        "cell_temperature_spread":
-            lambda r, d: (max(r["cell_temperatures"]) - min(r["cell_temperatures"]))
-            if r.get("cell_temperatures") else None,
+        "max_cell_voltage": Derived("cell_voltages", max),
+        "min_cell_voltage": Derived("cell_voltages", min),
+        "max_cell_temperature": Derived("cell_temperatures", max),
+        "min_cell_temperature": Derived("cell_temperatures", min),
+        "cell_temperature_spread": Derived("cell_temperatures", _spread),
     },
     "site_telemetry": {
-        "grid_frequency_deviation":
-            lambda r, d: abs(r["grid_frequency"] - d["nominal_grid_frequency_hz"])
-            if r.get("grid_frequency") is not None else None,
+        "grid_frequency_deviation": Derived(
+            "grid_frequency", of_device=lambda f, d: abs(f - d["nominal_grid_frequency_hz"])),
     },
 }
 #: safety_constraints columns a rule may take its threshold from.
