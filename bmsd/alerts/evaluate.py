@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from operator import itemgetter
+from operator import itemgetter, sub
 from typing import Any
 
 from bmsd.alerts.rules import DERIVED, OPS, Derived, Rule
@@ -246,7 +246,15 @@ def _breaches(checks: Iterable[_Check], series: Series, facts: Mapping[str, Any]
     ``<`` and ``<=``) decides for all readings at once; a field is read once
     for all the checks that use it (a battery's cell arrays feed five).
     """
-    columns: dict[str, list[Any]] = {}
+    columns: dict[str, list[Any]] = {}  # a field's values in the series
+    reductions: dict[tuple[str, Any], list[Any]] = {}  # max, min, ... of each value
+
+    def reduced(name: str, of: Callable[[Any], float]) -> list[Any]:
+        values = reductions.get((name, of))
+        if values is None:
+            values = reductions[(name, of)] = list(map(of, columns[name]))
+        return values
+
     for check in checks:
         name = check.source
         column = columns.get(name)
@@ -259,11 +267,13 @@ def _breaches(checks: Iterable[_Check], series: Series, facts: Mapping[str, Any]
         derive = check.derive
         if derive is None:
             values = column
-        elif derive.of is not None:
-            values = list(map(derive.of, column))
-        else:
+        elif derive.of is None:
             assert derive.of_device is not None
             values = [derive.of_device(x, facts) for x in column]
+        elif derive.less is None:
+            values = reduced(name, derive.of)
+        else:  # a spread: both reductions are likely wanted by other checks too
+            values = list(map(sub, reduced(name, derive.of), reduced(name, derive.less)))
         extreme = _EXTREME[check.upward](values)
         if extreme != extreme:  # a derived NaN: max and min return it only when it comes first
             extreme = _EXTREME[check.upward]((v for v in values if v == v), default=None)

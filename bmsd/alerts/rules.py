@@ -34,25 +34,23 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 @dataclass(frozen=True, slots=True)
 class Derived:
     """A value computed from one field of a reading, its *source*: *of* the
-    source's value, or *of_device* that value and the device's facts. A reading
-    whose source is unset (or an empty array) has no such value."""
+    source's value (less *less* of it, for a spread), or *of_device* that value
+    and the device's facts. A reading whose source is unset (or an empty array)
+    has no such value."""
 
     source: str
     of: Callable[[Any], float] | None = None
+    less: Callable[[Any], float] | None = None
     of_device: Callable[[Any, Mapping[str, Any]], float] | None = None
 
     def __call__(self, fields: Mapping[str, Any], facts: Mapping[str, Any]) -> float | None:
         value = fields.get(self.source)
         if value is None or value == []:
             return None
-        if self.of is not None:
-            return self.of(value)
-        assert self.of_device is not None
-        return self.of_device(value, facts)
-
-
-def _spread(values: list[float]) -> float:
-    return max(values) - min(values)
+        if self.of is None:
+            assert self.of_device is not None
+            return self.of_device(value, facts)
+        return self.of(value) - self.less(value) if self.less else self.of(value)
 
 
 #: Values computed from a reading rather than stored as such.
@@ -62,7 +60,7 @@ DERIVED: dict[str, dict[str, Derived]] = {
         "min_cell_voltage": Derived("cell_voltages", min),
         "max_cell_temperature": Derived("cell_temperatures", max),
         "min_cell_temperature": Derived("cell_temperatures", min),
-        "cell_temperature_spread": Derived("cell_temperatures", _spread),
+        "cell_temperature_spread": Derived("cell_temperatures", max, less=min),
     },
     "site_telemetry": {
         "grid_frequency_deviation": Derived(
