@@ -561,7 +561,7 @@ def main() -> None:
          f" {max(r['peak_rss_mb'] for r in batched):.0f} MB", "", "< 150 MB"),
         ("battery readings (16 cells), alerts on / off",
          f"{battery_on:,.0f} / {battery_off:,.0f} msg/s",
-         f"alerts cost {1 - battery_on / battery_off:.0%}", "cost ≤ 5 %"),
+         f"alerts cost {1 - battery_on / battery_off:.1%}", "cost ≤ 5 %"),
         (f"publish→commit at {latency['rate']:,.0f} msg/s (half load) p50/p95/p99",
          f"{latency['p50'] * 1000:.0f} / {latency['p95'] * 1000:.0f} /"
          f" {latency['p99'] * 1000:.0f} ms",
