@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bmsd.alerts import evaluate
 from bmsd.alerts.evaluate import OFFLINE, DeviceInfo, Plan, State
-from bmsd.alerts.rules import Rule
+from bmsd.alerts.rules import Rule, load_rules
 
 T0 = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
 CTRL = DeviceInfo(1, 10, "north", "ctrl-1", "site_controller", 50)
@@ -297,3 +297,30 @@ def test_a_batch_of_several_devices_and_streams_decides_as_its_readings_one_by_o
     one_by_one = fleet_transitions(drawn, list(range(len(drawn))))
     assert fleet_transitions(drawn, cuts) == one_by_one
     assert fleet_transitions(drawn, []) == one_by_one
+
+
+# The shipped battery rules read five values from two cell arrays; a batch's
+# quick check (is anything breached at all?) reads each array once for them.
+SHIPPED = evaluate.by_stream(load_rules())
+some_floats = st.lists(st.one_of(st.floats(-30, 75, allow_nan=False), st.just(float("nan"))),
+                       max_size=4)
+pack_fields = st.fixed_dictionaries({}, optional={
+    "cell_voltages": st.lists(st.floats(2.0, 4.5, allow_nan=False), max_size=4),
+    "cell_temperatures": some_floats, "soc": maybe_value,
+    "current": st.floats(-100, 150, allow_nan=False)})
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(pack_fields, min_size=1, max_size=8))
+def test_the_quick_breach_check_agrees_with_every_rule_read_on_every_reading(
+    readings: list[dict[str, Any]],
+) -> None:
+    checks = [evaluate._prepared(rule) for rule in SHIPPED["battery_telemetry"]]
+    assert len({c.source for c in checks}) < len(checks)  # fields shared by several rules
+    series = [(T0 + timedelta(seconds=i), fields) for i, fields in enumerate(readings)]
+    facts = {"nominal_grid_frequency_hz": 50}
+    one_by_one = any(
+        (value := check.value(fields, facts)) is not None and value == value
+        and check.breached(value, check.threshold)
+        for _, fields in series for check in checks)
+    assert evaluate._breaches(checks, series, facts) == one_by_one
