@@ -32,6 +32,9 @@ interleaved and medians reported, because the machine is noisy.
   socket (`publish_live`): a paho publisher took 0.9 of a core for 12,000
   msg/s, and readings then queued behind the load generator, not behind bmsd.
   ``--only latency --latency-rate N`` runs this alone.
+- Memory through a database outage: at the same rate, PostgreSQL is stopped
+  for ``--outage-s`` (60) and started again; bmsd's peak RSS before, during
+  and after (until every published reading is stored), once (`bmsd_outage`).
 """
 
 from __future__ import annotations
@@ -373,6 +376,13 @@ class Bmsd:
         hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
         return cpu, int(hwm.split()[1]) / 1024
 
+    def rss(self) -> float:
+        """Return the resident memory now, in MB."""
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
     def stop(self, forget: bool = False) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
@@ -465,6 +475,53 @@ def bmsd_latency(stack: Stack, rate: float, seconds: float,
             "publisher_cores": publisher_cpu / seconds}
 
 
+def bmsd_outage(stack: Stack, rate: float, outage_s: float = 60,
+                extra_config: str = "") -> dict[str, float]:
+    """bmsd's memory while the database is down for *outage_s* under a steady load.
+
+    The publisher runs 10 s before the outage, through it and 20 s after;
+    PostgreSQL is stopped and started again. Reported: bmsd's peak RSS before,
+    during and after the outage (until every published reading is stored),
+    and the seconds from the restart until then.
+    """
+    url = stack.database()
+    daemon = Bmsd(stack, url, f"bench-outage-{stack.runs}", extra_config)
+    daemon.start()
+    time.sleep(3)
+    sent = multiprocessing.Value("q", -1)
+    publisher = multiprocessing.Process(target=publish_live, args=(
+        stack.broker.port, rate, 10 + outage_s + 20, sent))
+    peaks = {"before": 0.0, "during": 0.0, "after": 0.0}
+
+    def sample(phase: str, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            daemon.check_alive()
+            peaks[phase] = max(peaks[phase], daemon.rss())
+            time.sleep(0.5)
+
+    publisher.start()
+    sample("before", 10)
+    stack.pg.stop()
+    sample("during", outage_s)
+    stack.pg.start()
+    back = time.monotonic()
+    publisher.join()
+    deadline = time.monotonic() + 600
+    sample("after", 2)
+    while (count := stored(url)) != sent.value and time.monotonic() < deadline:
+        sample("after", 2)
+    caught_up = time.monotonic() - back
+    daemon.check_alive()
+    daemon.stop(forget=True)
+    stack.drop(url)
+    if count != sent.value:
+        raise SystemExit(f"FAILED: bmsd stored {count} readings of {sent.value} published")
+    return {"rows": count, "rate": rate, "rss_before_mb": peaks["before"],
+            "rss_during_mb": peaks["during"], "rss_after_mb": peaks["after"],
+            "caught_up_s": caught_up}
+
+
 # --- the table ----------------------------------------------------------------------------
 
 def median(results: list[dict[str, float]], key: str) -> float:
@@ -480,14 +537,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency-s", type=float, default=20)
     parser.add_argument("--latency-rate", type=float,
-                        help="messages/s of the latency run (default: half the single rate);"
-                             " with --only latency, that run alone")
+                        help="messages/s of the latency and outage runs (default: half the"
+                             " single rate); with --only latency or outage, those runs alone")
+    parser.add_argument("--outage-s", type=float, default=60,
+                        help="how long the database is down in the outage run")
     parser.add_argument("--instances", type=int, default=2,
                         help="members of one shared group, for the scaled-out rows")
     parser.add_argument("--results", type=Path, help="write the table as Markdown here")
     parser.add_argument("--only", help="comma-separated steps to run (a quick A/B; no table):"
                                        " null, copy, single, batched, battery, battery-off,"
-                                       " single-n, batched-n, latency")
+                                       " single-n, batched-n, latency, outage")
     args = parser.parse_args()
 
     stack = Stack()
@@ -519,19 +578,21 @@ def main() -> None:
                 print(f"run {rep + 1} {name:8} " + " ".join(f"{k}={v:,.2f}"
                                                            for k, v in result.items()),
                       flush=True)
-        if args.only and "latency" not in args.only.split(","):
-            return
+        chosen = args.only.split(",") if args.only else ["latency", "outage"]
         rate = args.latency_rate or median(runs["single"], "messages_per_s") / 2
         latencies = []
-        for rep in range(max(args.repeat, 1)):
+        for rep in range(max(args.repeat, 1) if "latency" in chosen else 0):
             latencies.append(bmsd_latency(stack, rate, args.latency_s))
             print(f"run {rep + 1} latency  " + " ".join(
                 f"{k}={v:,.3f}" for k, v in latencies[-1].items()), flush=True)
-        latency = {key: median(latencies, key) for key in latencies[0]}
+        if "outage" in chosen:
+            outage = bmsd_outage(stack, rate, args.outage_s)
+            print("outage  " + " ".join(f"{k}={v:,.1f}" for k, v in outage.items()), flush=True)
     finally:
         stack.close()
     if args.only:
         return
+    latency = {key: median(latencies, key) for key in latencies[0]}
 
     null = median(runs["null"], "messages_per_s")
     copy = median(runs["copy"], "rows_per_s")
@@ -559,6 +620,11 @@ def main() -> None:
          "", "report; halve"),
         ("peak RSS (1 / 100 per msg)", f"{max(r['peak_rss_mb'] for r in single):.0f} /"
          f" {max(r['peak_rss_mb'] for r in batched):.0f} MB", "", "< 150 MB"),
+        (f"peak RSS with the database down {args.outage_s:.0f} s at {outage['rate']:,.0f} msg/s:"
+         " before / during / after",
+         f"{outage['rss_before_mb']:.0f} / {outage['rss_during_mb']:.0f} /"
+         f" {outage['rss_after_mb']:.0f} MB",
+         f"caught up {outage['caught_up_s']:.0f} s after the restart", "< 150 MB, flat"),
         ("battery readings (16 cells), alerts on / off",
          f"{battery_on:,.0f} / {battery_off:,.0f} msg/s",
          f"alerts cost {1 - battery_on / battery_off:.1%}", "cost ≤ 5 %"),
