@@ -285,7 +285,6 @@ def _breaches(checks: Iterable[_Check], series: Series, facts: Mapping[str, Any]
 _EXTREME: dict[bool, Any] = {True: max, False: min}  # by check.upward
 
 
-
 def _carry_flags(series: Series) -> bool:
     """Return whether any reading of *series* carries a protection or alarm flag."""
     return any(fields and any(map(fields.get, _FLAG_FIELDS)) for _, fields in series)
