@@ -136,10 +136,7 @@ def by_stream(rules: Iterable[Rule]) -> dict[str, tuple[Rule, ...]]:
 def fields_read(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> tuple[str, ...]:
     """Return the fields of *stream* that evaluating its readings reads (none: only
     their times matter)."""
-    names: dict[str, None] = {}
-    for rule in rules.get(stream, ()):
-        derive = DERIVED.get(stream, {}).get(rule.value)
-        names[rule.value if derive is None else derive.source] = None
+    names = dict.fromkeys(_prepared(rule).source for rule in rules.get(stream, ()))
     if stream in FLAGGED_STREAMS:
         names.update(dict.fromkeys(_FLAG_FIELDS))
     return tuple(names)
@@ -307,10 +304,9 @@ class _Check:
 def _prepared(rule: Rule) -> _Check:
     """Return *rule* as a check at its own thresholds (once per rule and batch)."""
     derive = DERIVED.get(rule.stream, {}).get(rule.value)
-    if derive is None:
-        return _Check(rule, _field_reader(rule.value), rule.value, None, OPS[rule.op],
-                      rule.op[0] == ">", *rule.thresholds(None))
-    return _Check(rule, derive, derive.source, derive, OPS[rule.op], rule.op[0] == ">",
+    value, source = ((_field_reader(rule.value), rule.value) if derive is None
+                     else (derive, derive.source))
+    return _Check(rule, value, source, derive, OPS[rule.op], rule.op[0] == ">",
                   *rule.thresholds(None))
 
 
