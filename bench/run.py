@@ -372,15 +372,13 @@ class Bmsd:
         assert self.proc is not None
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         cpu = (int(fields[11]) + int(fields[12])) / TICKS
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
-        return cpu, int(hwm.split()[1]) / 1024
+        return cpu, self.memory("VmHWM")
 
-    def rss(self) -> float:
-        """Return the resident memory now, in MB."""
+    def memory(self, key: str = "VmRSS") -> float:
+        """Return a memory figure of /proc's status in MB: VmRSS (now), VmHWM (peak)."""
         assert self.proc is not None
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        line = next(line for line in status.splitlines() if line.startswith("VmRSS"))
+        line = next(line for line in status.splitlines() if line.startswith(key + ":"))
         return int(line.split()[1]) / 1024
 
     def stop(self, forget: bool = False) -> None:
@@ -467,6 +465,7 @@ def bmsd_latency(stack: Stack, rate: float, seconds: float,
             SELECT count(*), percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (
                        ORDER BY extract(epoch FROM pg_xact_commit_timestamp(xmin) - time))
               FROM energy_readings""").fetchone()
+    stack.drop(url)
     assert row is not None
     count, (p50, p95, p99) = row
     if count != sent.value:
@@ -497,7 +496,7 @@ def bmsd_outage(stack: Stack, rate: float, outage_s: float = 60,
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             daemon.check_alive()
-            peaks[phase] = max(peaks[phase], daemon.rss())
+            peaks[phase] = max(peaks[phase], daemon.memory())
             time.sleep(0.5)
 
     publisher.start()
