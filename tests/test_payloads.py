@@ -283,7 +283,8 @@ def _random_document(rng: random.Random, depth: int = 0) -> str:
     pairs = []
     for key in keys:
         if key == "timestamp":
-            value = json.dumps(rng.choice(["2026-05-01T11:59:00Z", "2026-05-01", "x"]))
+            value = json.dumps(rng.choice(["2026-05-01T11:59:00Z", "2026-05-01", "x", None,
+                                           1777636740]))
         elif key == "ts":
             value = rng.choice(["1777636740", "1777636740000", "-1", "1e30"])
         else:
@@ -358,6 +359,9 @@ def test_what_gateways_send_is_validated_in_one_pass(per_message: int) -> None:
     b'{"\\u0072eadings": [{"power_kw": 1}], "power_kw": 5}',  # "readings", escaped
     b'\xef\xbb\xbf{"power_kw": 1}',  # a byte order mark
     b'[]',
+    b'{"timestamp": null, "power_kw": 1}',  # not absent: refused, not given the arrival time
+    b'{"timestamp": 1777636740, "power_kw": 1}',
+    b'{"timestamp": "2026-05-01T11:59:00+02:00", "ts": 1, "power_kw": 1}',  # ts: extra
 ])
 def test_odd_but_decodable_json_gives_the_same_from_either_path(payload: bytes) -> None:
     spec = BY_NAME["energy_readings"]

@@ -161,9 +161,16 @@ def _parse_each(spec: StreamSpec, payload: bytes, received_at: datetime,
 
 
 class _Adapters:
-    """One stream's validators of a whole message, straight from JSON bytes."""
+    """One stream's validators of a whole message, straight from JSON bytes.
+
+    Their model declares ``timestamp``, a string when present (a null or a
+    number goes to the other path, which explains), so that the reading's
+    time is read like its columns, not popped from a dict of extra fields.
+    """
 
     def __init__(self, model: type[BaseModel]) -> None:
+        model = create_model(f"{model.__name__}InMessage", __base__=model,
+                             timestamp=(str, None))
         batch = create_model(f"{model.__name__}Batch", __config__=ConfigDict(extra="forbid"),
                              readings=(list[model], ...))  # type: ignore[valid-type]
         self.one = TypeAdapter(model)
@@ -203,23 +210,39 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
         return None
     getter, pack = _GETTERS[spec.name], spec.pack
     oldest, newest = received_at - limits.max_reading_age, received_at + limits.max_future
+    width = len(spec.model.columns)
     readings: list[Reading] = []
     keep = readings.append
     for index, reading in enumerate(models):
         extra = reading.model_extra
         # "readings" here was spelt with an escape: the byte search above missed it.
-        if "readings" in extra or (pack and (
-                any(s in extra for s in NESTED_SECTIONS) or _cell_arrays_mismatch(reading))):
+        if extra and ("readings" in extra
+                      or (pack and any(s in extra for s in NESTED_SECTIONS))):
             return None
-        timing = _reading_time(extra, received_at)
-        if isinstance(timing, str):
+        if pack and _cell_arrays_mismatch(reading):
             return None
-        when, timestamped = timing
+        stamp = reading.timestamp
+        if stamp is not None:  # as _reading_time reads it, inline: most readings have one
+            try:
+                when = _FROM_ISO(stamp)
+            except ValueError:
+                return None
+            if when.tzinfo is None:
+                return None
+            when, timestamped = when.astimezone(UTC), True
+        else:
+            timing = _reading_time(extra, received_at)
+            if isinstance(timing, str):
+                return None
+            when, timestamped = timing
         values = getter(reading)
-        if not oldest <= when <= newest or values.count(None) == len(values):
+        if not oldest <= when <= newest or values.count(None) == width:
             return None
         keep(Reading(when, values, extra or None, timestamped, index if batch else None))
     return Parsed(readings, [])
+
+
+_FROM_ISO = datetime.fromisoformat
 
 
 def _refuse_constant(name: str) -> float:
