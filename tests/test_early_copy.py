@@ -9,6 +9,7 @@ messages are acknowledged only after the commit.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -175,13 +176,24 @@ def test_the_rows_sent_early_are_those_the_batch_takes() -> None:
         return Row((START + timedelta(seconds=second), device, power, None, None, None, None,
                     None, None), origin)
 
+    def refuse(rows: list[Row]) -> None:
+        raise psycopg.OperationalError("the connection was lost")
+
     batch = Batch()
     batch.extend("energy_readings", [row(1, 0, 1.0), row(1, 1, 1.0)])
     for message in ([row(1, 2, 1.0)], [row(1, 1, 1.0)], [row(2, 0, 1.0), row(2, 1, 1.0)],
-                    [row(1, 0, 9.0), row(1, 3, 1.0), row(1, 3, 2.0), row(1, 4, 1.0)]):
-        before = dict(batch.rows["energy_readings"])
-        fresh = batch.fresh("energy_readings", message)
-        assert batch.rows["energy_readings"] == before, "fresh changed the batch"
-        batch.extend("energy_readings", message)
-        added = [r for k, r in batch.rows["energy_readings"].items() if k not in before]
-        assert fresh == added
+                    [row(1, 0, 9.0), row(1, 3, 1.0), row(1, 3, 2.0), row(1, 4, 1.0)],
+                    [row(3, 0, 1.0), row(3, 0, 1.0)]):
+        before = (dict(batch.rows["energy_readings"]), list(batch.dead),
+                  Counter(batch.duplicates), batch.largest)
+        with pytest.raises(psycopg.OperationalError):
+            batch.take("energy_readings", message, refuse)
+        assert (batch.rows["energy_readings"], batch.dead, batch.duplicates,
+                batch.largest) == before, "a failed send changed the batch"
+        sent: list[Row] = []
+        batch.take("energy_readings", message, sent.extend)
+        added = [r for k, r in batch.rows["energy_readings"].items() if k not in before[0]]
+        assert sent == added
+        assert batch.largest == max(len(batch.rows[s]) for s in batch.rows)
+    assert len(batch.dead) == 2  # (1, 0) resent with another value; (1, 3) twice, differing
+    assert batch.duplicates["energy_readings"] == 2  # (1, 1) resent as it was; (3, 0) twice

@@ -141,9 +141,8 @@ class Ingestor:
         stream = route.stream
         rows = [Row((r.time, device, *r.values, r.extra), origin, r.index)
                 for r in parsed.readings]
-        batch = self._batch
-        self._writer.send(conn, stream, batch.fresh(stream, rows))  # may raise: as above
-        batch.extend(stream, rows)
+        self._batch.take(stream, rows,  # may raise: as above
+                         lambda fresh: self._writer.send(conn, stream, fresh))
         times = [r.time for r in parsed.readings]
         latest, late_before = max(times), message.received_at - LATE_AFTER
         if min(times) < late_before:

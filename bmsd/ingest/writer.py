@@ -163,6 +163,21 @@ class Batch:
         else:
             self.dead.append(row.dead("duplicate_conflict", _conflict(key[1])))
 
+    def take(self, stream: str, rows: list[Row], send: Callable[[list[Row]], None]) -> None:
+        """Add the rows of one message, first giving *send* the ones that are new
+        (`fresh`); if *send* raises, the batch is left unchanged."""
+        held = self.rows[stream]
+        if len(rows) > 1:
+            new = {row.key: row for row in rows}
+            if len(new) == len(rows) and not any(map(held.__contains__, new)):
+                send(rows)  # the usual case: every row new, added in one C-level pass
+                held.update(new)
+                if len(held) > self.largest:
+                    self.largest = len(held)
+                return
+        send(self.fresh(stream, rows))
+        self.extend(stream, rows)
+
     def fresh(self, stream: str, rows: list[Row]) -> list[Row]:
         """Return the rows of one message that `extend` would add (changing nothing)."""
         held = self.rows[stream]
@@ -486,11 +501,16 @@ class Writer:
                 self._copy_rows(copy, stream, rows)
 
     def _copy_rows(self, copy: psycopg.Copy, stream: str, rows: list[Row]) -> None:
+        # The COPY's types are set, so the extra fields' dict is dumped as jsonb
+        # by the column's type: the row goes as it is, no tuple built per row.
         factors = self._factors[stream]
-        for row in rows:
-            extra = row.extra
-            values = row.values if factors is None else _scaled(row.values, factors)
-            copy.write_row((*values[:-1], None if extra is None else Jsonb(extra)))
+        write = copy.write_row
+        if factors is None:
+            for row in rows:
+                write(row.values)
+        else:
+            for row in rows:
+                write(_scaled(row.values, factors))
 
     def _write_staged(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
                       outcome: Outcome) -> None:
