@@ -353,22 +353,30 @@ def test_protection_and_alarm_flags_raise_at_once_and_resolve_when_gone(
     assert {a[0] for a in alerts(db_url) if a[1] == "active"} == {"door_open"}
 
 
+@pytest.mark.parametrize(("topic", "field"), [
+    ("site/north/pack-9/battery", "soc"),  # a stream rules read
+    ("factory/north/press-9/energy", "power_kw"),  # one no rule reads
+])
 def test_a_silent_device_is_reported_offline_and_recovers(
-    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, topic: str, field: str,
 ) -> None:
     routes = "\n".join(
         f'[[routes]]\ntopic = "{t}"\nstream = "{s}"\ndevice_kind = "{k}"\n{extra}'
         for t, s, k, extra in [
             ("site/{site}/{device}/telemetry", "site_telemetry", "site_controller", ""),
             ("site/{site}/{device}/battery", "battery_telemetry", "battery_pack",
+             "offline_after_s = 2\n"),
+            ("factory/{site}/{device}/energy", "energy_readings", "machine",
              "offline_after_s = 2\n")])
     bmsd_daemon(f"[alerts]\noffline_check_s = 1\n{routes}")
     now = datetime.now(UTC)
-    publisher.publish("site/north/pack-9/battery", {"timestamp": now.isoformat(), "soc": 50})
+    publisher.publish(topic, {"timestamp": now.isoformat(), field: 50})
     wait_until(lambda: alerts(db_url, "DEVICE_OFFLINE"), timeout_s=15, what="offline alert")
     assert alerts(db_url, "DEVICE_OFFLINE")[0][1] == "active"
-    publisher.publish("site/north/pack-9/battery",
-                      {"timestamp": datetime.now(UTC).isoformat(), "soc": 50})
+    # A batch of two readings: the newer one ends the silence.
+    publisher.publish(topic, {"readings": [
+        {"timestamp": (datetime.now(UTC) - timedelta(seconds=s)).isoformat(), field: 50}
+        for s in (30, 0)]})
     wait_until(lambda: alerts(db_url, "DEVICE_OFFLINE")[0][1] == "resolved")
 
 

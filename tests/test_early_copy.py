@@ -197,3 +197,17 @@ def test_the_rows_sent_early_are_those_the_batch_takes() -> None:
         assert batch.largest == max(len(batch.rows[s]) for s in batch.rows)
     assert len(batch.dead) == 2  # (1, 0) resent with another value; (1, 3) twice, differing
     assert batch.duplicates["energy_readings"] == 2  # (1, 1) resent as it was; (3, 0) twice
+
+
+def test_a_batch_keeps_each_devices_newest_reading_and_when_it_was_last_heard() -> None:
+    # The alert engine reads `newest` instead of every row of a stream no rule reads.
+    batch = Batch()
+    heard = START + timedelta(minutes=5)
+    batch.see("energy_readings", 1, START + timedelta(seconds=20), heard)
+    batch.see("energy_readings", 1, START + timedelta(seconds=10), heard)  # a late message
+    batch.see("energy_readings", 2, heard + timedelta(seconds=1), heard)
+    batch.see("battery_telemetry", 1, START + timedelta(seconds=30), heard)
+    assert batch.newest["energy_readings"] == {1: START + timedelta(seconds=20),
+                                                2: heard + timedelta(seconds=1)}
+    assert batch.newest["battery_telemetry"] == {1: START + timedelta(seconds=30)}
+    assert batch.seen == {1: heard, 2: heard + timedelta(seconds=1)}

@@ -71,9 +71,12 @@ class AlertEngine:
         """Decide and write, in the caller's transaction, what *batch* changes."""
         started = time.perf_counter()
         readers = self._readers
+        # A stream no rule reads needs only each device's newest reading (its
+        # mark, the end of a DEVICE_OFFLINE): one key per device, not per row.
         readings = {
             stream: ({key: read(row) for key, row in rows.items()}
-                     if (read := readers.get(stream)) else dict.fromkeys(rows))
+                     if (read := readers.get(stream))
+                     else dict.fromkeys(batch.newest[stream].items()))
             for stream, rows in batch.rows.items() if rows}
         devices = {device for rows in readings.values() for device, _ in rows}
         if self._shared:

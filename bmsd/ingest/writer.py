@@ -146,6 +146,10 @@ class Batch:
         default_factory=lambda: {s: {} for s in NAMES})
     dead: list[DeadLetter] = field(default_factory=list)
     seen: dict[int, datetime] = field(default_factory=dict)
+    #: Per stream, each device's newest reading time in the batch (what the
+    #: alert engine needs of a stream no rule reads, without walking its rows).
+    newest: dict[str, dict[int, datetime]] = field(
+        default_factory=lambda: {s: {} for s in NAMES})
     late: set[tuple[str, date]] = field(default_factory=set)  # (hypertable, UTC day)
     duplicates: Counter[str] = field(default_factory=Counter)
     largest: int = 0  # rows in the fullest hypertable
@@ -207,11 +211,17 @@ class Batch:
         if len(held) > self.largest:
             self.largest = len(held)
 
-    def see(self, device_id: int, when: datetime) -> None:
-        """Note that *device_id* was heard from at *when*."""
+    def see(self, stream: str, device_id: int, latest: datetime, received_at: datetime) -> None:
+        """Note that *device_id* sent readings of *stream* up to *latest*, heard at
+        *received_at* (the device was seen at the later of the two)."""
+        when = max(latest, received_at)
         seen = self.seen.get(device_id)
         if seen is None or when > seen:
             self.seen[device_id] = when
+        newest = self.newest[stream]
+        held = newest.get(device_id)
+        if held is None or latest > held:
+            newest[device_id] = latest
 
 
 def _conflict(when: datetime) -> str:
