@@ -107,10 +107,6 @@ class Row:
         """Return (device_id, time): the hypertable's unique key."""
         return self.values[1], self.values[0]
 
-    @property
-    def extra(self) -> dict[str, Any] | None:
-        return self.values[-1]  # type: ignore[no-any-return]
-
     @staticmethod
     def reader(columns: Sequence[str], names: Sequence[str],
                ) -> Callable[[Row], dict[str, Any]]:
