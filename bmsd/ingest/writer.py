@@ -169,6 +169,7 @@ class Batch:
         held = self.rows[stream]
         if len(rows) > 1:
             new = {row.key: row for row in rows}
+            # (not new.keys().isdisjoint(held): that walks the whole batch)
             if len(new) == len(rows) and not any(map(held.__contains__, new)):
                 send(rows)  # the usual case: every row new, added in one C-level pass
                 held.update(new)
@@ -179,14 +180,11 @@ class Batch:
         self.extend(stream, rows)
 
     def fresh(self, stream: str, rows: list[Row]) -> list[Row]:
-        """Return the rows of one message that `extend` would add (changing nothing)."""
+        """Return the rows of one message that `extend` would add (changing nothing;
+        `take` has already handled a message whose rows are all new)."""
         held = self.rows[stream]
         if len(rows) == 1:
             return [] if rows[0].key in held else rows
-        keys = {row.key for row in rows}
-        # (not keys.isdisjoint(held): that walks the whole batch)
-        if len(keys) == len(rows) and not any(map(held.__contains__, keys)):
-            return rows  # the usual case
         out: dict[tuple[int, datetime], Row] = {}
         for row in rows:
             key = row.key
