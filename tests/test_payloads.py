@@ -367,3 +367,21 @@ def test_odd_but_decodable_json_gives_the_same_from_either_path(payload: bytes) 
     spec = BY_NAME["energy_readings"]
     assert parse_message(spec.name, payload, NOW, LIMITS) == _parse_each(spec, payload, NOW,
                                                                          LIMITS)
+
+
+@pytest.mark.parametrize(("stream", "payload"), [
+    # a field by its camelCase name, by its own, or by both
+    ("site_telemetry", b'{"batteryVoltage": 400.1, "timestamp": "2026-05-01T11:59:00Z"}'),
+    ("site_telemetry", b'{"batteryVoltage": 400.1, "battery_voltage": 400.2}'),
+    ("site_telemetry", b'{"battery_voltage": 400.2, "batteryVoltage": 400.1}'),
+    ("site_telemetry", b'[{"gridFrequency": 50.01}, {"grid_frequency": 80}]'),
+    # a pack's cell arrays, of one length or not, and its nested form
+    ("battery_telemetry", b'{"cell_voltages": [3.3, 3.4], "cell_temperatures": [20, 21]}'),
+    ("battery_telemetry", b'{"cell_voltages": [3.3], "balancing": [true, false]}'),
+    ("battery_telemetry", b'{"readings": [{"soc": 5}, {"measurements": {"soc": 6}}]}'),
+    ("battery_telemetry", b'{"soc": 5, "cell_data": 1}'),
+])
+def test_each_streams_odd_fields_give_the_same_from_either_path(stream: str,
+                                                                payload: bytes) -> None:
+    spec = BY_NAME[stream]
+    assert parse_message(stream, payload, NOW, LIMITS) == _parse_each(spec, payload, NOW, LIMITS)

@@ -20,15 +20,18 @@ import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, create_model, with_config
+from typing_extensions import TypedDict
 
 from bmsd.ingest.models import ReadingModel
 from bmsd.streams import BY_NAME, SPECS, StreamSpec
 
 # One C-level call gathers a reading's column values.
 _GETTERS = {spec.name: operator.attrgetter(*spec.model.columns) for spec in SPECS}
+# ... and a validated dict's (the one-pass path).
+_ITEMS = {spec.name: operator.itemgetter(*spec.model.columns) for spec in SPECS}
 
 # The nested PulseBMS document: (section, key) -> flat field.
 NESTED_BATTERY: dict[tuple[str, ...], str] = {
@@ -163,19 +166,54 @@ def _parse_each(spec: StreamSpec, payload: bytes, received_at: datetime,
 class _Adapters:
     """One stream's validators of a whole message, straight from JSON bytes.
 
-    Their model declares ``timestamp``, a string when present (a null or a
-    number goes to the other path, which explains), so that the reading's
-    time is read like its columns, not popped from a dict of extra fields.
+    A reading is validated into a dict, not a model instance (a third of
+    the cost): a TypedDict of the model's fields, with their bounds and
+    defaults, in which every field is present, then any extra fields. It
+    declares ``timestamp``, a string when present (a null or a number goes
+    to the other path, which explains), so that the reading's time is read
+    like its columns, not popped from the extra fields.
+
+    A model whose fields also have another name (site telemetry's camelCase)
+    is the exception: given a field by both names, the model keeps one and
+    makes the other an extra field, where a TypedDict would drop it. Such a
+    stream is validated into its model, as on the other path, and each
+    reading then made into the same dict (`as_dicts`).
     """
 
-    def __init__(self, model: type[BaseModel]) -> None:
-        model = create_model(f"{model.__name__}InMessage", __base__=model,
-                             timestamp=(str, None))
+    def __init__(self, model: type[ReadingModel]) -> None:
+        self.as_dicts = any(info.alias not in (None, name)
+                            for name, info in model.model_fields.items())
+        reading: Any = (
+            create_model(f"{model.__name__}InMessage", __base__=model, timestamp=(str, None))
+            if self.as_dicts else _typed_dict(model))
         batch = create_model(f"{model.__name__}Batch", __config__=ConfigDict(extra="forbid"),
-                             readings=(list[model], ...))  # type: ignore[valid-type]
-        self.one = TypeAdapter(model)
-        self.array = TypeAdapter(list[model])  # type: ignore[valid-type]
+                             readings=(list[reading], ...))
+        self.one: TypeAdapter[Any] = TypeAdapter(reading)
+        self.array: TypeAdapter[list[Any]] = TypeAdapter(list[reading])
         self.batch: TypeAdapter[Any] = TypeAdapter(batch)
+        #: The keys every validated reading has; any others are extra fields.
+        self.declared = frozenset([*model.model_fields, "timestamp"])
+
+    def dicts(self, models: list[Any]) -> list[dict[str, Any]] | None:
+        """Return validated models as the dicts the TypedDicts give; None if one has an
+        extra field of a field's name (sent by both names), which a dict cannot hold."""
+        out = []
+        for reading in models:
+            extra = reading.model_extra
+            if extra and not self.declared.isdisjoint(extra):
+                return None
+            out.append({**reading.__dict__, **extra})
+        return out
+
+
+def _typed_dict(model: type[ReadingModel]) -> Any:
+    """Return a TypedDict of *model*'s fields and ``timestamp`` (see `_Adapters`)."""
+    fields = {name: Annotated[info.annotation, info] for name, info in model.model_fields.items()}
+    fields["timestamp"] = Annotated[str, Field(default=None)]  # null: not a str
+    config = ConfigDict({k: v for k, v in model.model_config.items()  # type: ignore[misc]
+                         if k not in ("frozen", "title")})
+    # (mypy reads only literal TypedDicts)
+    return with_config(config)(TypedDict(f"{model.__name__}InMessage", fields))  # type: ignore[operator]
 
 
 _ADAPTERS = {spec.name: _Adapters(spec.model) for spec in SPECS}
@@ -196,7 +234,7 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
     first = payload[:1]
     try:
         if first == b"[":
-            models: list[Any] = adapters.array.validate_json(payload)
+            models = adapters.array.validate_json(payload)
             batch = True
         elif first != b"{":
             return None
@@ -208,20 +246,26 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
         return None
     if not models:
         return None
-    getter, pack = _GETTERS[spec.name], spec.pack
+    if adapters.as_dicts:
+        dicts = adapters.dicts(models)
+        if dicts is None:
+            return None
+        models = dicts
+    getter, pack, declared = _ITEMS[spec.name], spec.pack, adapters.declared
     oldest, newest = received_at - limits.max_reading_age, received_at + limits.max_future
     width = len(spec.model.columns)
     readings: list[Reading] = []
     keep = readings.append
     for index, reading in enumerate(models):
-        extra = reading.model_extra
-        # "readings" here was spelt with an escape: the byte search above missed it.
-        if extra and ("readings" in extra
-                      or (pack and any(s in extra for s in NESTED_SECTIONS))):
-            return None
+        extra: dict[str, Any] | None = None
+        if len(reading) > len(declared):
+            extra = {k: v for k, v in reading.items() if k not in declared}
+            # "readings" here was spelt with an escape: the byte search above missed it.
+            if "readings" in extra or (pack and any(s in extra for s in NESTED_SECTIONS)):
+                return None
         if pack and _cell_arrays_mismatch(reading):
             return None
-        stamp = reading.timestamp
+        stamp = reading["timestamp"]
         if stamp is not None:  # as _reading_time reads it, inline: most readings have one
             try:
                 when = _FROM_ISO(stamp)
@@ -231,7 +275,7 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
                 return None
             when, timestamped = when.astimezone(UTC), True
         else:
-            timing = _reading_time(extra, received_at)
+            timing = _reading_time(extra or {}, received_at)
             if isinstance(timing, str):
                 return None
             when, timestamped = timing
@@ -289,7 +333,7 @@ def _parse_reading(spec: StreamSpec, item: object, where: str, index: int | None
         return "invalid", "; ".join(
             f"{where}.{_location(err['loc'], nested)}: {_explain(err)}" for err in exc.errors())
     if spec.pack:
-        problem = _cell_arrays_mismatch(reading)
+        problem = _cell_arrays_mismatch(reading.__dict__)
         if problem:
             return "invalid", f"{where}.{problem}"
     values = _GETTERS[spec.name](reading)
@@ -412,9 +456,11 @@ def _num(value: object) -> str:
     return str(value)
 
 
-def _cell_arrays_mismatch(reading: ReadingModel) -> str | None:
+def _cell_arrays_mismatch(fields: Mapping[str, Any]) -> str | None:
+    """Say how a pack reading's cell arrays differ in length (*fields*: its fields by
+    name, each present), if they do."""
     lengths = {name: len(v) for name in ("cell_voltages", "cell_temperatures", "balancing")
-               if (v := getattr(reading, name)) is not None}
+               if (v := fields[name]) is not None}
     if len(set(lengths.values())) > 1:
         described = ", ".join(f"{name} has {n}" for name, n in lengths.items())
         return f"cell arrays: lengths differ ({described}); send one entry per cell in each"
