@@ -380,6 +380,12 @@ def test_odd_but_decodable_json_gives_the_same_from_either_path(payload: bytes) 
     ("battery_telemetry", b'{"cell_voltages": [3.3], "balancing": [true, false]}'),
     ("battery_telemetry", b'{"readings": [{"soc": 5}, {"measurements": {"soc": 6}}]}'),
     ("battery_telemetry", b'{"soc": 5, "cell_data": 1}'),
+    # NaN and Infinity, which are not JSON, in a field, a cell, an extra field, or a string
+    ("battery_telemetry", b'{"soc": 5, "cell_voltages": [3.3, NaN]}'),
+    ("production_data", b'{"units_produced": Infinity}'),
+    ("energy_readings", b'{"readings": [{"power_kw": 1}, {"power_kw": 2, "x": [-Infinity]}]}'),
+    ("energy_readings", b'[{"power_kw": 1, "note": {"v": NaN}}]'),
+    ("energy_readings", b'{"power_kw": 1, "note": "NaN"}'),
 ])
 def test_each_streams_odd_fields_give_the_same_from_either_path(stream: str,
                                                                 payload: bytes) -> None:

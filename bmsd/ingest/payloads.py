@@ -217,7 +217,8 @@ def _typed_dict(model: type[ReadingModel]) -> Any:
 
 
 _ADAPTERS = {spec.name: _Adapters(spec.model) for spec in SPECS}
-# The JSON parser under pydantic reads NaN and Infinity, which are not JSON.
+# The JSON parser under pydantic reads NaN and Infinity, which are not JSON
+# (`allow_inf_nan=False` refuses them as the value of a declared field).
 _NOT_JSON = (b"NaN", b"Infinity")
 
 
@@ -228,8 +229,6 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
     None is for anything the reading by reading path must decide or explain,
     so the two paths cannot disagree on what is stored.
     """
-    if _NOT_JSON[0] in payload or _NOT_JSON[1] in payload:
-        return None
     adapters = _ADAPTERS[spec.name]
     first = payload[:1]
     try:
@@ -256,9 +255,16 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
     width = len(spec.model.columns)
     readings: list[Reading] = []
     keep = readings.append
+    checked = False  # for NaN and Infinity, in a message with extra fields
     for index, reading in enumerate(models):
         extra: dict[str, Any] | None = None
         if len(reading) > len(declared):
+            # The fields' bounds refuse NaN and Infinity, but an extra field is not
+            # validated: the payload must not hold them (as a string is harmless).
+            if not checked:
+                if _NOT_JSON[0] in payload or _NOT_JSON[1] in payload:
+                    return None
+                checked = True
             extra = {k: v for k, v in reading.items() if k not in declared}
             # "readings" here was spelt with an escape: the byte search above missed it.
             if "readings" in extra or (pack and any(s in extra for s in NESTED_SECTIONS)):
