@@ -182,31 +182,43 @@ def test_the_rows_sent_early_are_those_the_batch_takes() -> None:
     batch = Batch()
     batch.extend("energy_readings", [row(1, 0, 1.0), row(1, 1, 1.0)])
     for message in ([row(1, 2, 1.0)], [row(1, 1, 1.0)], [row(2, 0, 1.0), row(2, 1, 1.0)],
+                    [row(2, 1, 7.0)],  # against a row added by time alone, unindexed
                     [row(1, 0, 9.0), row(1, 3, 1.0), row(1, 3, 2.0), row(1, 4, 1.0)],
-                    [row(3, 0, 1.0), row(3, 0, 1.0)]):
-        before = (dict(batch.rows["energy_readings"]), list(batch.dead),
-                  Counter(batch.duplicates), batch.largest)
+                    [row(3, 0, 1.0), row(3, 0, 1.0)], [row(3, 2, 1.0), row(3, 1, 1.0)]):
+        before = (list(batch.rows["energy_readings"]), list(batch.dead),
+                  Counter(batch.duplicates), batch.largest, dict(batch.newest["energy_readings"]))
         with pytest.raises(psycopg.OperationalError):
             batch.take("energy_readings", message, refuse)
-        assert (batch.rows["energy_readings"], batch.dead, batch.duplicates,
-                batch.largest) == before, "a failed send changed the batch"
+        assert (batch.rows["energy_readings"], batch.dead, batch.duplicates, batch.largest,
+                batch.newest["energy_readings"]) == before, "a failed send changed the batch"
         sent: list[Row] = []
         batch.take("energy_readings", message, sent.extend)
-        added = [r for k, r in batch.rows["energy_readings"].items() if k not in before[0]]
-        assert sent == added
+        assert sent == batch.rows["energy_readings"][len(before[0]):]
         assert batch.largest == max(len(batch.rows[s]) for s in batch.rows)
-    assert len(batch.dead) == 2  # (1, 0) resent with another value; (1, 3) twice, differing
+    held = batch.rows["energy_readings"]
+    assert [r.key for r in held] == [
+        (1, START), (1, START + timedelta(seconds=1)), (1, START + timedelta(seconds=2)),
+        (2, START), (2, START + timedelta(seconds=1)),
+        (1, START + timedelta(seconds=3)), (1, START + timedelta(seconds=4)),
+        (3, START), (3, START + timedelta(seconds=2)), (3, START + timedelta(seconds=1))]
+    assert len(batch.dead) == 3  # (2, 1) and (1, 0) resent with other values; (1, 3) twice
     assert batch.duplicates["energy_readings"] == 2  # (1, 1) resent as it was; (3, 0) twice
 
 
 def test_a_batch_keeps_each_devices_newest_reading_and_when_it_was_last_heard() -> None:
     # The alert engine reads `newest` instead of every row of a stream no rule reads.
+    origin = Origin("factory/f1/m1/energy", "factory/+/+/energy", b"{}", None, START)
+
+    def take(stream: str, device: int, *times: datetime) -> None:
+        batch.take(stream, [Row((when, device), origin) for when in times], lambda rows: None)
+        batch.see(device, max(times), heard)
+
     batch = Batch()
     heard = START + timedelta(minutes=5)
-    batch.see("energy_readings", 1, START + timedelta(seconds=20), heard)
-    batch.see("energy_readings", 1, START + timedelta(seconds=10), heard)  # a late message
-    batch.see("energy_readings", 2, heard + timedelta(seconds=1), heard)
-    batch.see("battery_telemetry", 1, START + timedelta(seconds=30), heard)
+    take("energy_readings", 1, START + timedelta(seconds=20))
+    take("energy_readings", 1, START + timedelta(seconds=10))  # a late message
+    take("energy_readings", 2, heard, heard + timedelta(seconds=1))
+    take("battery_telemetry", 1, START + timedelta(seconds=30), START)  # out of order
     assert batch.newest["energy_readings"] == {1: START + timedelta(seconds=20),
                                                 2: heard + timedelta(seconds=1)}
     assert batch.newest["battery_telemetry"] == {1: START + timedelta(seconds=30)}

@@ -74,7 +74,7 @@ class AlertEngine:
         # A stream no rule reads needs only each device's newest reading (its
         # mark, the end of a DEVICE_OFFLINE): one key per device, not per row.
         readings = {
-            stream: ({key: read(row) for key, row in rows.items()}
+            stream: ({row.key: read(row) for row in rows}
                      if (read := readers.get(stream))
                      else dict.fromkeys(batch.newest[stream].items()))
             for stream, rows in batch.rows.items() if rows}

@@ -153,7 +153,7 @@ class Ingestor:
             self._metrics.readings_without_time.labels(route.template).inc(undated)
         else:
             self._lag_times.append(latest)
-        self._batch.see(stream, device, latest, message.received_at)
+        self._batch.see(device, latest, message.received_at)
         self._hold(message, dead)
 
     def release(self) -> None:

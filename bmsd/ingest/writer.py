@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
-from operator import itemgetter
+from operator import itemgetter, lt
 from typing import Any
 
 import psycopg
@@ -136,53 +136,75 @@ class DeadLetter:
 
 @dataclass
 class Batch:
-    """Readings and dead letters gathered since the last commit."""
+    """Readings and dead letters gathered since the last commit.
 
-    rows: dict[str, dict[tuple[int, datetime], Row]] = field(
-        default_factory=lambda: {s: {} for s in NAMES})
+    A stream's rows are held in the order they came (`rows`), no two with one
+    key (device, time). Most messages prove that by time alone: readings of
+    one device in time order, the first later than the device's newest in the
+    batch (as gateways send them), are all new, and are added without a look
+    at any key. Any other message is checked key by key, against an index of
+    the stream's rows made when first needed and brought up to date at each
+    use (`_index`), so that a batch of ordered messages never hashes a time.
+    """
+
+    rows: dict[str, list[Row]] = field(default_factory=lambda: {s: [] for s in NAMES})
     dead: list[DeadLetter] = field(default_factory=list)
     seen: dict[int, datetime] = field(default_factory=dict)
-    #: Per stream, each device's newest reading time in the batch (what the
-    #: alert engine needs of a stream no rule reads, without walking its rows).
+    #: Per stream, each device's newest reading time in the batch, of every reading
+    #: offered (what the alert engine needs of a stream no rule reads, without
+    #: walking its rows; and what proves a message's readings new).
     newest: dict[str, dict[int, datetime]] = field(
         default_factory=lambda: {s: {} for s in NAMES})
     late: set[tuple[str, date]] = field(default_factory=set)  # (hypertable, UTC day)
     duplicates: Counter[str] = field(default_factory=Counter)
     largest: int = 0  # rows in the fullest hypertable
+    #: Per stream, its first rows by key (see the class).
+    _keyed: dict[str, dict[tuple[int, datetime], Row]] = field(
+        default_factory=lambda: {s: {} for s in NAMES})
+
+    def _index(self, stream: str) -> dict[tuple[int, datetime], Row]:
+        """Return the stream's rows by key, indexing those added since the last use."""
+        keyed, rows = self._keyed[stream], self.rows[stream]
+        if len(keyed) < len(rows):  # rows are unique: the index holds the first ones
+            keyed.update({row.key: row for row in rows[len(keyed):]})
+        return keyed
 
     def add(self, stream: str, row: Row) -> None:
         """Add a row; a second reading of a device at the same time is not."""
-        rows = self.rows[stream]
+        keyed = self._index(stream)
         key = row.key
-        held = rows.get(key)
+        held = keyed.get(key)
         if held is None:
-            rows[key] = row
+            keyed[key] = row
+            rows = self.rows[stream]
+            rows.append(row)
             self.largest = max(self.largest, len(rows))
         elif held.values == row.values:
             self.duplicates[stream] += 1
         else:
             self.dead.append(row.dead("duplicate_conflict", _conflict(key[1])))
+        self._newest(stream, key[0], key[1])
 
     def take(self, stream: str, rows: list[Row], send: Callable[[list[Row]], None]) -> None:
-        """Add the rows of one message, first giving *send* the ones that are new
-        (`fresh`); if *send* raises, the batch is left unchanged."""
-        held = self.rows[stream]
-        if len(rows) > 1:
-            new = {row.key: row for row in rows}
-            # (not new.keys().isdisjoint(held): that walks the whole batch)
-            if len(new) == len(rows) and not any(map(held.__contains__, new)):
-                send(rows)  # the usual case: every row new, added in one C-level pass
-                held.update(new)
-                if len(held) > self.largest:
-                    self.largest = len(held)
-                return
+        """Add the rows of one message, readings of one device, first giving *send*
+        the ones that are new (`fresh`); if *send* raises, the batch is left unchanged."""
+        device = rows[0].values[1]
+        times = [row.values[0] for row in rows]
+        newest = self.newest[stream].get(device)
+        if (newest is None or times[0] > newest) and all(map(lt, times, times[1:])):
+            send(rows)  # the usual case: all new, by their times alone
+            held = self.rows[stream]
+            held += rows
+            self.newest[stream][device] = times[-1]
+            if len(held) > self.largest:
+                self.largest = len(held)
+            return
         send(self.fresh(stream, rows))
         self.extend(stream, rows)
 
     def fresh(self, stream: str, rows: list[Row]) -> list[Row]:
-        """Return the rows of one message that `extend` would add (changing nothing;
-        `take` has already handled a message whose rows are all new)."""
-        held = self.rows[stream]
+        """Return the rows of one message that `extend` would add (changing nothing)."""
+        held = self._index(stream)
         if len(rows) == 1:
             return [] if rows[0].key in held else rows
         out: dict[tuple[int, datetime], Row] = {}
@@ -193,29 +215,23 @@ class Batch:
         return list(out.values())
 
     def extend(self, stream: str, rows: list[Row]) -> None:
-        """Add the rows of one message (`add` each, in one pass)."""
-        held = self.rows[stream]
-        get = held.get
+        """Add the rows of one message (`add` each)."""
         for row in rows:
-            key = row.key
-            if get(key) is None:
-                held[key] = row
-            else:
-                self.add(stream, row)
-        if len(held) > self.largest:
-            self.largest = len(held)
+            self.add(stream, row)
 
-    def see(self, stream: str, device_id: int, latest: datetime, received_at: datetime) -> None:
-        """Note that *device_id* sent readings of *stream* up to *latest*, heard at
-        *received_at* (the device was seen at the later of the two)."""
+    def _newest(self, stream: str, device_id: int, when: datetime) -> None:
+        newest = self.newest[stream]
+        held = newest.get(device_id)
+        if held is None or when > held:
+            newest[device_id] = when
+
+    def see(self, device_id: int, latest: datetime, received_at: datetime) -> None:
+        """Note that *device_id* sent readings up to *latest*, heard at *received_at*
+        (the device was seen at the later of the two)."""
         when = max(latest, received_at)
         seen = self.seen.get(device_id)
         if seen is None or when > seen:
             self.seen[device_id] = when
-        newest = self.newest[stream]
-        held = newest.get(device_id)
-        if held is None or latest > held:
-            newest[device_id] = latest
 
 
 def _conflict(when: datetime) -> str:
@@ -462,8 +478,7 @@ class Writer:
         if batch.seen:
             conn.execute(_LOCK_DEVICES, (sorted(batch.seen),))
         early = self._committing
-        for stream, held in batch.rows.items():
-            rows = list(held.values())
+        for stream, rows in batch.rows.items():
             if early is not None and early.stream == stream:
                 outcome.written[stream] += early.sent
                 rows = rows[early.sent:]
