@@ -186,11 +186,11 @@ def test_the_rows_sent_early_are_those_the_batch_takes() -> None:
                     [row(1, 0, 9.0), row(1, 3, 1.0), row(1, 3, 2.0), row(1, 4, 1.0)],
                     [row(3, 0, 1.0), row(3, 0, 1.0)], [row(3, 2, 1.0), row(3, 1, 1.0)]):
         before = (list(batch.rows["energy_readings"]), list(batch.dead),
-                  Counter(batch.duplicates), batch.largest, dict(batch.newest["energy_readings"]))
+                  Counter(batch.duplicates), batch.largest, batch.newest("energy_readings"))
         with pytest.raises(psycopg.OperationalError):
             batch.take("energy_readings", message, refuse)
         assert (batch.rows["energy_readings"], batch.dead, batch.duplicates, batch.largest,
-                batch.newest["energy_readings"]) == before, "a failed send changed the batch"
+                batch.newest("energy_readings")) == before, "a failed send changed the batch"
         sent: list[Row] = []
         batch.take("energy_readings", message, sent.extend)
         assert sent == batch.rows["energy_readings"][len(before[0]):]
@@ -203,6 +203,36 @@ def test_the_rows_sent_early_are_those_the_batch_takes() -> None:
         (3, START), (3, START + timedelta(seconds=2)), (3, START + timedelta(seconds=1))]
     assert len(batch.dead) == 3  # (2, 1) and (1, 0) resent with other values; (1, 3) twice
     assert batch.duplicates["energy_readings"] == 2  # (1, 1) resent as it was; (3, 0) twice
+
+
+def test_a_batch_finds_repeats_among_a_devices_interleaved_runs_of_readings() -> None:
+    # A gateway's live readings and its backlog after an outage, interleaved; then
+    # readings in the gaps between them, beyond MAX_SPANS runs, and repeats of each.
+    origin = Origin("factory/f1/m1/energy", "factory/+/+/energy", b"{}", None, START)
+    batch = Batch()
+
+    def take(power: float, *seconds: int) -> None:
+        batch.take("energy_readings", [
+            Row((START + timedelta(seconds=s), 1, power, None, None, None, None, None, None),
+                origin) for s in seconds], lambda rows: None)
+
+    for seconds in ([100, 101], [0, 1], [102], [2, 3], [50], *([s] for s in range(-2, -22, -2))):
+        take(1.0, *seconds)
+    held = {r.key[1] - START: r for r in batch.rows["energy_readings"]}
+    assert len(held) == 18
+    assert not batch.dead
+    assert not batch.duplicates
+    for seconds in ([102], [1], [3, 4], [49, 51], [101, 103],
+                    *([s] for s in range(-2, -22, -2))):
+        take(1.0, *seconds)  # some again
+    take(2.0, 102)  # another value: refused
+    take(1.0, 40, 30)  # new, out of order
+    take(1.0, 40)
+    added = [r.key[1] - START for r in batch.rows["energy_readings"]][18:]
+    assert added == [timedelta(seconds=s) for s in (4, 49, 51, 103, 40, 30)]
+    assert batch.duplicates["energy_readings"] == 15  # 102, 1, 3, 101, 40, the ten below 0
+    assert [d.category for d in batch.dead] == ["duplicate_conflict"]
+    assert batch.newest("energy_readings") == {1: START + timedelta(seconds=103)}
 
 
 def test_a_batch_keeps_each_devices_newest_reading_and_when_it_was_last_heard() -> None:
@@ -219,7 +249,7 @@ def test_a_batch_keeps_each_devices_newest_reading_and_when_it_was_last_heard() 
     take("energy_readings", 1, START + timedelta(seconds=10))  # a late message
     take("energy_readings", 2, heard, heard + timedelta(seconds=1))
     take("battery_telemetry", 1, START + timedelta(seconds=30), START)  # out of order
-    assert batch.newest["energy_readings"] == {1: START + timedelta(seconds=20),
+    assert batch.newest("energy_readings") == {1: START + timedelta(seconds=20),
                                                 2: heard + timedelta(seconds=1)}
-    assert batch.newest["battery_telemetry"] == {1: START + timedelta(seconds=30)}
+    assert batch.newest("battery_telemetry") == {1: START + timedelta(seconds=30)}
     assert batch.seen == {1: heard, 2: heard + timedelta(seconds=1)}

@@ -76,7 +76,7 @@ class AlertEngine:
         readings = {
             stream: ({row.key: read(row) for row in rows}
                      if (read := readers.get(stream))
-                     else dict.fromkeys(batch.newest[stream].items()))
+                     else dict.fromkeys(batch.newest(stream).items()))
             for stream, rows in batch.rows.items() if rows}
         devices = {device for rows in readings.values() for device, _ in rows}
         if self._shared:

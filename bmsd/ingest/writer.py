@@ -134,33 +134,45 @@ class DeadLetter:
     reason: str
 
 
+#: Time ranges kept per device and stream (a gateway's live readings and its
+#: backlog after an outage make two runs; the closest ranges are joined).
+MAX_SPANS = 4
+
+
 @dataclass
 class Batch:
     """Readings and dead letters gathered since the last commit.
 
     A stream's rows are held in the order they came (`rows`), no two with one
-    key (device, time). Most messages prove that by time alone: readings of
-    one device in time order, the first later than the device's newest in the
-    batch (as gateways send them), are all new, and are added without a look
-    at any key. Any other message is checked key by key, against an index of
-    the stream's rows made when first needed and brought up to date at each
-    use (`_index`), so that a batch of ordered messages never hashes a time.
+    key (device, time). Most messages prove that by time alone: for each
+    device the batch keeps a few disjoint time ranges its readings lie in
+    (`_spans`, the closest two joined when there are more than MAX_SPANS); a
+    message whose readings are in time order, in a range that meets none of
+    them, holds only new rows, and they are added without a look at any key.
+    That is how gateways send: each message later than the last, a backlog
+    after an outage in order too. Any other message is checked key by key,
+    against an index of the stream's rows made when first needed and brought
+    up to date at each use (`_index`).
     """
 
     rows: dict[str, list[Row]] = field(default_factory=lambda: {s: [] for s in NAMES})
     dead: list[DeadLetter] = field(default_factory=list)
     seen: dict[int, datetime] = field(default_factory=dict)
-    #: Per stream, each device's newest reading time in the batch, of every reading
-    #: offered (what the alert engine needs of a stream no rule reads, without
-    #: walking its rows; and what proves a message's readings new).
-    newest: dict[str, dict[int, datetime]] = field(
-        default_factory=lambda: {s: {} for s in NAMES})
     late: set[tuple[str, date]] = field(default_factory=set)  # (hypertable, UTC day)
     duplicates: Counter[str] = field(default_factory=Counter)
     largest: int = 0  # rows in the fullest hypertable
+    #: Per stream and device, sorted disjoint [first, last] times that every
+    #: reading offered lies in; each bound is a reading's time.
+    _spans: dict[str, dict[int, list[list[datetime]]]] = field(
+        default_factory=lambda: {s: {} for s in NAMES})
     #: Per stream, its first rows by key (see the class).
     _keyed: dict[str, dict[tuple[int, datetime], Row]] = field(
         default_factory=lambda: {s: {} for s in NAMES})
+
+    def newest(self, stream: str) -> dict[int, datetime]:
+        """Return each device's newest reading time of *stream* in the batch (what the
+        alert engine needs of a stream no rule reads, without walking its rows)."""
+        return {device: spans[-1][1] for device, spans in self._spans[stream].items()}
 
     def _index(self, stream: str) -> dict[tuple[int, datetime], Row]:
         """Return the stream's rows by key, indexing those added since the last use."""
@@ -171,34 +183,44 @@ class Batch:
 
     def add(self, stream: str, row: Row) -> None:
         """Add a row; a second reading of a device at the same time is not."""
-        keyed = self._index(stream)
-        key = row.key
-        held = keyed.get(key)
-        if held is None:
-            keyed[key] = row
-            rows = self.rows[stream]
-            rows.append(row)
-            self.largest = max(self.largest, len(rows))
-        elif held.values == row.values:
-            self.duplicates[stream] += 1
-        else:
-            self.dead.append(row.dead("duplicate_conflict", _conflict(key[1])))
-        self._newest(stream, key[0], key[1])
+        self.extend(stream, [row])
 
     def take(self, stream: str, rows: list[Row], send: Callable[[list[Row]], None]) -> None:
         """Add the rows of one message, readings of one device, first giving *send*
         the ones that are new (`fresh`); if *send* raises, the batch is left unchanged."""
         device = rows[0].values[1]
         times = [row.values[0] for row in rows]
-        newest = self.newest[stream].get(device)
-        if (newest is None or times[0] > newest) and all(map(lt, times, times[1:])):
-            send(rows)  # the usual case: all new, by their times alone
-            held = self.rows[stream]
-            held += rows
-            self.newest[stream][device] = times[-1]
-            if len(held) > self.largest:
-                self.largest = len(held)
-            return
+        first, last = times[0], times[-1]
+        spans = self._spans[stream].get(device) or []
+        held = self.rows[stream]
+        if len(times) == 1 or all(map(lt, times, times[1:])):
+            n = len(spans)
+            place = n if not n or first > spans[-1][1] else _gap(spans, first, last)
+            if place is not None:
+                send(rows)  # the usual case: all new, by their times alone
+                held += rows
+                if place == n > 1 and first - spans[-1][1] <= 2 * (spans[-1][0] - spans[-2][1]):
+                    spans[-1][1] = last  # the newest run goes on, at about its pace
+                else:
+                    spans.insert(place, [first, last])
+                    if n == MAX_SPANS:
+                        _join_closest(spans)
+                    self._spans[stream][device] = spans
+                if len(held) > self.largest:
+                    self.largest = len(held)
+                return
+        keyed = self._index(stream)
+        if len(rows) > 1:
+            new = {row.key: row for row in rows}
+            # (not new.keys().isdisjoint(keyed): that walks the whole batch)
+            if len(new) == len(rows) and not any(map(keyed.__contains__, new)):
+                send(rows)  # all new, by their keys: added in one C-level pass
+                keyed.update(new)
+                held += rows
+                self._cover(stream, device, min(times), max(times))
+                if len(held) > self.largest:
+                    self.largest = len(held)
+                return
         send(self.fresh(stream, rows))
         self.extend(stream, rows)
 
@@ -215,15 +237,36 @@ class Batch:
         return list(out.values())
 
     def extend(self, stream: str, rows: list[Row]) -> None:
-        """Add the rows of one message (`add` each)."""
+        """Add the rows of one message (`add` each, in one pass)."""
+        keyed, held = self._index(stream), self.rows[stream]
         for row in rows:
-            self.add(stream, row)
+            key = row.key
+            kept = keyed.get(key)
+            if kept is None:
+                keyed[key] = row
+                held.append(row)
+            elif kept.values == row.values:
+                self.duplicates[stream] += 1
+            else:
+                self.dead.append(row.dead("duplicate_conflict", _conflict(key[1])))
+        if len(held) > self.largest:
+            self.largest = len(held)
+        for device, times in _times_by_device(rows).items():
+            self._cover(stream, device, min(times), max(times))
 
-    def _newest(self, stream: str, device_id: int, when: datetime) -> None:
-        newest = self.newest[stream]
-        held = newest.get(device_id)
-        if held is None or when > held:
-            newest[device_id] = when
+    def _cover(self, stream: str, device: int, first: datetime, last: datetime) -> None:
+        """Make the device's spans cover [first, last], merging those it meets."""
+        kept = []
+        for span in self._spans[stream].get(device, ()):
+            if span[1] < first or span[0] > last:
+                kept.append(span)
+            else:
+                first, last = min(first, span[0]), max(last, span[1])
+        kept.append([first, last])
+        kept.sort(key=itemgetter(0))
+        while len(kept) > MAX_SPANS:
+            _join_closest(kept)
+        self._spans[stream][device] = kept
 
     def see(self, device_id: int, latest: datetime, received_at: datetime) -> None:
         """Note that *device_id* sent readings up to *latest*, heard at *received_at*
@@ -232,6 +275,33 @@ class Batch:
         seen = self.seen.get(device_id)
         if seen is None or when > seen:
             self.seen[device_id] = when
+
+
+def _gap(spans: list[list[datetime]], first: datetime, last: datetime) -> int | None:
+    """Return the place among *spans* (sorted, disjoint) of the range [first, last]:
+    the index of the first span after it; None if it meets one."""
+    for place, (low, high) in enumerate(spans):
+        if last < low:
+            return place
+        if first <= high:
+            return None
+    return len(spans)
+
+
+def _join_closest(spans: list[list[datetime]]) -> None:
+    """Join the two neighbouring spans with the shortest time between them: the
+    joined span covers that time too, where a device's runs of readings (its live
+    ones, its backlog) are least likely to meet."""
+    at = min(range(len(spans) - 1), key=lambda i: spans[i + 1][0] - spans[i][1])
+    spans[at:at + 2] = [[spans[at][0], spans[at + 1][1]]]
+
+
+def _times_by_device(rows: list[Row]) -> dict[int, list[datetime]]:
+    out: dict[int, list[datetime]] = {}
+    for row in rows:
+        device, when = row.key
+        out.setdefault(device, []).append(when)
+    return out
 
 
 def _conflict(when: datetime) -> str:
