@@ -182,7 +182,7 @@ class Batch:
         return keyed
 
     def add(self, stream: str, row: Row) -> None:
-        """Add a row; a second reading of a device at the same time is not."""
+        """Add a row (as `extend` does)."""
         self.extend(stream, [row])
 
     def take(self, stream: str, rows: list[Row], send: Callable[[list[Row]], None]) -> None:
@@ -237,7 +237,9 @@ class Batch:
         return list(out.values())
 
     def extend(self, stream: str, rows: list[Row]) -> None:
-        """Add the rows of one message (`add` each, in one pass)."""
+        """Add the rows of one message, key by key: a second reading of a device at
+        the same time is not added, but counted as a duplicate if its values are the
+        same, else dead-lettered."""
         keyed, held = self._index(stream), self.rows[stream]
         for row in rows:
             key = row.key
