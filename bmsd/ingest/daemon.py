@@ -308,14 +308,7 @@ class Daemon:
                 message = None
             idle = message is None
             if message is not None:
-                self._accept(message)
-                # Take what is already waiting before looking at the clock again.
-                while not ingest.due():
-                    try:
-                        self._accept(inbox.get_nowait())
-                    except queue.Empty:
-                        idle = True
-                        break
+                idle = self._accept_waiting(message)
             if ingest.due(idle):
                 self._flush()
             elif not ingest.pending and time.monotonic() - db.last_ok > ping_every:
@@ -415,6 +408,30 @@ class Daemon:
         """Run a statement that is not the batch's: its early COPY gives way first."""
         self._ingest.release()
         return self._db.run(action)
+
+    def _accept_waiting(self, message: Message) -> bool:
+        """Add *message* to the batch, then what already waits in the inbox, until the
+        batch is due; return whether the inbox ran empty.
+
+        One `Database.run` for the run of messages, not one each (its deadline
+        watch and retry frame cost a single-reading message a tenth of its
+        time). A database error retries from the message it failed on: those
+        before it are in the batch.
+        """
+        def accept_run(conn: psycopg.Connection[Any]) -> bool:
+            nonlocal message
+            while True:
+                self._accepting = message  # in hand while a database error has it tried again
+                self._ingest.accept(conn, message)
+                self._accepting = None
+                if self._ingest.due():
+                    return False
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    return True
+
+        return self._db.run(accept_run)
 
     def _accept(self, message: Message) -> None:
         self._accepting = message  # in hand while a database error has it tried again
