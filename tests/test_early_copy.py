@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bmsd.config import load_config
+from bmsd.ingest.daemon import Daemon
 from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.mqtt import Message
 from bmsd.ingest.writer import Batch, Origin, Outcome, Row
@@ -253,3 +254,45 @@ def test_a_batch_keeps_each_devices_newest_reading_and_when_it_was_last_heard() 
                                                 2: heard + timedelta(seconds=1)}
     assert batch.newest("battery_telemetry") == {1: START + timedelta(seconds=30)}
     assert batch.seen == {1: heard, 2: heard + timedelta(seconds=1)}
+
+
+def test_a_run_of_waiting_messages_is_retried_from_the_one_the_database_failed_on(
+        db_url: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon accepts what waits in its inbox in one `Database.run`; a lost
+    connection mid-run retries the message it failed on, not those before it."""
+    daemon = Daemon(load_config(None, {"BMSD_DATABASE_URL": db_url,
+                                       "BMSD_METRICS_ADDR": "127.0.0.1:0"}))
+    acked: list[int] = []
+
+    def ack(messages: list[Message]) -> int:
+        acked.extend(m.mid for m in messages)
+        return len(messages)
+
+    monkeypatch.setattr(daemon._source, "ack", ack)
+    accepted: list[int] = []
+    accept = daemon._ingest.accept
+
+    def failing_once(conn: psycopg.Connection[Any], message: Message) -> None:
+        accepted.append(message.mid)
+        if accepted.count(3) == 1 and message.mid == 3:
+            conn.close()
+            raise psycopg.OperationalError("the connection was lost")
+        accept(conn, message)
+
+    monkeypatch.setattr(daemon._ingest, "accept", failing_once)
+    daemon._db.run(daemon._ingest.prepare)
+    for mid in range(1, 6):
+        readings = [{"timestamp": (START + timedelta(seconds=10 * mid + i)).isoformat(),
+                     "power_kw": float(10 * mid + i)} for i in range(10)]
+        daemon._inbox.put(Message(0, mid, 1, "factory/f1/m1/energy",
+                                  json.dumps(readings).encode(), datetime.now(UTC)))
+    while daemon._inbox.qsize():
+        daemon._accept_waiting(daemon._inbox.get_nowait())
+        if daemon._ingest.due():
+            daemon._flush()
+    daemon._flush()
+    daemon._db.close()
+    daemon.http._server.server_close()
+    assert accepted == [1, 2, 3, 3, 4, 5]
+    assert sorted(acked) == [1, 2, 3, 4, 5]
+    assert stored(db) == expected(("m1", 10, 50))
