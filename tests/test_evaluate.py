@@ -46,10 +46,10 @@ def pack(seconds: float, **fields: Any) -> tuple[str, int, datetime, dict[str, A
 def batch(state: State, readings: Iterable[tuple[str, int, datetime, dict[str, Any]]],
           rules: Mapping[str, tuple[Rule, ...]] = RULES) -> Plan:
     """Evaluate one batch, commit it (apply), and return its plan."""
-    rows: dict[str, list[evaluate.Reading]] = {}
+    rows: dict[str, dict[tuple[int, datetime], Mapping[str, Any] | None]] = {}
     seen: dict[int, datetime] = {}
     for stream, device, when, fields in readings:
-        rows.setdefault(stream, []).append((device, when, fields))
+        rows.setdefault(stream, {})[(device, when)] = fields
         seen[device] = max(when, seen.get(device, when))
     plan = evaluate.evaluate(state, rules, rows, seen)
     evaluate.apply(state, plan)
@@ -173,8 +173,7 @@ def test_one_batch_may_raise_and_clear_an_alert() -> None:
 def test_streams_without_rules_only_move_marks_and_end_offline() -> None:
     state = new_state()
     state.devices[3] = DeviceInfo(3, 10, "north", "meter-1", "meter", 50)
-    rows: evaluate.Readings = {
-        "energy_readings": [(3, T0, None), (3, T0 + timedelta(seconds=5), None)]}
+    rows = {"energy_readings": {(3, T0): None, (3, T0 + timedelta(seconds=5)): None}}
     plan = evaluate.evaluate(state, RULES, rows, {})
     assert plan.marks == {(3, "energy_readings"): T0 + timedelta(seconds=5)}
 

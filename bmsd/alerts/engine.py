@@ -74,12 +74,11 @@ class AlertEngine:
         # A stream no rule reads needs only each device's newest reading (its
         # mark, the end of a DEVICE_OFFLINE): one key per device, not per row.
         readings = {
-            stream: ([(*row.key, read(row)) for row in rows]
+            stream: ({row.key: read(row) for row in rows}
                      if (read := readers.get(stream))
-                     else [(device, when, None)
-                           for device, when in batch.newest(stream).items()])
+                     else dict.fromkeys(batch.newest(stream).items()))
             for stream, rows in batch.rows.items() if rows}
-        devices = {device for rows in readings.values() for device, _, _ in rows}
+        devices = {device for rows in readings.values() for device, _ in rows}
         if self._shared:
             self._store.refresh(conn, self.state, devices)
         self._store.remember_devices(conn, self.state, devices)

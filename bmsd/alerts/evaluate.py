@@ -23,7 +23,7 @@ Semantics, per device and stream in device-time order:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter, sub
@@ -120,12 +120,9 @@ class State:
     streams_of: dict[int, set[str]] = field(default_factory=dict)
 
 
-#: A batch's readings: stream -> (device id, time, the reading's fields), one
-#: per (device id, time); fields None where the stream has no rule (only its
-#: time matters then). A list, not a dict by key: the batch holds no key twice,
-#: and hashing a new time costs more than evaluating most readings.
-Reading = tuple[int, datetime, Mapping[str, Any] | None]
-Readings = Mapping[str, Sequence[Reading]]
+#: A batch's readings: stream -> (device id, time) -> the reading's fields,
+#: or None where the stream has no rule (only its time matters then).
+Readings = Mapping[str, Mapping[tuple[int, datetime], Mapping[str, Any] | None]]
 
 
 def by_stream(rules: Iterable[Rule]) -> dict[str, tuple[Rule, ...]]:
@@ -171,7 +168,7 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
             # Nothing to evaluate per reading: only each device's newest one
             # moves its mark and ends a DEVICE_OFFLINE.
             newest: dict[int, datetime] = {}
-            for device_id, when, _ in rows:
+            for device_id, when in rows:
                 if when > newest.get(device_id, _EPOCH):
                     newest[device_id] = when
             for device_id, when in newest.items():
@@ -225,10 +222,11 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
 Series = list[tuple[datetime, Mapping[str, Any] | None]]
 
 
-def _series(rows: Iterable[Reading]) -> list[tuple[int, Series]]:
+def _series(rows: Mapping[tuple[int, datetime], Mapping[str, Any] | None],
+            ) -> list[tuple[int, Series]]:
     """Return each device's readings in time order, devices in id order."""
     out: dict[int, Series] = {}
-    for device_id, when, values in rows:
+    for (device_id, when), values in rows.items():
         out.setdefault(device_id, []).append((when, values))
     for series in out.values():
         series.sort(key=_FIRST)
