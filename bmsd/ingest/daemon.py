@@ -361,7 +361,7 @@ class Daemon:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            self._accept(message)
+            self._accept_waiting(message)
             if self._ingest.due():
                 self._flush()
         if self._ingest.pending:
@@ -432,11 +432,6 @@ class Daemon:
                     return True
 
         return self._db.run(accept_run)
-
-    def _accept(self, message: Message) -> None:
-        self._accepting = message  # in hand while a database error has it tried again
-        self._db.run(lambda conn: self._ingest.accept(conn, message))
-        self._accepting = None
 
     def _in_hand(self) -> int:
         """Return how many received messages wait for a commit (the batch's, and the one
