@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bmsd.alerts import evaluate
-from bmsd.alerts.evaluate import OFFLINE, DeviceInfo, Plan, State
+from bmsd.alerts.evaluate import OFFLINE, DeviceInfo, Plan, Readings, State
 from bmsd.alerts.rules import Rule, load_rules
 
 T0 = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
@@ -43,15 +43,25 @@ def pack(seconds: float, **fields: Any) -> tuple[str, int, datetime, dict[str, A
     return "battery_telemetry", PACK.id, T0 + timedelta(seconds=seconds), fields
 
 
+def table(readings: Iterable[tuple[int, datetime, Mapping[str, Any]]]) -> Readings:
+    """Return (device, time, fields) readings as a batch's readings of one stream: tuples
+    of (time, device, *fields), every field any reading has in each (absent: None)."""
+    readings = list(readings)
+    names = list(dict.fromkeys(name for _, _, fields in readings for name in fields))
+    rows = [(when, device, *[fields.get(name) for name in names])
+            for device, when, fields in readings]
+    return Readings(rows, 0, 1, {name: 2 + i for i, name in enumerate(names)})
+
+
 def batch(state: State, readings: Iterable[tuple[str, int, datetime, dict[str, Any]]],
           rules: Mapping[str, tuple[Rule, ...]] = RULES) -> Plan:
     """Evaluate one batch, commit it (apply), and return its plan."""
-    rows: dict[str, dict[tuple[int, datetime], Mapping[str, Any] | None]] = {}
+    streams: dict[str, list[tuple[int, datetime, dict[str, Any]]]] = {}
     seen: dict[int, datetime] = {}
     for stream, device, when, fields in readings:
-        rows.setdefault(stream, {})[(device, when)] = fields
+        streams.setdefault(stream, []).append((device, when, fields))
         seen[device] = max(when, seen.get(device, when))
-    plan = evaluate.evaluate(state, rules, rows, seen)
+    plan = evaluate.evaluate(state, rules, {s: table(r) for s, r in streams.items()}, seen)
     evaluate.apply(state, plan)
     return plan
 
@@ -91,6 +101,8 @@ def test_a_late_or_redelivered_reading_changes_nothing() -> None:
     plan = batch(state, [site(5, battery_charge_level=5), site(10, battery_charge_level=5)])
     assert plan.triggered == []
     assert plan.marks == {}
+    alone = batch(state, [site(10, battery_charge_level=5)])  # the newest one's time
+    assert (alone.triggered, alone.marks, alone.intervals) == ([], {}, {})
 
 
 def test_a_device_limit_replaces_the_rule_threshold_and_keeps_its_gap() -> None:
@@ -173,7 +185,7 @@ def test_one_batch_may_raise_and_clear_an_alert() -> None:
 def test_streams_without_rules_only_move_marks_and_end_offline() -> None:
     state = new_state()
     state.devices[3] = DeviceInfo(3, 10, "north", "meter-1", "meter", 50)
-    rows = {"energy_readings": {(3, T0): None, (3, T0 + timedelta(seconds=5)): None}}
+    rows = {"energy_readings": table([(3, T0, {}), (3, T0 + timedelta(seconds=5), {})])}
     plan = evaluate.evaluate(state, RULES, rows, {})
     assert plan.marks == {(3, "energy_readings"): T0 + timedelta(seconds=5)}
 
@@ -185,12 +197,15 @@ levels = st.lists(st.tuples(st.integers(1, 120), st.floats(0, 100, allow_nan=Fal
 
 
 def in_batches(state: State, readings: list[tuple[str, int, datetime, dict[str, Any]]],
-               cuts: list[int]) -> Iterator[Plan]:
-    """Evaluate and commit *readings* in batches cut at *cuts*; yield each plan."""
+               cuts: list[int], rules: Mapping[str, tuple[Rule, ...]] = RULES,
+               backwards: bool = False) -> Iterator[Plan]:
+    """Evaluate and commit *readings* in batches cut at *cuts*; yield each plan.
+    *backwards*: each batch holds its readings in the reverse order of their times."""
     start = 0
     for end in [*sorted(set(cuts)), len(readings)]:
         if end > start:
-            yield batch(state, readings[start:end])
+            yield batch(state, readings[start:end][::-1] if backwards else readings[start:end],
+                        rules)
             start = end
 
 
@@ -253,33 +268,44 @@ def test_never_two_unresolved_alerts_for_one_device_and_rule(
     assert unresolved == set(state.open)
 
 
-# Readings of two packs and a site controller, in any order of arrival: values
-# around the thresholds, sometimes absent or NaN, sometimes carrying flags.
+# Readings of two packs and two site controllers, in any order of arrival:
+# values around the thresholds, sometimes absent or NaN, sometimes carrying
+# flags. The sites' grids run at 50 and 60 Hz, and one pack has safety limits
+# of its own: a batch decides its quiet devices together, grouped by both.
 PACK_2 = DeviceInfo(3, 10, "north", "pack-2", "battery_pack", 50)
+CTRL_60 = DeviceInfo(4, 11, "south", "ctrl-2", "site_controller", 60)
+FREQUENCY = Rule(code="GRID_FREQUENCY_DEVIATION", title="grid frequency",
+                 stream="site_telemetry", value="grid_frequency_deviation", op=">",
+                 threshold=0.5, clear=0.4, severity="warning", category="grid")
+FLEET_RULES = evaluate.by_stream([LOW, HOT, CELL, FREQUENCY])
 maybe_value = st.one_of(st.none(), st.just(float("nan")), st.floats(0, 100, allow_nan=False))
+site_fields = st.fixed_dictionaries({
+    "battery_charge_level": maybe_value, "battery_temperature": maybe_value,
+    "grid_frequency": st.sampled_from([None, 49.3, 50.0, 50.45, 50.6, 59.4, 60.0, 60.7])})
 fleet_readings = st.lists(st.one_of(
-    st.tuples(st.just("site"), st.integers(1, 90), maybe_value, maybe_value),
+    st.tuples(st.sampled_from([CTRL.id, CTRL_60.id]), st.integers(1, 90), site_fields),
     st.tuples(st.sampled_from([PACK.id, PACK_2.id]), st.integers(1, 90),
-              st.lists(st.floats(4.0, 4.3, allow_nan=False), max_size=4),
-              st.sampled_from([{}, {}, {}, {"over_voltage": True}, {"alarm_flags": ["FAN"]},
-                               {"alarm_flags": []}]))), min_size=1, max_size=40)
+              st.builds(lambda cells, flags: {"cell_voltages": cells, **flags},
+                        st.lists(st.floats(4.0, 4.3, allow_nan=False), max_size=4),
+                        st.sampled_from([{}, {}, {}, {"over_voltage": True},
+                                         {"alarm_flags": ["FAN"]}, {"alarm_flags": []}])))),
+    min_size=1, max_size=40)
 
 
-def fleet_transitions(drawn: list[tuple[Any, ...]], cuts: list[int]) -> list[Any]:
-    """Evaluate *drawn* readings in batches cut at *cuts*; return every transition."""
-    state = State(devices={CTRL.id: CTRL, PACK.id: PACK, PACK_2.id: PACK_2})
+def fleet_transitions(drawn: list[tuple[int, int, dict[str, Any]]], cuts: list[int],
+                      backwards: bool = False) -> list[Any]:
+    """Evaluate *drawn* readings in batches cut at *cuts* (see `in_batches`); return
+    every transition."""
+    state = State(devices={d.id: d for d in (CTRL, CTRL_60, PACK, PACK_2)},
+                  limits={PACK_2.id: {"max_cell_voltage": 4.1}})
     readings: list[tuple[str, int, datetime, dict[str, Any]]] = []
-    clock = dict.fromkeys(("site", PACK.id, PACK_2.id), 0)
-    for who, gap, first, second in drawn:
+    clock = dict.fromkeys(state.devices, 0)
+    for who, gap, fields in drawn:
         clock[who] += gap
-        when = T0 + timedelta(seconds=clock[who])
-        if who == "site":
-            readings.append(("site_telemetry", CTRL.id, when,
-                             {"battery_charge_level": first, "battery_temperature": second}))
-        else:
-            readings.append(("battery_telemetry", who, when, {"cell_voltages": first, **second}))
+        stream = "battery_telemetry" if who in (PACK.id, PACK_2.id) else "site_telemetry"
+        readings.append((stream, who, T0 + timedelta(seconds=clock[who]), fields))
     out: list[Any] = []
-    for plan in in_batches(state, readings, cuts):
+    for plan in in_batches(state, readings, cuts, FLEET_RULES, backwards):
         for alert in (*plan.triggered, *plan.raised_and_cleared):
             out.append(("raised", alert.device.id, alert.code, alert.triggered_at, alert.value))
         for alert in plan.resolved:
@@ -292,11 +318,12 @@ def fleet_transitions(drawn: list[tuple[Any, ...]], cuts: list[int]) -> list[Any
 @settings(max_examples=300, deadline=None)
 @given(fleet_readings, st.lists(st.integers(0, 40), max_size=10))
 def test_a_batch_of_several_devices_and_streams_decides_as_its_readings_one_by_one(
-    drawn: list[tuple[Any, ...]], cuts: list[int]
+    drawn: list[tuple[int, int, dict[str, Any]]], cuts: list[int]
 ) -> None:
     one_by_one = fleet_transitions(drawn, list(range(len(drawn))))
     assert fleet_transitions(drawn, cuts) == one_by_one
     assert fleet_transitions(drawn, []) == one_by_one
+    assert fleet_transitions(drawn, cuts, backwards=True) == one_by_one
 
 
 # The shipped battery rules read five values from two cell arrays; a batch's
@@ -317,10 +344,68 @@ def test_the_quick_breach_check_agrees_with_every_rule_read_on_every_reading(
 ) -> None:
     checks = [evaluate._prepared(rule) for rule in SHIPPED["battery_telemetry"]]
     assert len({c.source for c in checks}) < len(checks)  # fields shared by several rules
-    series = [(T0 + timedelta(seconds=i), fields) for i, fields in enumerate(readings)]
+    series = table((PACK.id, T0 + timedelta(seconds=i), fields)
+                   for i, fields in enumerate(readings))
     facts = {"nominal_grid_frequency_hz": 50}
     one_by_one = any(
         (value := check.value(fields, facts)) is not None and value == value
         and check.breached(value, check.threshold)
-        for _, fields in series for check in checks)
-    assert evaluate._breaches(checks, series, facts) == one_by_one
+        for fields in readings for check in checks)
+    assert evaluate._breaches(checks, series.rows, series.fields, facts) == one_by_one
+
+
+# A batch's devices with nothing open or pending are first checked together:
+# the verdict must be the one each reading gets at its own device's thresholds.
+LIMITED_PACK = DeviceInfo(5, 10, "north", "pack-3", "battery_pack", 50)
+LIMITS = {LIMITED_PACK.id: {"max_cell_voltage": 3.9, "min_soc": 30.0}}
+pack_fields_flags = st.builds(
+    lambda fields, flags: {**fields, **flags}, pack_fields,
+    st.sampled_from([{}, {}, {"over_voltage": True}, {"alarm_flags": ["FAN"]},
+                     {"alarm_flags": []}, {"under_voltage": False}]))
+site_readings = st.fixed_dictionaries({}, optional={
+    "battery_charge_level": maybe_value,
+    "grid_frequency": st.floats(49, 61, allow_nan=False)})
+
+
+def quiet_verdicts(stream: str, readings: list[tuple[DeviceInfo, dict[str, Any]]],
+                   ) -> tuple[bool, bool]:
+    """Return (all readings checked together, each at its own device) for *readings*."""
+    prepared = [evaluate._prepared(rule) for rule in SHIPPED[stream]]
+    flagged = stream in evaluate.FLAGGED_STREAMS
+    alone = True
+    for device, fields in readings:
+        facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
+        for check in evaluate._checks(prepared, device, LIMITS.get(device.id)):
+            value = check.value(fields, facts)
+            if value is not None and value == value and check.breached(value, check.threshold):
+                alone = False
+        if flagged and any(fields.get(name) for name in evaluate._FLAG_FIELDS):
+            alone = False
+    names = evaluate.fields_read(stream, SHIPPED)
+    rows = table((device.id, T0 + timedelta(seconds=i), {n: fields.get(n) for n in names})
+                 for i, (device, fields) in enumerate(readings))
+    devices = {device.id: device for device, _ in readings}
+    by_device = [(devices[device_id], series) for device_id, series in evaluate._series(rows)]
+    flags_at = [rows.fields[name] for name in evaluate._FLAG_FIELDS] if flagged else []
+    together = evaluate._quiet(prepared, by_device, LIMITS, rows.fields, flags_at)
+    return together, alone
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([PACK, PACK_2, LIMITED_PACK]), pack_fields_flags),
+                min_size=1, max_size=10))
+def test_packs_checked_together_get_each_reading_s_own_verdict(
+    readings: list[tuple[DeviceInfo, dict[str, Any]]],
+) -> None:
+    together, alone = quiet_verdicts("battery_telemetry", readings)
+    assert together == alone
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([CTRL, CTRL_60]), site_readings),
+                min_size=1, max_size=10))
+def test_sites_of_50_and_60_hz_checked_together_get_each_reading_s_own_verdict(
+    readings: list[tuple[DeviceInfo, dict[str, Any]]],
+) -> None:
+    together, alone = quiet_verdicts("site_telemetry", readings)
+    assert together == alone

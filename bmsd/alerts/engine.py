@@ -17,7 +17,7 @@ import psycopg
 import structlog
 
 from bmsd.alerts import evaluate
-from bmsd.alerts.evaluate import Plan, State
+from bmsd.alerts.evaluate import Plan, Readings, State
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
 from bmsd.alerts.store import AlertStore
@@ -47,9 +47,9 @@ class AlertEngine:
         """Use these rules from now on; state of unchanged codes is kept."""
         self.rules = tuple(rules)
         self._by_stream = evaluate.by_stream(self.rules)
-        # Each stream's fields its rules and flags read, picked from its rows.
-        self._readers = {
-            spec.name: Row.reader(spec.model.columns, names) for spec in SPECS
+        # Where in each stream's rows sit the fields its rules and flags read.
+        self._fields = {
+            spec.name: Row.positions(spec.model.columns, names) for spec in SPECS
             if (names := evaluate.fields_read(spec.name, self._by_stream))}
 
     @property
@@ -70,15 +70,19 @@ class AlertEngine:
     def plan(self, conn: psycopg.Connection[Any], batch: Batch) -> Plan:
         """Decide and write, in the caller's transaction, what *batch* changes."""
         started = time.perf_counter()
-        readers = self._readers
-        # A stream no rule reads needs only each device's newest reading (its
-        # mark, the end of a DEVICE_OFFLINE): one key per device, not per row.
-        readings = {
-            stream: ({row.key: read(row) for row in rows}
-                     if (read := readers.get(stream))
-                     else dict.fromkeys(batch.newest(stream).items()))
-            for stream, rows in batch.rows.items() if rows}
-        devices = {device for rows in readings.values() for device, _ in rows}
+        readings: dict[str, Readings] = {}
+        devices: set[int] = set()
+        for stream, rows in batch.rows.items():
+            if not rows:
+                continue
+            newest = batch.newest(stream)
+            devices.update(newest)
+            fields = self._fields.get(stream)
+            # A stream no rule reads needs only each device's newest reading
+            # (its mark, the end of a DEVICE_OFFLINE): one per device, not per row.
+            readings[stream] = (
+                Readings([row.values for row in rows], Row.TIME, Row.DEVICE, fields) if fields
+                else Readings(list(newest.items()), time=1, device=0))
         if self._shared:
             self._store.refresh(conn, self.state, devices)
         self._store.remember_devices(conn, self.state, devices)

@@ -23,7 +23,8 @@ Semantics, per device and stream in device-time order:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter, sub
@@ -120,9 +121,20 @@ class State:
     streams_of: dict[int, set[str]] = field(default_factory=dict)
 
 
-#: A batch's readings: stream -> (device id, time) -> the reading's fields,
-#: or None where the stream has no rule (only its time matters then).
-Readings = Mapping[str, Mapping[tuple[int, datetime], Mapping[str, Any] | None]]
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """A batch's readings of one stream, as tuples, and where in them their time, their
+    device id and each field that evaluating them reads sit (no field: only their
+    times matter). No two readings have one device and time.
+
+    Tuples, not a dict per reading: a batch's readings are checked column by
+    column, and most of them only that way (see `evaluate`).
+    """
+
+    rows: Sequence[Sequence[Any]]
+    time: int
+    device: int
+    fields: Mapping[str, int] = field(default_factory=dict)
 
 
 def by_stream(rules: Iterable[Rule]) -> dict[str, tuple[Rule, ...]]:
@@ -147,9 +159,10 @@ def needs_fields(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> bool:
     return bool(rules.get(stream)) or stream in FLAGGED_STREAMS
 
 
-def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Readings,
-             seen: Mapping[int, datetime]) -> Plan:
-    """Return what *readings* change, against the committed *state* (left untouched).
+def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]],
+             readings: Mapping[str, Readings], seen: Mapping[int, datetime]) -> Plan:
+    """Return what *readings* (by stream) change, against the committed *state* (left
+    untouched).
 
     Every device of *readings* must be in ``state.devices``.
     """
@@ -161,14 +174,16 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
     for (device_id, code), alert in opened.items():
         if alert.category in FLAG_CATEGORIES:
             flagged_open.setdefault(device_id, {})[code] = None
-    for stream, rows in readings.items():
-        if not rows:
+    for stream, table in readings.items():
+        if not table.rows:
             continue
+        at = table.time
         if not needs_fields(stream, rules):
             # Nothing to evaluate per reading: only each device's newest one
             # moves its mark and ends a DEVICE_OFFLINE.
             newest: dict[int, datetime] = {}
-            for device_id, when in rows:
+            for row in table.rows:
+                device_id, when = row[table.device], row[at]
                 if when > newest.get(device_id, _EPOCH):
                     newest[device_id] = when
             for device_id, when in newest.items():
@@ -179,35 +194,56 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
                     _offline_resolves(plan, opened, state.devices[device_id], when)
             continue
         flagged = stream in FLAGGED_STREAMS
+        flags_at = [i for name in _FLAG_FIELDS
+                    if (i := table.fields.get(name)) is not None] if flagged else []
         prepared = [_prepared(rule) for rule in rules.get(stream, ())]
-        for device_id, series in _series(rows):
+        live: list[tuple[DeviceInfo, list[Sequence[Any]]]] = []  # devices with new readings
+        for device_id, series in _series(table):
             key = (device_id, stream)
             mark = state.marks.get(key)  # one series per device and stream
             if mark is not None:
-                # late or redelivered: stored, but changes nothing
-                series = [item for item in series if item[0] > mark]
-                if not series:
-                    continue
+                if series[0][at] <= mark:  # late or redelivered: stored, but changes nothing
+                    series = [row for row in series if row[at] > mark]
+                    if not series:
+                        continue
                 if device_id not in plan.intervals:
-                    gap = (series[0][0] - mark).total_seconds()
+                    gap = (series[0][at] - mark).total_seconds()
                     old = state.interval.get(device_id)
                     plan.intervals[device_id] = gap if old is None else 0.8 * old + 0.2 * gap
-            plan.marks[key] = series[-1][0]
+            plan.marks[key] = series[-1][at]
+            plan.pending[key] = dict(state.pending.get(key, {}))
             device = state.devices[device_id]
-            pending = plan.pending[key] = dict(state.pending.get(key, {}))
-            _offline_resolves(plan, opened, device, series[0][0])
+            _offline_resolves(plan, opened, device, series[0][at])
+            live.append((device, series))
+        # The common case: a device with nothing open or pending, none of whose
+        # readings breaches a rule or carries a flag: nothing changes. Decided
+        # for all such devices of the stream at once (a batch may hold one
+        # reading of each of thousands), else device by device below.
+        with_alerts = {device_id for device_id, _ in opened}
+        busy: list[tuple[DeviceInfo, list[Sequence[Any]]]] = []
+        calm: list[tuple[DeviceInfo, list[Sequence[Any]]]] = []
+        for item in live:
+            device_id = item[0].id
+            (busy if device_id in with_alerts or plan.pending[(device_id, stream)]
+             else calm).append(item)
+        if calm and _quiet(prepared, calm, state.limits, table.fields, flags_at):
+            live = busy
+        for device, series in live:
+            device_id = device.id
+            key = (device_id, stream)
+            pending = plan.pending[key]
             facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
             checks = _checks(prepared, device, state.limits.get(device_id))
             own_flags = flagged_open.setdefault(device_id, {}) if flagged else {}
-            # The common case: nothing open or pending for the device, and no
-            # reading breaches a rule or carries a flag: nothing changes.
             if (not pending and not own_flags
                     and not any((device_id, check.rule.code) in opened for check in checks)
-                    and not _breaches(checks, series, facts)
-                    and not (flagged and _carry_flags(series))):
+                    and not _breaches(checks, series, table.fields, facts)
+                    and not any(any(map(itemgetter(i), series)) for i in flags_at)):
                 continue
-            for when, values in series:
-                fields = values or {}
+            names = table.fields.items()
+            for row in series:
+                when = row[at]
+                fields = {name: row[i] for name, i in names}
                 for check in checks:
                     value = check.value(fields, facts)
                     if value is None or value != value:  # absent, or NaN
@@ -219,25 +255,55 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]], readings: Read
     return plan
 
 
-Series = list[tuple[datetime, Mapping[str, Any] | None]]
+def _quiet(prepared: list[_Check], devices: list[tuple[DeviceInfo, list[Sequence[Any]]]],
+           limits: Mapping[int, Mapping[str, float]], fields: Mapping[str, int],
+           flags_at: list[int]) -> bool:
+    """Return whether no reading of *devices* (each with its new readings) breaches a
+    rule at the device's thresholds or carries a flag.
+
+    The readings are checked together, in as few groups as their thresholds
+    allow: the rules' own thresholds (every rule of the stream, whether it
+    watches the device or not: a breach only sends the devices to the exact
+    check) for devices of each nominal grid frequency, a device's own
+    thresholds where it has safety limits.
+    """
+    groups: dict[tuple[int, int | None], list[Sequence[Any]]] = {}
+    for device, series in devices:
+        own = device.id if limits.get(device.id) else None
+        rows = groups.get((device.nominal_grid_frequency_hz, own))
+        if rows is None:
+            groups[(device.nominal_grid_frequency_hz, own)] = list(series)
+        else:
+            rows += series
+    owners = {device.id: device for device, _ in devices}
+    for (nominal, own), rows in groups.items():
+        if any(any(map(itemgetter(i), rows)) for i in flags_at):
+            return False
+        checks = prepared if own is None else _checks(prepared, owners[own], limits[own])
+        if _breaches(checks, rows, fields, {"nominal_grid_frequency_hz": nominal}):
+            return False
+    return True
 
 
-def _series(rows: Mapping[tuple[int, datetime], Mapping[str, Any] | None],
-            ) -> list[tuple[int, Series]]:
+def _series(table: Readings) -> list[tuple[int, list[Sequence[Any]]]]:
     """Return each device's readings in time order, devices in id order."""
-    out: dict[int, Series] = {}
-    for (device_id, when), values in rows.items():
-        out.setdefault(device_id, []).append((when, values))
+    out: defaultdict[int, list[Sequence[Any]]] = defaultdict(list)
+    device = table.device
+    for row in table.rows:
+        out[row[device]].append(row)
+    when = itemgetter(table.time)
     for series in out.values():
-        series.sort(key=_FIRST)
+        series.sort(key=when)
     return sorted(out.items(), key=_FIRST)
 
 
 _FIRST = itemgetter(0)
 
 
-def _breaches(checks: Iterable[_Check], series: Series, facts: Mapping[str, Any]) -> bool:
-    """Return whether any reading of *series* breaches the threshold of any of *checks*.
+def _breaches(checks: Iterable[_Check], series: Sequence[Sequence[Any]],
+              fields: Mapping[str, int], facts: Mapping[str, Any]) -> bool:
+    """Return whether any reading of *series* (tuples, with *fields* where in them each
+    field sits) breaches the threshold of any of *checks*.
 
     The operators are monotonic, so comparing the highest value (lowest, for
     ``<`` and ``<=``) decides for all readings at once; a field is read once
@@ -256,9 +322,9 @@ def _breaches(checks: Iterable[_Check], series: Series, facts: Mapping[str, Any]
         name = check.source
         column = columns.get(name)
         if column is None:
-            column = columns[name] = [
-                v for _, fields in series
-                if fields and (v := fields.get(name)) is not None and v == v and v != []]
+            at = fields.get(name)
+            column = columns[name] = [] if at is None else [
+                v for row in series if (v := row[at]) is not None and v == v and v != []]
         if not column:
             continue
         derive = check.derive
@@ -280,11 +346,6 @@ def _breaches(checks: Iterable[_Check], series: Series, facts: Mapping[str, Any]
 
 
 _EXTREME: dict[bool, Any] = {True: max, False: min}  # by check.upward
-
-
-def _carry_flags(series: Series) -> bool:
-    """Return whether any reading of *series* carries a protection or alarm flag."""
-    return any(fields and any(map(fields.get, _FLAG_FIELDS)) for _, fields in series)
 
 
 @dataclass(frozen=True, slots=True)

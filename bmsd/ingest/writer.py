@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
 from operator import itemgetter, lt
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
@@ -102,19 +102,19 @@ class Row:
     index: int | None = None
 
     # The layout above is read back only through these, so it is said once.
+    TIME: ClassVar[int] = 0  # where the reading's time sits in `values`
+    DEVICE: ClassVar[int] = 1  # where its device id does
+
     @property
     def key(self) -> tuple[int, datetime]:
         """Return (device_id, time): the hypertable's unique key."""
         return self.values[1], self.values[0]
 
     @staticmethod
-    def reader(columns: Sequence[str], names: Sequence[str],
-               ) -> Callable[[Row], dict[str, Any]]:
-        """Return a function giving a row's fields of *names* by name (*columns*: its
-        payload model's), in one C-level pick."""
-        where = [2 + columns.index(name) for name in names]
-        pick = itemgetter(*where) if len(where) > 1 else lambda v: (v[where[0]],)
-        return lambda row: dict(zip(names, pick(row.values), strict=True))
+    def positions(columns: Sequence[str], names: Sequence[str]) -> dict[str, int]:
+        """Return where each field of *names* sits in `values` (*columns*: its payload
+        model's)."""
+        return {name: 2 + columns.index(name) for name in names}
 
     def dead(self, category: str, reason: str) -> DeadLetter:
         """Return this row's dead letter."""
