@@ -104,7 +104,8 @@ def publish_backlog(port: int, first: int, count: int, per_message: int, devices
     for n in range(first, first + count):
         readings = [_reading(n, k, start, battery) for k in range(per_message)]
         payload = json.dumps(readings[0] if per_message == 1 else {"readings": readings})
-        topic = (f"site/bench/pack{n % devices}/battery" if battery
+        # at most 100 packs a site: bmsd registers as many new devices a minute
+        topic = (f"site/bench{n % devices // 100}/pack{n % devices}/battery" if battery
                  else f"factory/bench/m{n % devices}/energy")
         infos.append(client.publish(topic, payload, qos=1))
     for info in infos:
@@ -194,10 +195,10 @@ def forget_session(port: int, client_id: str) -> None:
 
 
 def backlog(port: int, messages: int, per_message: int, publishers: int = 2,
-            battery: bool = False) -> int:
+            battery: bool = False, devices: int = 50) -> int:
     per = messages // publishers
     procs = [multiprocessing.Process(target=publish_backlog,
-                                     args=(port, i * per, per, per_message, 50, battery))
+                                     args=(port, i * per, per, per_message, devices, battery))
              for i in range(publishers)]
     for p in procs:
         p.start()
@@ -397,9 +398,10 @@ class Bmsd:
 
 def bmsd_drain(stack: Stack, messages: int, per_message: int, extra_config: str = "",
                battery: bool = False, instances: int = 1,
-               extra_mqtt: str = "") -> dict[str, float]:
+               extra_mqtt: str = "", devices: int = 50) -> dict[str, float]:
     """Time *instances* `bmsd run` (members of one shared group when *extra_mqtt* sets
-    one) draining a backlog of *messages*, from the first commit to the last row."""
+    one) draining a backlog of *messages* from *devices*, from the first commit to the
+    last row."""
     table = "battery_telemetry" if battery else "energy_readings"
     url = stack.database()
     ids = [f"bench-bmsd-{stack.runs}" + (f"-{i}" if instances > 1 else "")
@@ -409,7 +411,7 @@ def bmsd_drain(stack: Stack, messages: int, per_message: int, extra_config: str 
         daemon.start()
         time.sleep(2.5)
         daemon.stop()
-    sent = backlog(stack.broker.port, messages, per_message, battery=battery)
+    sent = backlog(stack.broker.port, messages, per_message, battery=battery, devices=devices)
     expected = sent * per_message
     daemons = [Bmsd(stack, url, client_id, extra_config, extra_mqtt) for client_id in ids]
     cpu_before = [0.0] * instances
@@ -542,6 +544,9 @@ def main() -> None:
                         help="how long the database is down in the outage run")
     parser.add_argument("--instances", type=int, default=2,
                         help="members of one shared group, for the scaled-out rows")
+    parser.add_argument("--packs", type=int, default=50,
+                        help="battery packs sending the battery drains' readings (the"
+                             " alerts' cost is per device and batch as well as per reading)")
     parser.add_argument("--results", type=Path, help="write the table as Markdown here")
     parser.add_argument("--only", help="comma-separated steps to run (a quick A/B; no table):"
                                        " null, copy, single, batched, battery, battery-off,"
@@ -558,9 +563,11 @@ def main() -> None:
         ("copy", lambda: copy_limit(stack, args.batched_messages * 100)),
         ("single", lambda: bmsd_drain(stack, args.messages, 1)),
         ("batched", lambda: bmsd_drain(stack, args.batched_messages, 100)),
-        ("battery", lambda: bmsd_drain(stack, args.messages, 1, battery=True)),
+        ("battery", lambda: bmsd_drain(stack, args.messages, 1, battery=True,
+                                       devices=args.packs)),
         ("battery-off", lambda: bmsd_drain(stack, args.messages, 1,
-                                           "[alerts]\nenabled = false\n", battery=True)),
+                                           "[alerts]\nenabled = false\n", battery=True,
+                                           devices=args.packs)),
         ("single-n", lambda: bmsd_drain(stack, args.messages, 1, instances=args.instances,
                                         extra_mqtt=group)),
         ("batched-n", lambda: bmsd_drain(stack, args.batched_messages, 100,
@@ -624,7 +631,7 @@ def main() -> None:
          f"{outage['rss_before_mb']:.0f} / {outage['rss_during_mb']:.0f} /"
          f" {outage['rss_after_mb']:.0f} MB",
          f"caught up {outage['caught_up_s']:.0f} s after the restart", "< 150 MB, flat"),
-        ("battery readings (16 cells), alerts on / off",
+        (f"battery readings (16 cells, {args.packs} packs), alerts on / off",
          f"{battery_on:,.0f} / {battery_off:,.0f} msg/s",
          f"alerts cost {1 - battery_on / battery_off:.1%}", "cost ≤ 5 %"),
         (f"publish→commit at {latency['rate']:,.0f} msg/s (half load) p50/p95/p99",
