@@ -18,10 +18,13 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bmsd.alerts.evaluate import State
 from bmsd.alerts.rules import DEFAULT_RULES_PATH, Rule, load_rules
+from bmsd.alerts.store import AlertStore
 from bmsd.errors import ConfigError
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_proxy import ProxyFactory
+from tests.helpers import add_device
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 SITE_TOPIC = "site/north/ctrl-1/telemetry"
@@ -187,6 +190,55 @@ def test_after_kill_9_there_is_still_exactly_one_alert_and_it_resolves(
     assert len(alerts(db_url)) == 1
     assert restarted.metric("bmsd_alerts_unresolved", severity="warning") == 0
 
+
+
+def test_after_a_restart_a_late_reading_changes_nothing_though_no_mark_was_stored(
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str
+) -> None:
+    daemon = bmsd_daemon()
+    publish_levels(publisher, [(0, 30), (10, 30)])
+    wait_until(lambda: stored(db_url) == 2)
+    daemon.kill()
+    with psycopg.connect(db_url) as conn:
+        # Quiet readings store no mark: a restart reads it from the readings.
+        assert conn.execute("SELECT count(*) FROM alert_marks").fetchone() == (0,)
+    bmsd_daemon(client_id=daemon.client_id)
+    publish_levels(publisher, [(5, 15)])  # late: older than what was evaluated
+    wait_until(lambda: stored(db_url) == 3)
+    time.sleep(0.5)
+    assert alerts(db_url) == []
+
+
+def test_a_for_s_condition_under_way_survives_a_restart(
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(DEFAULT_RULES_PATH.read_text().replace(
+        'code = "BATTERY_LOW"', 'code = "BATTERY_LOW"\nfor_s = 30'))
+    config = f'[alerts]\nrules_file = "{rules}"\n'
+    daemon = bmsd_daemon(config)
+    publish_levels(publisher, [(0, 19)])  # the condition starts
+    wait_until(lambda: stored(db_url) == 1)
+    daemon.kill()
+    bmsd_daemon(config, client_id=daemon.client_id)
+    publish_levels(publisher, [(30, 18)])  # and has held for 30 s
+    wait_until(lambda: len(alerts(db_url)) == 1)
+    assert alerts(db_url)[0][:3] == ("BATTERY_LOW", "active", T0)
+
+
+def test_a_shared_group_member_keeps_the_later_of_its_own_and_the_stored_mark(
+    db_url: str,
+) -> None:
+    stream, later = "battery_telemetry", T0 + timedelta(seconds=10)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        a, b = add_device(conn, "north", "pack-a"), add_device(conn, "north", "pack-b")
+        conn.execute("INSERT INTO alert_marks (device_id, stream, evaluated_until)"
+                     " VALUES (%s, %s, %s), (%s, %s, %s)", (a, stream, later, b, stream, T0))
+        # a: another member evaluated further; b: this member's own mark is later
+        # (read at start from the readings: alone, bmsd stored none since).
+        state = State(marks={(a, stream): T0, (b, stream): later})
+        AlertStore().refresh(conn, state, [a, b])
+    assert state.marks == {(a, stream): later, (b, stream): later}
 
 
 def retained(url: str, topic: str, wait_s: float = 3.0) -> dict[str, Any] | None:

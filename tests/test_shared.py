@@ -141,3 +141,36 @@ def test_alerts_from_readings_split_across_members_equal_one_instance_s(
     assert [received(d) for d in members] == [len(LEVELS) / 2] * 2
     wait_until(lambda: len(alerts_of(db_url, "split")) == len(expected), what="the alerts")
     assert alerts_of(db_url, "split") == expected
+
+
+def test_a_late_reading_changes_nothing_when_an_instance_joins_a_shared_group(
+    bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str,
+) -> None:
+    # Alone, bmsd stores no mark for quiet readings; members of a group read
+    # each other's from alert_marks with every batch: the mark read at start
+    # from the readings must survive that.
+    start = datetime.now(UTC) - timedelta(minutes=30)
+
+    def level(seconds: int, value: float) -> None:
+        publisher.publish("site/north/ctrl-1/telemetry", {
+            "timestamp": (start + timedelta(seconds=seconds)).isoformat(),
+            "batteryChargeLevel": value})
+
+    alone = bmsd_daemon()
+    level(0, 30)
+    level(10, 30)
+    wait_until(lambda: stored_levels(db_url) == 2)
+    assert alone.stop() == 0
+    bmsd_daemon(shared())
+    level(5, 15)  # late: older than what was evaluated
+    wait_until(lambda: stored_levels(db_url) == 3)
+    time.sleep(0.5)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM alerts").fetchone() == (0,)
+
+
+def stored_levels(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM site_telemetry").fetchone()
+    assert row is not None
+    return int(row[0])

@@ -87,7 +87,12 @@ class AlertEngine:
             self._store.refresh(conn, self.state, devices)
         self._store.remember_devices(conn, self.state, devices)
         plan = evaluate.evaluate(self.state, self._by_stream, readings, batch.seen)
-        self._store.write(conn, plan)
+        # Marks are read again at start from the stored readings: only changed
+        # `for_s` conditions need storing, except in a shared group, whose
+        # members read each other's marks with every batch (store.py).
+        pending = self.state.pending
+        self._store.write(conn, plan, None if self._shared else [
+            key for key, now in plan.pending.items() if now != pending.get(key, {})])
         plan.seconds = time.perf_counter() - started
         return plan
 

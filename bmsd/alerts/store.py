@@ -2,8 +2,11 @@
 
 Alert changes commit with the readings that caused them, or not at all:
 `AlertStore.write` runs in the batch's transaction, which the ingestor owns.
-High-water marks and pending ``for_s`` conditions are written with every
-batch (``alert_marks``), so a restart resumes where the last commit left.
+A restart resumes where the last commit left: each device's high-water mark
+per stream is its newest stored reading (every stored reading was evaluated
+in the transaction that stored it), read at start; ``alert_marks`` holds the
+pending ``for_s`` conditions, written when they change, and the marks that
+members of a shared group write with every batch for each other.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from bmsd.alerts.evaluate import Alert, DeviceInfo, Plan, State
 from bmsd.alerts.rules import LIMITS
 from bmsd.errors import DatabaseError
+from bmsd.streams import SPECS
 
 _DEVICES = """
     SELECT d.id, d.site_id, s.slug AS site, d.slug, d.kind, s.nominal_grid_frequency_hz
@@ -38,6 +43,14 @@ _OPEN_ALERTS = """
 """
 _MARKS = "SELECT device_id, stream, evaluated_until, pending FROM alert_marks"
 _LAST_SEEN = "SELECT id, last_seen_at FROM devices WHERE last_seen_at IS NOT NULL"
+# Each device's newest stored reading of a stream: one backward index scan of
+# the newest chunk that has the device (as the latest_* views, sql/050).
+_NEWEST = """
+    SELECT ds.device_id, r.time FROM device_streams ds
+     CROSS JOIN LATERAL (SELECT t.time FROM {table} t WHERE t.device_id = ds.device_id
+                          ORDER BY t.time DESC LIMIT 1) r
+     WHERE ds.stream = %s
+"""
 # Another member of a shared group may have committed since: read a batch's
 # devices again, after the writer locked their rows.
 _OPEN_ALERTS_OF = _OPEN_ALERTS + " AND a.device_id = ANY(%s)"
@@ -79,6 +92,10 @@ class AlertStore:
             state.limits = self.limits(conn)
             self._read(conn, state, _OPEN_ALERTS, _MARKS, ())
             state.last_seen = dict(conn.execute(_LAST_SEEN).fetchall())
+            for spec in SPECS:
+                query = sql.SQL(_NEWEST).format(table=sql.Identifier(spec.name))
+                for device_id, newest in conn.execute(query, (spec.name,)):
+                    _raise_mark(state, (device_id, spec.name), newest)
         return state
 
     def refresh(self, conn: psycopg.Connection[Any], state: State, ids: Iterable[int]) -> None:
@@ -92,10 +109,15 @@ class AlertStore:
         if not wanted:
             return
         chosen = set(wanted)
+        # A mark only moves forward: the one known here (read at start from
+        # the stored readings, or this member's own) stands unless later.
+        known = {k: mark for k, mark in state.marks.items() if k[0] in chosen}
         for table in (state.open, state.marks, state.pending):
             for key in [k for k in table if k[0] in chosen]:
                 del table[key]
         self._read(conn, state, _OPEN_ALERTS_OF, _MARKS_OF, (wanted,))
+        for key, mark in known.items():
+            _raise_mark(state, key, mark)
         state.last_seen.update(conn.execute(_LAST_SEEN_OF, (wanted,)).fetchall())
 
     def offline_turn(self, conn: psycopg.Connection[Any], state: State) -> bool:
@@ -147,8 +169,11 @@ class AlertStore:
                 for device in cur.execute(_DEVICES, (missing,)):
                     state.devices[device.id] = device
 
-    def write(self, conn: psycopg.Connection[Any], plan: Plan) -> None:
-        """Write *plan* in the caller's transaction; new alerts get their ids."""
+    def write(self, conn: psycopg.Connection[Any], plan: Plan,
+              marks: Iterable[tuple[int, str]] | None = None) -> None:
+        """Write *plan* in the caller's transaction; new alerts get their ids. *marks*:
+        the (device, stream) marks and pending conditions to store (default: all
+        the plan's)."""
         # Resolutions first: a batch may clear an alert and raise the same rule
         # again, and at most one unresolved alert per device and rule may exist.
         for alert in plan.resolved:
@@ -159,8 +184,8 @@ class AlertStore:
             self._event(conn, alert, "alert_resolved", alert.resolved_at or alert.triggered_at)
         for alert in plan.triggered:
             self._insert(conn, alert)
-        if plan.marks:
-            keys = list(plan.marks)
+        keys = list(plan.marks if marks is None else marks)
+        if keys:
             conn.execute(_UPSERT_MARKS, (
                 [k[0] for k in keys], [k[1] for k in keys], [plan.marks[k] for k in keys],
                 [Jsonb({code: {"since": since.isoformat(), "value": value}
@@ -186,3 +211,10 @@ class AlertStore:
             "kind": kind, "message": f"{alert.code} {verb}: {alert.message}",
             "details": Jsonb({"alert_id": alert.id, "rule_code": alert.code,
                               "severity": alert.severity, "value": alert.value})})
+
+
+def _raise_mark(state: State, key: tuple[int, str], mark: datetime) -> None:
+    """Move *state*'s mark of *key* to *mark* if that is later."""
+    known = state.marks.get(key)
+    if known is None or mark > known:
+        state.marks[key] = mark
