@@ -10,6 +10,17 @@ from typing import Any
 
 import psycopg
 
+from bmsd.alerts.rules import DEFAULT_RULES_PATH
+
+
+def battery_low_held_for(folder: Path, seconds: int) -> str:
+    """Return an ``[alerts]`` config with the shipped rules, BATTERY_LOW needing to hold
+    for *seconds* (its rules file written in *folder*)."""
+    rules = folder / "alerts.toml"
+    rules.write_text(DEFAULT_RULES_PATH.read_text().replace(
+        'code = "BATTERY_LOW"', f'code = "BATTERY_LOW"\nfor_s = {seconds}'))
+    return f'[alerts]\nrules_file = "{rules}"\n'
+
 
 def add_device(db: psycopg.Connection[Any], site: str = "alpha", device: str = "pack-1",
                kind: str = "battery_pack") -> int:

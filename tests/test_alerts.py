@@ -24,7 +24,7 @@ from bmsd.alerts.store import AlertStore
 from bmsd.errors import ConfigError
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_proxy import ProxyFactory
-from tests.helpers import add_device
+from tests.helpers import add_device, battery_low_held_for
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 SITE_TOPIC = "site/north/ctrl-1/telemetry"
@@ -140,10 +140,7 @@ def test_an_alert_cleared_and_raised_again_in_one_batch_is_two_alerts(
 def test_for_s_waits_for_the_condition_to_hold(
     bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules.toml"
-    rules.write_text(DEFAULT_RULES_PATH.read_text().replace(
-        'code = "BATTERY_LOW"', 'code = "BATTERY_LOW"\nfor_s = 30'))
-    bmsd_daemon(f'[alerts]\nrules_file = "{rules}"\n')
+    bmsd_daemon(battery_low_held_for(tmp_path, 30))
     publish_levels(publisher, [(0, 19), (10, 19), (20, 25), (30, 19), (45, 18)],
                    topic="site/north/a/telemetry")
     publish_levels(publisher, [(0, 19), (10, 18), (35, 17)], topic="site/north/b/telemetry")
@@ -212,10 +209,7 @@ def test_after_a_restart_a_late_reading_changes_nothing_though_no_mark_was_store
 def test_a_for_s_condition_under_way_survives_a_restart(
     bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules.toml"
-    rules.write_text(DEFAULT_RULES_PATH.read_text().replace(
-        'code = "BATTERY_LOW"', 'code = "BATTERY_LOW"\nfor_s = 30'))
-    config = f'[alerts]\nrules_file = "{rules}"\n'
+    config = battery_low_held_for(tmp_path, 30)
     daemon = bmsd_daemon(config)
     publish_levels(publisher, [(0, 19)])  # the condition starts
     wait_until(lambda: stored(db_url) == 1)

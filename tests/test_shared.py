@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from bmsd.alerts.rules import DEFAULT_RULES_PATH
 from tests.fix_daemon import DaemonFactory, DaemonProcess, Publisher, wait_until
+from tests.helpers import battery_low_held_for
 
 _groups = itertools.count()
 N = 3000
@@ -123,10 +123,7 @@ def play(publisher: Publisher, db_url: str, slug: str) -> None:
 def test_alerts_from_readings_split_across_members_equal_one_instance_s(
     bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str, tmp_path: Path,
 ) -> None:
-    rules = tmp_path / "alerts.toml"
-    rules.write_text(DEFAULT_RULES_PATH.read_text().replace(
-        'code = "BATTERY_LOW"', 'code = "BATTERY_LOW"\nfor_s = 30'))
-    alerts = f'[alerts]\nrules_file = "{rules}"\n'
+    alerts = battery_low_held_for(tmp_path, 30)
     alone = bmsd_daemon(alerts)
     play(publisher, db_url, "alone")
     assert alone.stop() == 0
