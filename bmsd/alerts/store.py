@@ -111,8 +111,8 @@ class AlertStore:
         chosen = set(wanted)
         # A mark only moves forward: the one known here (read at start from
         # the stored readings, or this member's own) stands unless later.
-        known = {k: mark for k, mark in state.marks.items() if k[0] in chosen}
-        for table in (state.open, state.marks, state.pending):
+        known = {k: state.marks.pop(k) for k in [k for k in state.marks if k[0] in chosen]}
+        for table in (state.open, state.pending):
             for key in [k for k in table if k[0] in chosen]:
                 del table[key]
         self._read(conn, state, _OPEN_ALERTS_OF, _MARKS_OF, (wanted,))
