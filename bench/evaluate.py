@@ -6,8 +6,8 @@ Builds batches of single 16-cell battery readings (what `bench/run.py`'s
 battery drains publish: nothing breached, no flag) from *packs* packs in
 turn, as the ingestor holds them, and times what the alert engine does
 with each batch apart from the database: hand the batch's readings over
-(`AlertEngine.plan`'s first step) and `evaluate` them under the shipped
-rules. Prints microseconds per reading, medians over every batch of every
+(`AlertEngine.readings`, `AlertEngine.plan`'s first step) and `evaluate`
+them under the shipped rules. Prints microseconds per reading, medians over every batch of every
 repetition. With as many packs as readings, each pack has one reading in
 a batch: the shape of a large fleet, where costs per device and batch
 count as much as costs per reading.
@@ -20,11 +20,15 @@ import statistics
 import time
 from datetime import UTC, datetime, timedelta
 
+from prometheus_client import CollectorRegistry
+
 from bmsd.alerts import evaluate
-from bmsd.alerts.evaluate import DeviceInfo, Readings, State
+from bmsd.alerts.engine import AlertEngine
+from bmsd.alerts.evaluate import DeviceInfo, State
 from bmsd.alerts.rules import load_rules
 from bmsd.ingest.models import BatteryTelemetry
 from bmsd.ingest.writer import Batch, Origin, Row
+from bmsd.metrics import Metrics
 
 STREAM = "battery_telemetry"
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -47,8 +51,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    rules = evaluate.by_stream(load_rules())
-    fields = Row.positions(BatteryTelemetry.columns, evaluate.fields_read(STREAM, rules))
+    engine = AlertEngine(load_rules(), Metrics(CollectorRegistry()), topic_prefix=None)
+    rules = evaluate.by_stream(engine.rules)
     state = State()
     for pack in range(1, args.packs + 1):
         state.devices[pack] = DeviceInfo(pack, 1, "bench", f"pack{pack}", "battery_pack", 50)
@@ -64,8 +68,7 @@ def main() -> None:
     for _ in range(args.repeat):
         for batch in batches:
             started = time.perf_counter()
-            readings = {STREAM: Readings([row.values for row in batch.rows[STREAM]],
-                                         Row.TIME, Row.DEVICE, fields)}
+            readings, _ = engine.readings(batch)
             handed = time.perf_counter()
             plan = evaluate.evaluate(state, rules, readings, batch.seen)
             done = time.perf_counter()

@@ -70,6 +70,23 @@ class AlertEngine:
     def plan(self, conn: psycopg.Connection[Any], batch: Batch) -> Plan:
         """Decide and write, in the caller's transaction, what *batch* changes."""
         started = time.perf_counter()
+        readings, devices = self.readings(batch)
+        if self._shared:
+            self._store.refresh(conn, self.state, devices)
+        self._store.remember_devices(conn, self.state, devices)
+        plan = evaluate.evaluate(self.state, self._by_stream, readings, batch.seen)
+        # Marks are read again at start from the stored readings: only changed
+        # `for_s` conditions need storing, except in a shared group, whose
+        # members read each other's marks with every batch (store.py).
+        pending = self.state.pending
+        self._store.write(conn, plan, None if self._shared else [
+            key for key, now in plan.pending.items() if now != pending.get(key, {})])
+        plan.seconds = time.perf_counter() - started
+        return plan
+
+    def readings(self, batch: Batch) -> tuple[dict[str, Readings], set[int]]:
+        """Return *batch*'s readings as `evaluate` takes them, by stream, and their
+        devices."""
         readings: dict[str, Readings] = {}
         devices: set[int] = set()
         for stream, rows in batch.rows.items():
@@ -83,18 +100,7 @@ class AlertEngine:
             readings[stream] = (
                 Readings([row.values for row in rows], Row.TIME, Row.DEVICE, fields) if fields
                 else Readings(list(newest.items()), time=1, device=0))
-        if self._shared:
-            self._store.refresh(conn, self.state, devices)
-        self._store.remember_devices(conn, self.state, devices)
-        plan = evaluate.evaluate(self.state, self._by_stream, readings, batch.seen)
-        # Marks are read again at start from the stored readings: only changed
-        # `for_s` conditions need storing, except in a shared group, whose
-        # members read each other's marks with every batch (store.py).
-        pending = self.state.pending
-        self._store.write(conn, plan, None if self._shared else [
-            key for key, now in plan.pending.items() if now != pending.get(key, {})])
-        plan.seconds = time.perf_counter() - started
-        return plan
+        return readings, devices
 
     def plan_offline(self, conn: psycopg.Connection[Any], now: datetime,
                      watching_since: datetime) -> Plan:
