@@ -4,7 +4,7 @@
     .venv/bin/python bench/reliability.py --short    # CI's short forms
 
 The scenarios are the tests that record a `Scenario` (tests/fix_report.py):
-tests/test_faults.py, test_overload.py, test_partition.py, test_late_data.py
+tests/test_faults.py, test_backlog.py, test_overload.py, test_partition.py, test_late_data.py
 and the parser's 10^5 hostile payloads. They run with pytest, here on the same
 throwaway servers the test suite starts, with BMSD_RELIABILITY_FULL=1 (30 s
 outages, 60 s of overload) unless --short. Every row comes from a test that
@@ -29,6 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = [
     "tests/test_faults.py",
+    "tests/test_backlog.py",
     "tests/test_overload.py",
     "tests/test_partition.py",
     "tests/test_late_data.py",

@@ -145,6 +145,10 @@ class IngestConfig(_Frozen):
     # batches wait for the timer or a full window.
     idle_flush_ms: Annotated[int, Field(ge=0)] = 5
     max_message_bytes: PositiveInt = 256 * 1024
+    # Received messages waiting for the ingest loop (bmsd/ingest/inbox.py), besides
+    # at most 16 MiB of their payloads. A broker that sends more than this (a
+    # window above it) waits until the loop takes some: backpressure, never a stall.
+    max_waiting_messages: PositiveInt = 2000
     max_reading_age_s: PositiveInt = DEFAULT_MAX_READING_AGE_S
     max_future_s: PositiveInt = 300
     auto_register: bool = True

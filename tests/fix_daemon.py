@@ -61,6 +61,22 @@ class DaemonProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
+    def http_or_none(self, path: str, body: bool = False) -> Any:
+        """Return the status (or, with *body*, the body) of GET *path*; None while the
+        process does not listen yet."""
+        try:
+            status, text = self.http(path)
+        except OSError:
+            return None
+        return text if body else status
+
+    def metric_or_zero(self, name: str, **labels: str) -> float:
+        """Return `metric`, or 0 while the process does not listen yet."""
+        try:
+            return self.metric(name, **labels)
+        except OSError:
+            return 0.0
+
     def wait_ready(self, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

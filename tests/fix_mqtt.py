@@ -87,13 +87,16 @@ def mqtt_broker() -> Iterator[Broker]:
 
 
 @pytest.fixture
-def broker_factory() -> Iterator[Callable[[], LocalMosquitto]]:
-    """Return a function that starts a broker of the test's own."""
+def broker_factory() -> Iterator[Callable[..., LocalMosquitto]]:
+    """Return a function that starts a broker of the test's own; *extra_config* lines
+    (``max_inflight_messages 0``, say) are added after the repo's mosquitto.conf."""
     started: list[tuple[LocalMosquitto, Path]] = []
 
-    def start() -> LocalMosquitto:
+    def start(extra_config: str = "") -> LocalMosquitto:
         state = Path(tempfile.mkdtemp(prefix="bmsd-test-mqtt-"))
-        broker = local_broker(state).start()
+        broker = local_broker(state)
+        broker.extra_config = extra_config
+        broker.start()
         started.append((broker, state))
         return broker
 

@@ -13,7 +13,11 @@ exits 1 with its reason.
 Under systemd (bmsd/ingest/notify.py) the daemon says READY=1 once the database
 answers with the schema this bmsd expects, the instance lock is held and the
 subscription is acknowledged; STATUS= every few seconds; WATCHDOG=1 only
-from the loop, after a commit or a database round trip.
+from the loop, after a commit or a database round trip. Ingest does not wait
+for READY: a resumed session's queue, which the broker sends before the
+SUBACK, is stored as it comes, each commit extending the start timeout
+(EXTEND_TIMEOUT_USEC) and STATUS= and /readyz saying "draining a backlog".
+bmsd/ingest/mqtt.py draws which thread may wait on which.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ log = structlog.get_logger("bmsd")
 _IDLE_PING_S = 10.0
 _ALIVE_WITHIN_S = 60.0
 _STATUS_EVERY_S = 5.0
+# Before READY=1, how often to look for the SUBACK and update STATUS.
+_STARTING_STATUS_EVERY_S = 0.1
 # At exit, how long alert notifications of the last commits may take to be
 # acknowledged (a few ms normally); unresolved ones are announced again at start.
 _NOTICES_AT_EXIT_S = 2.0
@@ -101,7 +107,7 @@ class Daemon:
         self.stop = threading.Event()
         self.notifier = notifier or Notifier()
         self._deadline: float | None = None
-        self._inbox = Inbox(max_messages=2 * config.mqtt.receive_maximum)
+        self._inbox = Inbox(max_messages=config.ingest.max_waiting_messages)
         self._alerts: AlertEngine | None = None
         if config.alerts.enabled:
             self._alerts = AlertEngine(
@@ -127,6 +133,9 @@ class Daemon:
         self.metrics.inbox_bytes.set_function(lambda: self._inbox.bytes)
         self._lock = InstanceLock(config.database, config.mqtt.client_id)
         self._waiting_for = "the database"
+        self._is_ready = False  # READY=1 sent: the subscription was acknowledged
+        self._draining = False  # taking a resumed session's queue before the SUBACK
+        self._committed = 0  # messages committed since start
         self._paused_for_notices = False
         self._heartbeat = time.monotonic()
         self._rows = 0  # committed since start, for STATUS
@@ -150,7 +159,8 @@ class Daemon:
             "shared_group": self.config.mqtt.shared_group,
             "mqtt_subscribed": subscribed, "database": db, "stopping": self.stop.is_set()}
         if not ready and self._waiting_for:
-            details["waiting_for"] = self._waiting_for
+            details["waiting_for"] = (self._backlog_line() if self._draining and not subscribed
+                                      else self._waiting_for)
         return ready, details
 
     # --- running ------------------------------------------------------------------
@@ -181,6 +191,9 @@ class Daemon:
             self.notifier.status(f"failed: {exc}")
             return 1
         finally:
+            # First, so that paho's thread, if it waits for room in the inbox, returns
+            # (what it held stays unacknowledged) and close() can join it.
+            self._inbox.close()
             self._source.close()
             if self._notices is not None:
                 self._notices.wait_sent(_NOTICES_AT_EXIT_S)
@@ -191,38 +204,64 @@ class Daemon:
             log.info("bmsd_stopped")
 
     def _start_up(self) -> None:
-        """Check the schema, take the instance lock, load alerts, subscribe; then READY=1."""
-        self._set_waiting("the database")
+        """Check the schema, take the instance lock, load alerts, connect to the broker.
+
+        Ingest starts here, before the broker acknowledges the subscription: on a
+        resumed session the broker sends its queue first, as many messages as its
+        window allows, and the SUBACK after them. READY=1 waits for the SUBACK
+        (`_check_subscribed`, from the loop), which needs those messages taken.
+        """
+        self._starting("the database")
         self._db.run(self._check_schema)
         self._db.run(self._ingest.prepare)
-        self._db.run(lambda conn: self._lock.acquire(on_wait=self._set_waiting))
+        self._db.run(lambda conn: self._lock.acquire(on_wait=self._starting))
         if self._alerts is not None:
             self._db.run(self._alerts.load)
-        self._set_waiting("the MQTT subscription")
+        self._starting("the MQTT subscription")
         if self._notices is not None:
             self._notices.start()
         self._source.start()
-        while not self._source.subscribed.wait(0.1):
-            self._heartbeat = time.monotonic()
-            refused = self._source.refused
-            self._set_waiting("the MQTT subscription"
-                              + (f" (the broker refused us: {refused})" if refused else ""))
-            if self._source.fatal is not None:
-                raise self._source.fatal
-            if self.stop.is_set():
-                return
-        self._waiting_for = ""
-        self.notifier.ready(self._status_line())
-        self.notifier.progress()
-        log.info("bmsd_ready", client_id=self.config.mqtt.client_id)
 
-    def _set_waiting(self, what: str) -> None:
+    def _check_subscribed(self) -> None:
+        """Send READY=1 once the subscription is acknowledged; until then say what we wait
+        for, and what we do meanwhile (a resumed session's backlog)."""
+        if self._source.subscribed.is_set():
+            self._is_ready = True
+            self._waiting_for = ""
+            self.notifier.ready(self._status_line())
+            self.notifier.progress()
+            log.info("bmsd_ready", client_id=self.config.mqtt.client_id,
+                     backlog_committed=self._committed)
+            return
+        refused = self._source.refused
+        if refused:
+            self._set_waiting(f"the MQTT subscription (the broker refused us: {refused})")
+        elif self._draining or self._in_hand() or self._inbox.qsize():
+            # Logged once; STATUS and /readyz carry the counts as they grow.
+            self._draining = True
+            self._set_waiting("the MQTT subscription (draining a backlog first)",
+                              status=self._backlog_line())
+        else:
+            self._set_waiting("the MQTT subscription")
+
+    def _backlog_line(self) -> str:
+        """Return what a drain before the SUBACK has done so far, for STATUS and /readyz."""
+        return (f"starting: draining a backlog of {self._committed + self._in_hand()}"
+                f" messages so far ({self._committed} committed,"
+                f" {self._in_hand() + self._inbox.qsize()} in hand); the broker sends the"
+                " session's queue before it acknowledges the subscription")
+
+    def _starting(self, what: str) -> None:
+        """Say what start-up waits for; give up if a stop signal came meanwhile."""
         if self.stop.is_set():
             raise _GaveUp
+        self._set_waiting(what)
+
+    def _set_waiting(self, what: str, status: str | None = None) -> None:
         if what != self._waiting_for:
             self._waiting_for = what
             log.info("bmsd_waiting", waiting_for=what)
-        self.notifier.status(f"starting: waiting for {what}")
+        self.notifier.status(status or f"starting: waiting for {what}")
 
     def _check_schema(self, conn: psycopg.Connection[Any]) -> None:
         missing = missing_scripts(conn)
@@ -271,6 +310,8 @@ class Daemon:
             now = self._heartbeat = time.monotonic()
             if self._source.fatal is not None:
                 raise self._source.fatal
+            if not self._is_ready and now >= next_status:
+                self._check_subscribed()
             engine = self._alerts
             if engine is not None:
                 if not republished and self._source.subscribed.is_set():
@@ -294,8 +335,11 @@ class Daemon:
                     engine.apply(self._aside(functools.partial(self._offline, engine,
                                                           since=since)))
             if now >= next_status:
-                next_status = now + _STATUS_EVERY_S
-                self.notifier.status(self._status_line())
+                if self._is_ready:
+                    next_status = now + _STATUS_EVERY_S
+                    self.notifier.status(self._status_line())
+                else:
+                    next_status = now + _STARTING_STATUS_EVERY_S
             try:
                 # A batch held here found the inbox empty while it was too young to
                 # commit: wait for its idle age, the flush interval or a message.
@@ -335,11 +379,16 @@ class Daemon:
         return over
 
     def _flush(self) -> None:
+        messages = self._ingest.pending
         outcome = self._db.run(self._ingest.flush)
+        self._committed += messages
         self._rows += sum(outcome.written.values())
         self._last_commit = time.monotonic()
         self.metrics.last_commit.set(time.time())
-        self.notifier.progress()
+        if self._is_ready:
+            self.notifier.progress()
+        else:  # a drain before the SUBACK: progress, not a start that hangs
+            self.notifier.extend_start()
 
     def _status_line(self) -> str:
         """Return the one line `systemctl status` shows."""

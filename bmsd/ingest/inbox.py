@@ -10,7 +10,12 @@ It waits at most ``max_wait_s`` for one message, then takes it anyway: the
 network thread must get back to its loop often enough to keep the
 connection's keepalive (the database may be down for minutes, and the loop
 takes nothing meanwhile). A message is always taken into an empty inbox,
-however large. The count bound waits as long as it takes, as before.
+however large. The count bound (``[ingest] max_waiting_messages``) waits as
+long as it takes: the ingest loop never waits on the network thread, so it
+always comes to take (bmsd/ingest/mqtt.py says who waits on whom).
+
+`close`, at shutdown, ends every wait: what `put` held then is dropped,
+unacknowledged, and the broker sends it again to the next session.
 """
 
 from __future__ import annotations
@@ -36,13 +41,18 @@ class Inbox:
         self._max_bytes = max_bytes
         self._max_wait_s = max_wait_s
         self._changed = threading.Condition()
+        self._closed = False
 
     def put(self, message: Message) -> None:
         """Add *message*, once there is room for it (see the module's docstring)."""
         size = len(message.payload)
         give_up: float | None = None
         with self._changed:
-            while self._messages:
+            while True:
+                if self._closed:
+                    return
+                if not self._messages:
+                    break
                 if len(self._messages) >= self._max_messages:
                     self._changed.wait()
                     continue
@@ -74,6 +84,12 @@ class Inbox:
             if not self._messages:
                 raise queue.Empty
             return self._take()
+
+    def close(self) -> None:
+        """End every `put` waiting for room, and refuse what comes after (shutdown)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
     def qsize(self) -> int:
         return len(self._messages)

@@ -11,6 +11,44 @@ another message), and the broker redelivers it instead.
 
 paho reconnects by itself with capped exponential backoff; we re-draw its
 bounds at every disconnect, so many daemons do not retry in step (jitter).
+
+Who may wait on whom
+--------------------
+Two threads meet here: the daemon's main thread (the ingest loop,
+bmsd/ingest/daemon.py) and paho's network thread (``loop_start``). Only one
+edge may wait, network thread -> main thread; main never waits on the network
+thread, except to join it after `Inbox.close` has ended the one wait it has.
+So no cycle can form, whatever the broker does:
+
+==========================  ===============================================
+moment                      who waits, on what, for how long
+==========================  ===============================================
+connect                     nobody: ``connect_async``; paho's thread connects
+                            and subscribes in `_on_connect`
+resumed session, SUBACK     the broker sends its queue (up to its window: all
+                            of it with Mosquitto's ``max_inflight_messages 0``)
+                            before the SUBACK. The main loop ingests from the
+                            first message on and never waits for `subscribed`;
+                            it sends READY=1 when it sees it set
+inbox full                  the network thread, in `Inbox.put`: until the loop
+                            takes a message (count), at most ``max_wait_s``
+                            (bytes), or until `Inbox.close`. TCP then pushes
+                            back on the broker; nothing is dropped
+acknowledgement             nobody: `ack` queues PUBACKs and wakes the thread
+                            (no paho lock the callbacks hold is taken)
+broker restart              paho's thread alone: reconnect with backoff,
+                            resubscribe in `_on_connect`; the loop goes on and
+                            drops acks of the old connection (`generation`)
+SIGHUP reload               nobody here: the rules are reread in the main loop
+alert notifications         the loop pauses intake while too many wait for the
+                            broker (`MqttPublisher.pending`); they are sent by
+                            another connection's thread, which waits on nothing
+SIGTERM drain               the loop drains the inbox (intake stopped: later
+                            messages are not delivered, so not acknowledged),
+                            then `Inbox.close`, then `close` joins the thread,
+                            which no longer can be waiting; the drain itself is
+                            bounded by ``shutdown_timeout_s``
+==========================  ===============================================
 """
 
 from __future__ import annotations

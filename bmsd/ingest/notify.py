@@ -1,4 +1,5 @@
-"""Tell systemd how the daemon is doing: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
+"""Tell systemd how the daemon is doing: READY, STATUS, WATCHDOG, RELOADING, STOPPING,
+and EXTEND_TIMEOUT_USEC while a start drains a backlog.
 
 The protocol is a datagram of ``KEY=VALUE`` lines sent to the Unix socket
 named by ``$NOTIFY_SOCKET`` (an ``@`` first means Linux's abstract
@@ -23,6 +24,10 @@ import structlog
 
 log = structlog.get_logger("bmsd.ingest.notify")
 
+#: Without a watchdog, how long a start may go without a commit while it drains a
+#: backlog before READY=1 (bmsd.service's WatchdogSec).
+EXTEND_START_S = 90.0
+
 
 class Notifier:
     """Send sd_notify messages to the service manager, if there is one."""
@@ -41,6 +46,11 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval_s = int(usec) / 2e6
         self._last_ping = 0.0
+        # A start that drains a backlog before READY=1 asks for this much more time
+        # at each commit: as long as the watchdog would wait once it runs.
+        self.extend_start_s = (2 * self.watchdog_interval_s if self.watchdog_interval_s
+                               else EXTEND_START_S)
+        self._last_extend = 0.0
         self._status = ""
         self._failed = False
 
@@ -73,6 +83,19 @@ class Notifier:
         if now - self._last_ping >= self.watchdog_interval_s:
             self._last_ping = now
             self._send("WATCHDOG=1")
+
+    def extend_start(self) -> None:
+        """Tell systemd that start-up makes progress (a commit before READY=1).
+
+        The start timeout (``TimeoutStartSec=``) then runs until at least
+        `extend_start_s` from now: a backlog drained before the broker acknowledges
+        the subscription is not killed as a failed start, and a drain that stops
+        committing still is. Sent at most once a second.
+        """
+        now = time.monotonic()
+        if now - self._last_extend >= 1.0:
+            self._last_extend = now
+            self._send(f"EXTEND_TIMEOUT_USEC={int(self.extend_start_s * 1e6)}")
 
     def _send(self, message: str) -> None:
         if self._socket is None:
