@@ -31,6 +31,7 @@ import pytest
 from bmsd.config import DatabaseConfig
 from bmsd.dev.localstack import LocalPostgres, free_port
 from bmsd.schema.migrate import migrate
+from tests.fix_capabilities import NETNS, probe_netns, require
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import ProxyFactory
@@ -42,16 +43,7 @@ HOST_IP, NS_IP = "169.254.213.1", "169.254.213.2"
 BOUND_S = DatabaseConfig().dead_peer_bound_s + 10
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for ip netns and iptables"
-    for tool in ("ip", "iptables", "ss"):
-        if shutil.which(tool) is None:
-            return f"needs {tool} (Debian: iproute2, iptables)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+pytestmark = pytest.mark.needs(NETNS)
 
 
 def sh(*argv: str) -> str:
@@ -79,6 +71,7 @@ class Namespace:
 
 @pytest.fixture
 def namespace() -> Iterator[Namespace]:
+    require(NETNS, probe_netns)
     ns = Namespace(f"bmsdp{os.getpid() % 100000}")
     veth = f"vbp{os.getpid() % 100000}"
     sh("ip", "netns", "add", ns.name)

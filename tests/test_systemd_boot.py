@@ -31,6 +31,7 @@ import pytest
 
 from bmsd.dev.localstack import free_port
 from bmsd.schema.migrate import Edition
+from tests.fix_capabilities import BOOT, record, require
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import Proxy, ProxyFactory
@@ -54,7 +55,8 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+pytestmark = [pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),
+              pytest.mark.needs(BOOT)]
 
 
 def _archive() -> str:
@@ -150,11 +152,21 @@ def container(installed_venv: Path) -> Iterator[Container]:
              f"--bind-ro={installed_venv}"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        pid = wait_until(lambda: proc.poll() is None and _init_pid(proc), timeout_s=60,
-                         what=f"the container's systemd\n{log.read_text(errors='replace')}")
-        box = Container(proc, pid, log)
-        wait_until(lambda: box.sh("systemctl is-system-running", check=False).stdout.strip()
-                   in ("running", "degraded"), timeout_s=90, what="the container's boot")
+        # The boot is the probe: a machine that cannot boot a container (a chroot, a
+        # container without the privileges) skips the test, saying what it saw.
+        try:
+            pid = wait_until(lambda: proc.poll() is None and _init_pid(proc), timeout_s=60,
+                             what="the container's systemd")
+            box = Container(proc, pid, log)
+            wait_until(lambda: box.sh("systemctl is-system-running",
+                                      check=False).stdout.strip() in ("running", "degraded"),
+                       timeout_s=90, what="the container's boot to 'running'")
+        except AssertionError as exc:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            record(BOOT, f"{exc}; systemd-nspawn said: {' | '.join(tail) or 'nothing'}")
+        else:
+            record(BOOT, None)
+        require(BOOT)
         yield box
     finally:
         proc.terminate()  # nspawn shuts the container down
