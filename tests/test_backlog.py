@@ -34,7 +34,7 @@ from bmsd.dev.localstack import LocalMosquitto
 from bmsd.ingest.inbox import MAX_WAITING_BYTES
 from tests.fix_daemon import DaemonFactory, DaemonProcess, Publisher, wait_until
 from tests.fix_notify import NotifySocket
-from tests.fix_proxy import ProxyFactory
+from tests.fix_proxy import Proxy, ProxyFactory
 from tests.fix_report import Record, Scenario, full_or_short
 
 # [ingest] max_waiting_messages here, the inbox's count bound: the shipped default
@@ -268,14 +268,29 @@ def test_a_shared_member_restarted_into_its_backlog_drains_it_while_the_other_go
 
 # --- SIGTERM in every state --------------------------------------------------------
 
-def test_sigterm_while_the_backlog_arrives_exits_in_time_and_loses_nothing(
-    bmsd_daemon: DaemonFactory, broker_factory: BrokerFactory, db_url: str,
-    tcp_proxy: ProxyFactory,
-) -> None:
+@dataclass
+class Unlimited:
+    """A broker with no in-flight limit, a database behind a proxy, a ready bmsd on both."""
+
+    broker: LocalMosquitto
+    database: Proxy
+    daemon: DaemonProcess
+
+
+@pytest.fixture
+def unlimited(bmsd_daemon: DaemonFactory, broker_factory: BrokerFactory, db_url: str,
+              tcp_proxy: ProxyFactory) -> Unlimited:
     broker = broker_factory("max_inflight_messages 0\n")
     database = tcp_proxy(db_url)
-    config = WINDOWS["3.1.1-no-limit"].config()
-    daemon = bmsd_daemon(config, broker_url=broker.url, database_url=database.url(db_url))
+    daemon = bmsd_daemon(WINDOWS["3.1.1-no-limit"].config(), broker_url=broker.url,
+                         database_url=database.url(db_url))
+    return Unlimited(broker, database, daemon)
+
+
+def test_sigterm_while_the_backlog_arrives_exits_in_time_and_loses_nothing(
+    unlimited: Unlimited, db_url: str,
+) -> None:
+    broker, database, daemon = unlimited.broker, unlimited.database, unlimited.daemon
     assert daemon.stop() == 0
     backlog = 10 * INBOX
     publish(broker, messages(0, backlog))
@@ -290,13 +305,9 @@ def test_sigterm_while_the_backlog_arrives_exits_in_time_and_loses_nothing(
 
 
 def test_sigterm_with_a_full_inbox_and_a_database_that_does_not_answer_exits_in_time(
-    bmsd_daemon: DaemonFactory, broker_factory: BrokerFactory, db_url: str,
-    tcp_proxy: ProxyFactory,
+    unlimited: Unlimited, db_url: str,
 ) -> None:
-    broker = broker_factory("max_inflight_messages 0\n")
-    database = tcp_proxy(db_url)
-    config = WINDOWS["3.1.1-no-limit"].config()
-    daemon = bmsd_daemon(config, broker_url=broker.url, database_url=database.url(db_url))
+    broker, database, daemon = unlimited.broker, unlimited.database, unlimited.daemon
     database.blackhole()  # after start-up: the first batch's commit never returns
     backlog = 10 * INBOX
     publish(broker, messages(0, backlog))
@@ -339,13 +350,9 @@ def test_sigterm_during_start_up_exits_0_in_time(
 # --- what a drain before READY looks like to a service manager ------------------------
 
 def test_a_drain_before_the_suback_extends_the_start_and_says_so(
-    bmsd_daemon: DaemonFactory, broker_factory: BrokerFactory, db_url: str,
-    tcp_proxy: ProxyFactory, notify_socket: NotifySocket,
+    unlimited: Unlimited, db_url: str, notify_socket: NotifySocket,
 ) -> None:
-    broker = broker_factory("max_inflight_messages 0\n")
-    database = tcp_proxy(db_url)
-    config = WINDOWS["3.1.1-no-limit"].config()
-    daemon = bmsd_daemon(config, broker_url=broker.url, database_url=database.url(db_url))
+    broker, database, daemon = unlimited.broker, unlimited.database, unlimited.daemon
     assert daemon.stop() == 0
     backlog = 10 * INBOX
     publish(broker, messages(0, backlog))

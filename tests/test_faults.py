@@ -58,8 +58,8 @@ def stored(db_url: str) -> tuple[int, int]:
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-def exactly(db_url: str, n: int = N) -> tuple[int, int, int]:
-    """Wait for *n* readings; assert each is stored once and nothing dead-lettered.
+def exactly(db_url: str, n: int = N, dead: int = 0) -> tuple[int, int, int]:
+    """Wait for *n* readings; assert each is stored once and *dead* dead letters.
 
     A backlog may take long to drain: fail only when nothing new was stored for a
     minute. Return (stored, duplicates, dead letters) for the report."""
@@ -74,10 +74,10 @@ def exactly(db_url: str, n: int = N) -> tuple[int, int, int]:
     count, distinct = stored(db_url)
     with psycopg.connect(db_url) as conn:
         row = conn.execute("SELECT count(*) FROM ingest_rejects").fetchone()
-        dead = int(row[0]) if row else -1
+        rejects = int(row[0]) if row else -1
     assert (count, distinct) == (n, n)  # nothing lost, nothing doubled
-    assert dead == 0
-    return count, count - distinct, dead
+    assert rejects == dead, dead_letters(db_url)
+    return count, count - distinct, rejects
 
 
 Proxied = tuple[Proxy, DaemonProcess, float]
@@ -110,6 +110,49 @@ def test_a_commit_whose_outcome_is_unknown_is_retried_without_doubles(
     reliability(Scenario("commit outcome unknown (COMMIT sent, its answer lost)", N, *counts,
                          noticed_s=noticed, rss_before_mb=rss, rss_after_mb=daemon.rss_mb(),
                          note="the retry found its rows committed"))
+
+
+BAD = [(f"factory/faults/m{i}/energy", b"{not json %d" % i) for i in range(3)]
+BATCH = [("factory/faults/gw/energy",
+          [{"timestamp": datetime.now(UTC).isoformat(), "power_kw": 100_000},
+           {"timestamp": datetime.now(UTC).isoformat(), "voltage": -5}])]
+
+
+def test_dead_letters_of_a_commit_whose_outcome_is_unknown_are_stored_once(
+    proxied: Proxied, db_url: str, publisher: Publisher,
+) -> None:
+    database = proxied[0]
+    database.cut_after_commit()
+    publisher.publish_many(BAD)  # dead letters only: the lost COMMIT is one of theirs
+    wait_until(lambda: database.commits_cut == 1, what="a COMMIT whose answer was lost")
+    wait_until(lambda: sum(n for _, n in dead_letters(db_url)) >= len(BAD),
+               what="the dead letters")
+    exactly(db_url, 0, dead=len(BAD))
+
+
+def test_dead_letters_the_broker_sends_again_are_stored_once(
+    bmsd_daemon: DaemonFactory, db_url: str, mqtt_broker: Broker, publisher: Publisher,
+    tcp_proxy: ProxyFactory,
+) -> None:
+    # The commit is slowed, so the broker link can be blackholed between the
+    # message's arrival and its acknowledgement: the PUBACK is lost, the broker
+    # sends the message again (DUP) on the next connection.
+    broker, database = tcp_proxy(mqtt_broker.url), tcp_proxy(db_url)
+    daemon = bmsd_daemon(broker_url=broker.url(mqtt_broker.url),
+                         database_url=database.url(db_url))
+    database.slow(0.3)
+    publisher.publish_many([*BAD, *BATCH])
+    wait_until(lambda: daemon.metric("bmsd_messages_received_total") == len(BAD) + 1,
+               what="the messages received")
+    broker.blackhole()
+    wait_until(lambda: sum(n for _, n in dead_letters(db_url)) == len(BAD) + 1,
+               what="their dead letters")
+    database.heal()
+    broker.heal()
+    broker.cut()
+    wait_until(lambda: daemon.metric("bmsd_messages_received_total") == 2 * (len(BAD) + 1),
+               what="the broker to send them again")
+    exactly(db_url, 1, dead=len(BAD) + 1)
 
 
 def outage_under_load(daemon: DaemonProcess, publisher: Publisher, db_url: str,

@@ -220,6 +220,10 @@ class Daemon:
         self._starting("the MQTT subscription")
         if self._notices is not None:
             self._notices.start()
+        if self._alerts is not None:
+            # Re-announce what is unresolved, before any new reading can change it:
+            # a crash between a commit and its publish must lose no notification.
+            log.info("alerts_republished", count=self._alerts.republish())
         self._source.start()
 
     def _check_subscribed(self) -> None:
@@ -300,7 +304,6 @@ class Daemon:
 
     def _loop(self) -> None:
         inbox, ingest, db = self._inbox, self._ingest, self._db
-        republished = False
         next_offline = next_limits = next_status = time.monotonic()
         backlog_seen = datetime.now(UTC)
         window_flushes = 0
@@ -314,11 +317,6 @@ class Daemon:
                 self._check_subscribed()
             engine = self._alerts
             if engine is not None:
-                if not republished and self._source.subscribed.is_set():
-                    # Re-announce what is unresolved: a crash between a commit and
-                    # its publish must lose no notification.
-                    republished = True
-                    log.info("alerts_republished", count=engine.republish())
                 if self.signals.reloads != reloads:
                     reloads = self.signals.reloads
                     self._reload_rules(engine)

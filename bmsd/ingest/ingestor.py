@@ -60,7 +60,7 @@ class Ingestor:
         self._router = Router(config.routes)
         self._registry = Registry(
             ingest, on_register=lambda stream: metrics.devices_registered.labels(stream).inc())
-        self._writer = Writer()
+        self._writer = Writer(redelivered_within=timedelta(seconds=config.mqtt.session_expiry_s))
         self._metrics = metrics
         self._ack = ack
         self._alerts = alerts
@@ -71,6 +71,7 @@ class Ingestor:
         self._idle_s = ingest.idle_flush_ms / 1000
         self._window = config.mqtt.receive_maximum
         self._batch = Batch()
+        self._flushing = False  # a flush of this batch began (and failed, if still set)
         self._pending: list[Message] = []
         self._pending_bytes = 0
         self._first_at: float | None = None
@@ -110,7 +111,8 @@ class Ingestor:
         """Add *message* to the batch; database errors leave the batch unchanged."""
         match = self._router.match(message.topic)
         if isinstance(match, str):
-            origin = Origin(message.topic, None, message.payload, None, message.received_at)
+            origin = Origin(message.topic, None, message.payload, None, message.received_at,
+                            message.dup)
             self._hold(message, [DeadLetter(origin, "no_route", match)])
             return
         route = match.route
@@ -122,7 +124,7 @@ class Ingestor:
         parsed = parse_message(route.stream, message.payload, message.received_at,
                                self._limits[route.stream])
         dead = [DeadLetter(Origin(message.topic, route.template, r.payload, r.index,
-                                  message.received_at), r.category, r.reason)
+                                  message.received_at, message.dup), r.category, r.reason)
                 for r in parsed.rejects]
         if not parsed.readings:
             self._hold(message, dead)
@@ -133,11 +135,11 @@ class Ingestor:
             device = self._registry.resolve(conn, match)  # may raise: nothing changed yet
         if isinstance(device, Unresolved):
             origin = Origin(message.topic, route.template, message.payload, None,
-                            message.received_at)
+                            message.received_at, message.dup)
             self._hold(message, [*dead, DeadLetter(origin, device.category, device.reason)])
             return
         origin = Origin(message.topic, route.template, message.payload, None,
-                        message.received_at)
+                        message.received_at, message.dup)
         stream = route.stream
         rows = [Row((r.time, device, *r.values, r.extra), origin, r.index)
                 for r in parsed.readings]
@@ -193,8 +195,9 @@ class Ingestor:
         started = time.perf_counter()
         engine = self._alerts
         plan = None
+        retry, self._flushing = self._flushing, True  # True: an attempt failed before
         with self._writer.transaction(conn):
-            outcome = self._writer.write(conn, self._batch)
+            outcome = self._writer.write(conn, self._batch, retry)
             if engine is not None:
                 plan = engine.plan(conn, self._batch)
         committed = datetime.now(UTC)
@@ -214,6 +217,7 @@ class Ingestor:
         observe_many(self._metrics.lag_seconds,
                      [max((committed - when).total_seconds(), 0.0) for when in self._lag_times])
         self._ack(self._pending)
+        self._flushing = False
         self._batch = Batch()
         self._pending = []
         self._pending_bytes = 0

@@ -97,6 +97,7 @@ class Message:
     topic: str
     payload: bytes
     received_at: datetime
+    dup: bool = False  # the broker sent it before (MQTT DUP flag)
 
 
 def _address(config: MqttConfig) -> tuple[str, int]:
@@ -316,7 +317,7 @@ class MqttSource:
         if not self._intake:
             return
         self._deliver(Message(self._generation, message.mid, message.qos, topic,
-                              bytes(message.payload), datetime.now(UTC)))
+                              bytes(message.payload), datetime.now(UTC), bool(message.dup)))
 
     # --- helpers ---------------------------------------------------------------
 

@@ -30,12 +30,13 @@ the commit are the messages acknowledged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from functools import cache
 from operator import itemgetter, lt
 from typing import Any, ClassVar
@@ -76,6 +77,17 @@ _DEAD_LETTER_COPY = (
     " FROM STDIN (FORMAT BINARY)"
 )
 _DEAD_LETTER_TYPES = ["timestamptz", "text", "text", "text", "bytea", "jsonb"]
+# Which of a batch's redelivered dead letters are stored already, by place (from 1):
+# the same topic, payload, verdict and place in the message, within the time the
+# broker keeps a session (a redelivery cannot be older). The topic's index bounds it.
+_ALREADY_DEAD = """
+    SELECT d.n FROM unnest(%s::text[], %s::bytea[], %s::text[], %s::jsonb[])
+                    WITH ORDINALITY AS d (topic, payload, reason, details, n)
+     WHERE EXISTS (SELECT 1 FROM ingest_rejects r
+                    WHERE r.topic = d.topic AND r.received_at > now() - %s::interval
+                      AND r.payload = d.payload AND r.reason = d.reason
+                      AND r.details = d.details)
+"""
 
 
 @dataclass(slots=True)  # not frozen: one per message, and frozen costs 3x to build
@@ -87,6 +99,8 @@ class Origin:
     payload: bytes
     index: int | None
     received_at: datetime
+    # The broker sent it again (MQTT DUP): its dead letter may be stored already.
+    redelivered: bool = False
 
 
 @dataclass(slots=True)
@@ -120,8 +134,7 @@ class Row:
         """Return this row's dead letter."""
         origin = self.origin
         if self.index is not None:
-            origin = Origin(origin.topic, origin.route, origin.payload, self.index,
-                            origin.received_at)
+            origin = dataclasses.replace(origin, index=self.index)
         return DeadLetter(origin, category, reason)
 
 
@@ -398,7 +411,9 @@ EARLY_CHUNK = 250
 class Writer:
     """Write batches to the hypertables; one instance per daemon."""
 
-    def __init__(self) -> None:
+    def __init__(self, redelivered_within: timedelta = timedelta(days=7)) -> None:
+        #: How old a redelivered message's first delivery can be: the broker's session expiry.
+        self.redelivered_within = redelivered_within
         self._columns: dict[str, list[str]] = {}
         self._types: dict[str, list[str]] = {}
         self._factors: dict[str, tuple[int | None, ...] | None] = {}
@@ -541,8 +556,13 @@ class Writer:
             row = conn.execute("SELECT to_regclass('aggregate_backlog') IS NOT NULL").fetchone()
         self._backlog = bool(row and row[0])
 
-    def write(self, conn: psycopg.Connection[Any], batch: Batch) -> Outcome:
-        """Write *batch* in the caller's transaction (each attempt in a savepoint)."""
+    def write(self, conn: psycopg.Connection[Any], batch: Batch,
+              retry: bool = False) -> Outcome:
+        """Write *batch* in the caller's transaction (each attempt in a savepoint).
+
+        *retry*: an earlier attempt of this batch may have committed (its COMMIT's
+        answer was lost), so its dead letters may be stored already.
+        """
         if not self._columns:
             self.prepare(conn)
         outcome = Outcome()
@@ -558,7 +578,7 @@ class Writer:
                 self._write(conn, stream, rows, outcome)
         dead = batch.dead + outcome.dead
         if dead:
-            self._dead_letter(conn, dead)
+            self._dead_letter(conn, dead, retry)
         if batch.seen:
             conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
         if batch.late and self._backlog:
@@ -650,16 +670,27 @@ class Writer:
         self._write(conn, stream, rows[:middle], outcome)
         self._write(conn, stream, rows[middle:], outcome)
 
-    def _dead_letter(self, conn: psycopg.Connection[Any], dead: list[DeadLetter]) -> None:
+    def _dead_letter(self, conn: psycopg.Connection[Any], dead: list[DeadLetter],
+                     retry: bool) -> None:
+        rows = [(o.received_at, _text(o.topic), o.route, _text(letter.reason), o.payload,
+                 Jsonb({"category": letter.category} if o.index is None
+                       else {"category": letter.category, "index": o.index}))
+                for letter in dead for o in (letter.origin,)]
+        again = [i for i, letter in enumerate(dead) if retry or letter.origin.redelivered]
+        if again:
+            # A retry after a lost COMMIT answer, or a redelivery of a message whose
+            # dead letter committed before its acknowledgement was lost (a crash, a
+            # dropped connection): each stored once.
+            stored = conn.execute(_ALREADY_DEAD, (
+                [rows[i][1] for i in again], [rows[i][4] for i in again],
+                [rows[i][3] for i in again], [rows[i][5] for i in again],
+                self.redelivered_within)).fetchall()
+            skip = {again[n - 1] for (n,) in stored}
+            rows = [row for i, row in enumerate(rows) if i not in skip]
         with conn.cursor() as cur, cur.copy(_DEAD_LETTER_COPY) as copy:
             copy.set_types(_DEAD_LETTER_TYPES)
-            for letter in dead:
-                o = letter.origin
-                details: dict[str, Any] = {"category": letter.category}
-                if o.index is not None:
-                    details["index"] = o.index
-                copy.write_row((o.received_at, _text(o.topic), o.route, _text(letter.reason),
-                                o.payload, Jsonb(details)))
+            for row in rows:
+                copy.write_row(row)
 
 
 def _text(value: str) -> str:
