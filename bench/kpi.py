@@ -12,16 +12,12 @@ warm-up). Needs the community edition (aggregates).
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import psycopg
-from timing import time_query
+from timing import throwaway_postgres, time_query
 
-from bmsd.dev.localstack import LocalPostgres
 from bmsd.schema.migrate import load_demo_data, migrate
 
 LEVELS = ("energy_readings_1m", "energy_readings_15m", "energy_site_15m", "energy_readings_1h",
@@ -34,11 +30,7 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=31)
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="bmsd-bench-kpi-"))
-    folder.chmod(0o755)
-    pg = LocalPostgres(folder / "pg", extra_settings="timescaledb.max_background_workers = 0\n")
-    pg.start()
-    try:
+    with throwaway_postgres("kpi", jobs=False) as pg:
         migrate(pg.url())
         load_demo_data(pg.url())
         with psycopg.connect(pg.url(), autocommit=True) as conn:
@@ -81,9 +73,6 @@ def main() -> None:
             for label, query, params in queries:
                 rows, median, worst = time_query(conn, query, params, args.repeat)
                 print(f"{label:30} {rows:4} rows  median {median:8.1f} ms  max {worst:8.1f} ms")
-    finally:
-        pg.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -327,6 +327,16 @@ INGEST = Dashboard("bmsd-ingest", "bmsd / Ingest health", time_from="now-6h", pa
          "reqps", "{{kind}}"),
     prom("Unresolved fleet alerts, by severity", "sum by (severity) (bmsd_alerts_unresolved)",
          None, "{{severity}}"),
+    # Policies by their effect, not their jobs' status (sql/200; README, "Are the
+    # policies working?"): the lag now, from the database, and its history.
+    table("TimescaleDB policies: how far behind what they promise",
+          "SELECT object, policy, round(behind_s) AS behind_s, round(allowed_s) AS allowed_s,"
+          " behind_s > allowed_s AS overdue, detail FROM policy_health"
+          " ORDER BY behind_s > allowed_s DESC, behind_s DESC, object, policy", width=12),
+    prom("Policies behind, past what their schedule allows",
+         "max by (object, policy) (bmsd_policy_behind_seconds)"
+         " - max by (object, policy) (bmsd_policy_allowed_seconds) > 0 or vector(0)",
+         "s", "{{policy}} {{object}}"),
 ])
 
 DASHBOARDS = [FLEET, SITE, BATTERY, FACTORY, ALERTS, INGEST]

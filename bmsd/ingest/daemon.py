@@ -51,6 +51,7 @@ from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.lock import InstanceLock
 from bmsd.ingest.mqtt import Message, MqttPublisher, MqttSource
 from bmsd.ingest.notify import Notifier
+from bmsd.ingest.policies import PolicyHealth
 from bmsd.metrics import Metrics
 from bmsd.schema.migrate import all_scripts, missing_scripts
 
@@ -125,6 +126,8 @@ class Daemon:
                 if config.alerts.mqtt_url else config.mqtt
             self._notices = MqttPublisher(broker, self.metrics)
         self._db = Database(config.database, self.metrics, sleep=self._sleep)
+        self._policies = PolicyHealth(config.database)
+        self.metrics.registry.register(self._policies)
         self.metrics.instance.info({"client_id": config.mqtt.client_id,
                                     "shared_group": config.mqtt.shared_group or ""})
         # Read at each scrape, so it tells the truth while the loop is stuck:
@@ -201,6 +204,7 @@ class Daemon:
             self._lock.release()
             self._db.close()
             self.http.stop()
+            self._policies.close()
             log.info("bmsd_stopped")
 
     def _start_up(self) -> None:
