@@ -36,6 +36,7 @@ def main() -> None:
             started = time.perf_counter()
             load_fleet(conn, Fleet(sites=args.sites, days=args.days,
                                    step=timedelta(minutes=args.step_minutes)))
+            conn.execute("ANALYZE")
             rows = conn.execute("SELECT sum(approximate_row_count(format('%I', h)::regclass))"
                                 " FROM unnest(ARRAY['site_telemetry_scaled',"
                                 " 'battery_telemetry', 'energy_readings', 'production_data',"
@@ -45,7 +46,6 @@ def main() -> None:
                   f" {time.perf_counter() - started:.0f} s")
             conn.execute("INSERT INTO aggregate_backlog (hypertable, day, noted_at) VALUES"
                          " ('energy_readings', current_date - 20, now() - interval '1 minute')")
-            conn.execute("ANALYZE")
             count, median, worst = time_query(conn, "SELECT * FROM policy_health", (),
                                               args.repeat)
             print(f"policy_health: {count} rows, median {median:.1f} ms, max {worst:.1f} ms")
