@@ -86,6 +86,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return 0
     path = find_config(args.config)
     config = load_config(path)
+    if config.alerts.enabled:  # as `bmsd run` loads them: refused here, refused there
+        from bmsd.alerts.rules import load_rules
+
+        load_rules(config.alerts.rules_file)
     where = str(path) if path else (
         f"built-in defaults (no --config, $BMSD_CONFIG or {SYSTEM_CONFIG_PATH})")
     print(f"# {where}: configuration is valid ({len(config.routes)} routes);"

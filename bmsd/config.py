@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -423,9 +423,15 @@ def explain(source: str, what: str, exc: ValidationError, example: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Return *url* with any password replaced by ``***``, for logs."""
+    """Return *url* with any password replaced by ``***``, for logs: the one in its
+    user info, and libpq's ``password=`` among its query parameters."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    if query:
+        query = "&".join("password=***" if unquote(item.partition("=")[0]) == "password"
+                         else item for item in query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return parts._replace(netloc=netloc, query=query).geturl()

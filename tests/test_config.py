@@ -183,3 +183,35 @@ def test_an_instance_gets_its_own_client_id_and_metrics_port(tmp_path: Path) -> 
     assert config.metrics.addr == "127.0.0.1:29110"
     with pytest.raises(ConfigError, match="instance: Input should be a valid integer"):
         load_config(path, environ={"BMSD_INSTANCE": "blue"})
+
+
+def test_a_password_in_the_query_string_is_redacted_too() -> None:
+    url = "postgresql://ingest@db:5432/bmsd?sslmode=require&password=s3cr%26t&application_name=x"
+    redacted = redact_url(url)
+    assert "s3cr" not in redacted
+    assert redacted == ("postgresql://ingest@db:5432/bmsd?sslmode=require&password=***"
+                        "&application_name=x")
+
+
+def test_check_config_prints_no_password_of_a_query_string(tmp_path: Path) -> None:
+    path = tmp_path / "bmsd.toml"
+    path.write_text("[database]\nurl = 'postgresql://ingest@db/bmsd?password=s3cret'\n")
+    run = bmsd("check-config", "--config", str(path), env=clean_env(), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "s3cret" not in run.stdout + run.stderr
+    assert "password=***" in run.stdout
+
+
+@pytest.mark.parametrize("problem", ["missing", "invalid"])
+def test_check_config_refuses_the_rules_file_that_run_would_refuse(
+    tmp_path: Path, problem: str,
+) -> None:
+    rules = tmp_path / "alerts.toml"
+    if problem == "invalid":
+        rules.write_text("[[rule]]\nthis is not toml\n")
+    path = tmp_path / "bmsd.toml"
+    path.write_text(f"[alerts]\nrules_file = '{rules}'\n")
+    run = bmsd("check-config", "--config", str(path), env=clean_env(), cwd=tmp_path)
+    assert run.returncode == 2
+    assert str(rules) in run.stderr
+    assert "Traceback" not in run.stderr
