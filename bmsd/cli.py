@@ -314,3 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BmsdError as exc:
         print(f"bmsd {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was asked for, not a crash (128 + SIGINT)
+        print(f"bmsd {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -404,6 +404,10 @@ def read_toml(path: Path, missing: str) -> dict[str, Any]:
     except PermissionError:
         raise ConfigError(f"{path}: not readable by this user; check its owner and mode"
                           ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; name the file itself") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 

@@ -215,3 +215,9 @@ def test_check_config_refuses_the_rules_file_that_run_would_refuse(
     assert run.returncode == 2
     assert str(rules) in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_config_path_naming_a_folder_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    run = bmsd("check-config", "--config", str(tmp_path), env=clean_env(), cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"bmsd check-config: {tmp_path}: is a folder; name the file itself"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -340,3 +342,16 @@ def migrate_against(url: str, sql_copy: Path, tables: str, script: tuple[str, st
         thread.join()
         other.close()
     return report, progress
+
+
+def test_ctrl_c_while_waiting_for_the_database_is_one_line_not_a_traceback() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bmsd", "migrate", "--wait-for-database", "--database-url",
+         "postgresql://127.0.0.1:1/bmsd"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    time.sleep(2.0)  # importing, then retrying the refused connection
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "bmsd migrate: interrupted"
