@@ -301,6 +301,8 @@ def load_config(
     for var, key in _ENV_TOP.items():
         if environ.get(var):
             raw[key] = environ[var]
+    if path is not None:
+        _resolve_paths(raw, path.parent)
     for section in ("database", "mqtt"):
         table = raw.get(section)
         if isinstance(table, dict) and "password" in table:
@@ -316,6 +318,24 @@ def load_config(
         "mqtt": _with_password(config.mqtt, "mqtt", source, environ),
     })
     return _as_instance(config) if config.instance is not None else config
+
+
+#: Keys naming files: relative to the config file's folder, not to where bmsd started.
+_PATH_KEYS = {"database": ("password_file",),
+              "mqtt": ("password_file", "ca_file", "cert_file", "key_file"),
+              "alerts": ("rules_file",)}
+
+
+def _resolve_paths(raw: dict[str, object], folder: Path) -> None:
+    """Make the relative file paths in *raw* relative to *folder* (the config file's)."""
+    for section, keys in _PATH_KEYS.items():
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                table[key] = str(folder / value)
 
 
 def _as_instance(config: Config) -> Config:

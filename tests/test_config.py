@@ -221,3 +221,18 @@ def test_a_config_path_naming_a_folder_is_one_line_and_exit_2(tmp_path: Path) ->
     run = bmsd("check-config", "--config", str(tmp_path), env=clean_env(), cwd=tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip() == f"bmsd check-config: {tmp_path}: is a folder; name the file itself"
+
+
+def test_relative_paths_are_relative_to_the_config_file_not_the_current_folder(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "db-password").write_text("from-the-file\n")
+    path = folder / "bmsd.toml"
+    path.write_text("[database]\npassword_file = 'db-password'\n"
+                    "[alerts]\nrules_file = 'rules/alerts.toml'\n")
+    config = load_config(path, environ={})
+    assert config.alerts.rules_file == folder / "rules" / "alerts.toml"
+    assert config.database.password is not None
+    assert config.database.password.get_secret_value() == "from-the-file"
