@@ -162,14 +162,14 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
 
     from bmsd.ingest.database import connect
 
+    if args.action == "ack" and (args.id is None or not args.by):
+        raise ConfigError("usage: bmsd alerts ack ID --by NAME")  # before any connection
     database = _config(args).database
     if args.database_url:
         database = database.model_copy(update={"url": args.database_url})
     try:
         with connect(database, "bmsd-alerts") as conn:
             if args.action == "ack":
-                if args.id is None or not args.by:
-                    raise ConfigError("usage: bmsd alerts ack ID --by NAME")
                 try:
                     row = conn.cursor(row_factory=dict_row).execute(
                         "SELECT id, rule_code, status FROM acknowledge_alert(%s, %s)",

@@ -41,3 +41,10 @@ def test_an_unreachable_database_is_one_line_and_exit_1() -> None:
     assert run.stderr.startswith("bmsd alerts: cannot connect to the database")
     assert len(run.stderr.strip().splitlines()) == 1
     assert "Traceback" not in run.stderr
+
+
+def test_ack_without_its_id_prints_its_usage_without_connecting() -> None:
+    # An unreachable database: the usage must come first, not a connection error.
+    run = bmsd("alerts", "ack", "--by", "me", "--database-url", "postgresql://127.0.0.1:1/none")
+    assert run.returncode == 2
+    assert run.stderr.strip() == "bmsd alerts: usage: bmsd alerts ack ID --by NAME"

@@ -87,3 +87,13 @@ def test_bmsd_stores_exactly_the_valid_readings_the_simulator_sent(
     with psycopg.connect(db_url) as conn:
         wait_until(lambda: conn.execute("SELECT count(*) FROM ingest_rejects").fetchone()
                    == (summary["messages_by_kind"]["malformed"],))
+
+
+def test_the_simulator_with_the_broker_down_is_one_line_and_exit_1() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bmsd", "simulate", "--mqtt-url", "mqtt://127.0.0.1:1",
+         "--messages", "10"], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert run.stderr.startswith("bmsd simulate: cannot connect to the broker at 127.0.0.1:1")
+    assert len(run.stderr.strip().splitlines()) == 1

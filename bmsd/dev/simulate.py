@@ -30,6 +30,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
+from bmsd.errors import BrokerError
+
 MACHINES = (  # kind, slug prefix, seconds between readings, production stream?
     ("compressor", "compressor", 1.0, False),
     ("hvac", "hvac", 10.0, False),
@@ -333,7 +335,12 @@ def run(url: str, options: Options, client_id: str = "bmsd-simulator",
         client.tls_set()
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
-    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
+    try:
+        client.connect(host, port)
+    except OSError as exc:  # refused, unreachable, a name that does not resolve
+        raise BrokerError(f"cannot connect to the broker at {host}:{port} ({exc}); is it"
+                          " running? (scripts/demo starts the local one)") from None
     client.loop_start()
     summary = Summary()
     started = time.monotonic()
