@@ -292,15 +292,18 @@ def load_config(
         source = str(path)
         raw = read_toml(path, "no such config file; pass --config PATH, or copy the example"
                               " (bmsd check-config --example > PATH)")
+    set_by: dict[tuple[str, ...], str] = {}  # key -> the environment variable that set it
     for var, (section, key) in _ENV_OVERRIDES.items():
         if environ.get(var):
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: [{section}] must be a table")
             table[key] = environ[var]
+            set_by[(section, key)] = var
     for var, key in _ENV_TOP.items():
         if environ.get(var):
             raw[key] = environ[var]
+            set_by[(key,)] = var
     if path is not None:
         _resolve_paths(raw, path.parent)
     for section in ("database", "mqtt"):
@@ -311,8 +314,8 @@ def load_config(
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(explain(source, "the configuration", exc, "config/bmsd.toml")
-                          ) from exc
+        raise ConfigError(explain(source, "the configuration", exc, "config/bmsd.toml",
+                                  set_by)) from exc
     config = config.model_copy(update={
         "database": _with_password(config.database, "database", source, environ),
         "mqtt": _with_password(config.mqtt, "mqtt", source, environ),
@@ -432,11 +435,19 @@ def read_toml(path: Path, missing: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
-def explain(source: str, what: str, exc: ValidationError, example: str) -> str:
-    """Return a validation error as lines a person can act on: file, key, what is wrong."""
+def explain(source: str, what: str, exc: ValidationError, example: str,
+            set_by: Mapping[tuple[str, ...], str] | None = None) -> str:
+    """Return a validation error as lines a person can act on: file (or environment
+    variable, *set_by* a key), key, what is wrong."""
+    set_by = set_by or {}
+    blamed = [set_by.get(tuple(str(p) for p in err["loc"][:2])) for err in exc.errors()]
+    if all(blamed):  # nothing from the file is at fault
+        source = "the environment"
     lines = [f"{source}: {exc.error_count()} error(s) in {what}:"]
-    for err in exc.errors():
+    for err, var in zip(exc.errors(), blamed, strict=True):
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if var:
+            where = f"{where} (from ${var})"
         # An array of tables reads as name[index]: routes[0].topic, rules[2].code.
         where = re.sub(r"^(\w+)\.(\d+)(?=\.|$)", r"\1[\2]", where)
         message = err["msg"].removeprefix("Value error, ")

@@ -236,3 +236,16 @@ def test_relative_paths_are_relative_to_the_config_file_not_the_current_folder(
     assert config.alerts.rules_file == folder / "rules" / "alerts.toml"
     assert config.database.password is not None
     assert config.database.password.get_secret_value() == "from-the-file"
+
+
+def test_an_error_in_an_environment_override_names_the_variable_not_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bmsd.toml"
+    path.write_text("[ingest]\nmax_batch_rows = 100\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={"BMSD_MQTT_URL": "http://broker:1883"})
+    message = str(caught.value)
+    assert message.startswith("the environment: 1 error(s)")
+    assert "mqtt.url (from $BMSD_MQTT_URL): must start with mqtt://" in message
+    assert str(path) not in message
