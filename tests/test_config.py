@@ -181,7 +181,8 @@ def test_an_instance_gets_its_own_client_id_and_metrics_port(tmp_path: Path) -> 
     assert config.mqtt.shared_group == "fleet"
     assert config.mqtt.client_id == "bmsd-2"
     assert config.metrics.addr == "127.0.0.1:29110"
-    with pytest.raises(ConfigError, match="instance: Input should be a valid integer"):
+    with pytest.raises(ConfigError, match=r"instance \(from \$BMSD_INSTANCE\): Input should"
+                                          " be a valid integer"):
         load_config(path, environ={"BMSD_INSTANCE": "blue"})
 
 
