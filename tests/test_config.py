@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -13,7 +14,13 @@ import pytest
 from bmsd.config import (
     DEFAULT_ROUTES,
     SYSTEM_CONFIG_PATH,
+    AlertsConfig,
     Config,
+    DatabaseConfig,
+    IngestConfig,
+    MetricsConfig,
+    MqttConfig,
+    RouteConfig,
     describe,
     load_config,
     redact_url,
@@ -250,3 +257,16 @@ def test_an_error_in_an_environment_override_names_the_variable_not_the_file(
     assert message.startswith("the environment: 1 error(s)")
     assert "mqtt.url (from $BMSD_MQTT_URL): must start with mqtt://" in message
     assert str(path) not in message
+
+
+def test_the_example_names_every_key_of_the_models() -> None:
+    # Keys set, or shown commented out ("# key = value"), in the shipped example.
+    text = SHIPPED.read_text()
+    named = set(re.findall(r"^#? ?(\w+) = ", text, re.M))
+    models = [Config, DatabaseConfig, MqttConfig, IngestConfig, AlertsConfig, MetricsConfig,
+              RouteConfig]
+    keys = {name for model in models for name, field in model.model_fields.items()
+            if not field.exclude} - {"database", "mqtt", "ingest", "metrics", "alerts",
+                                     "routes"}
+    assert sorted(keys - named) == []
+    assert sorted(named - keys) == []
