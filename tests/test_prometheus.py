@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bmsd.dev.dashboards import DASHBOARDS, PROMETHEUS
 from bmsd.dev.localstack import free_port, wait_for_port
@@ -123,3 +125,18 @@ def test_a_real_prometheus_scrapes_bmsd_and_loads_the_rules(
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_every_alert_links_a_runbook_section_that_exists() -> None:
+    rules = yaml.safe_load((FOLDER / "alerts.yml").read_text())
+    readme = (FOLDER.parent / "README.md").read_text()
+    # GitHub's anchors: headings lower-cased, spaces to hyphens, most punctuation dropped.
+    anchors = {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+               for line in readme.splitlines() if line.startswith("#")}
+    missing = []
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            url = rule["annotations"].get("runbook_url", "")
+            if not url.startswith("README.md#") or url.split("#", 1)[1] not in anchors:
+                missing.append(f"{rule['alert']}: {url or 'no runbook_url'}")
+    assert missing == []
