@@ -43,34 +43,27 @@ DECLARE
 BEGIN
     -- Compression and retention: the oldest chunk the policy should have handled.
     FOR job IN
-        SELECT j.proc_name, j.hypertable_name AS name, j.schedule_interval, j.config,
-               coalesce(ca.materialization_hypertable_name, j.hypertable_name) AS stored_in
+        SELECT j.hypertable_name AS name, j.schedule_interval, j.config,
+               coalesce(ca.materialization_hypertable_name, j.hypertable_name) AS stored_in,
+               p.policy, p.key, p.done
           FROM timescaledb_information.jobs j
           LEFT JOIN timescaledb_information.continuous_aggregates ca
             ON ca.view_name = j.hypertable_name
-         WHERE j.proc_name IN ('policy_compression', 'policy_retention')
+          JOIN (VALUES ('policy_compression', 'compression', 'compress_after', 'compressed'),
+                       ('policy_retention', 'retention', 'drop_after', 'dropped'))
+               AS p (proc_name, policy, key, done) ON p.proc_name = j.proc_name
     LOOP
-        IF job.proc_name = 'policy_compression' THEN
-            SELECT min(c.range_end), count(*) INTO oldest, pending
-              FROM timescaledb_information.chunks c
-             WHERE c.hypertable_name = job.stored_in AND NOT c.is_compressed
-               AND c.range_end < now() - (job.config ->> 'compress_after')::interval;
-            object := job.name; policy := 'compression';
-            detail := format('%s chunk(s) older than compress_after %s not compressed',
-                             pending, job.config ->> 'compress_after');
-            behind_s := coalesce(extract(epoch FROM now()
-                            - (job.config ->> 'compress_after')::interval - oldest), 0);
-        ELSE
-            SELECT min(c.range_end), count(*) INTO oldest, pending
-              FROM timescaledb_information.chunks c
-             WHERE c.hypertable_name = job.stored_in
-               AND c.range_end < now() - (job.config ->> 'drop_after')::interval;
-            object := job.name; policy := 'retention';
-            detail := format('%s chunk(s) older than drop_after %s not dropped',
-                             pending, job.config ->> 'drop_after');
-            behind_s := coalesce(extract(epoch FROM now()
-                            - (job.config ->> 'drop_after')::interval - oldest), 0);
-        END IF;
+        -- Compression leaves compressed chunks behind it; retention leaves none.
+        SELECT min(c.range_end), count(*) INTO oldest, pending
+          FROM timescaledb_information.chunks c
+         WHERE c.hypertable_name = job.stored_in
+           AND c.range_end < now() - (job.config ->> job.key)::interval
+           AND NOT (job.policy = 'compression' AND c.is_compressed);
+        object := job.name; policy := job.policy;
+        detail := format('%s chunk(s) older than %s %s not %s',
+                         pending, job.key, job.config ->> job.key, job.done);
+        behind_s := coalesce(extract(epoch FROM now()
+                        - (job.config ->> job.key)::interval - oldest), 0);
         allowed_s := 5 * extract(epoch FROM job.schedule_interval);
         RETURN NEXT;
     END LOOP;

@@ -317,8 +317,6 @@ class Daemon:
             now = self._heartbeat = time.monotonic()
             if self._source.fatal is not None:
                 raise self._source.fatal
-            if not self._is_ready and now >= next_status:
-                self._check_subscribed()
             engine = self._alerts
             if engine is not None:
                 if self.signals.reloads != reloads:
@@ -340,8 +338,9 @@ class Daemon:
                 if self._is_ready:
                     next_status = now + _STATUS_EVERY_S
                     self.notifier.status(self._status_line())
-                else:
+                else:  # READY=1 once the SUBACK is in; STATUS says what start-up waits for
                     next_status = now + _STARTING_STATUS_EVERY_S
+                    self._check_subscribed()
             try:
                 # A batch held here found the inbox empty while it was too young to
                 # commit: wait for its idle age, the flush interval or a message.

@@ -133,13 +133,11 @@ class Ingestor:
         if device is None:
             self._writer.abandon()  # the lookup needs the connection
             device = self._registry.resolve(conn, match)  # may raise: nothing changed yet
-        if isinstance(device, Unresolved):
-            origin = Origin(message.topic, route.template, message.payload, None,
-                            message.received_at, message.dup)
-            self._hold(message, [*dead, DeadLetter(origin, device.category, device.reason)])
-            return
         origin = Origin(message.topic, route.template, message.payload, None,
                         message.received_at, message.dup)
+        if isinstance(device, Unresolved):
+            self._hold(message, [*dead, DeadLetter(origin, device.category, device.reason)])
+            return
         stream = route.stream
         rows = [Row((r.time, device, *r.values, r.extra), origin, r.index)
                 for r in parsed.readings]
