@@ -11,12 +11,34 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from bmsd.alerts.rules import SEVERITIES
-from bmsd.config import SYSTEM_CONFIG_PATH, Config, describe, find_config, load_config
+from bmsd.config import (
+    RUN_SECRETS,
+    SYSTEM_CONFIG_PATH,
+    Config,
+    DatabaseConfig,
+    Secret,
+    describe,
+    find_config,
+    load_config,
+    redact_url,
+)
 from bmsd.errors import BmsdError, ConfigError, DatabaseError, EditionError
 
 
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(find_config(args.config))
+def _config(args: argparse.Namespace, *secrets: Secret) -> Config:
+    """Load the configuration, reading only the passwords of *secrets* (the command's)."""
+    return load_config(find_config(args.config), secrets=secrets)
+
+
+def _database(args: argparse.Namespace, configured: DatabaseConfig) -> DatabaseConfig:
+    """Return *configured*, or the same with ``--database-url``'s URL (and its login)."""
+    if not args.database_url:
+        return configured
+    if urlsplit(args.database_url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("--database-url: must start with postgresql:// (e.g. postgresql://"
+                          f"user@host:5432/bmsd), not {redact_url(args.database_url)}")
+    return configured.model_copy(update={"url": args.database_url, "password": None,
+                                         "password_file": None})
 
 
 def _version() -> str:
@@ -31,9 +53,7 @@ def _version() -> str:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from bmsd.schema.migrate import migrate
 
-    database = _config(args).database
-    if args.database_url:
-        database = database.model_copy(update={"url": args.database_url})
+    database = _database(args, _config(args, "migrate").migrate_database)
     delay = 1.0
     while True:
         try:
@@ -71,9 +91,7 @@ def _cmd_create_login(args: argparse.Namespace) -> int:
                           f" ({exc.strerror})") from None
     if not password:
         raise ConfigError(f"--password-file {args.password_file} is empty")
-    database = _config(args).database
-    if args.database_url:
-        database = database.model_copy(update={"url": args.database_url})
+    database = _database(args, _config(args, "migrate").migrate_database)
     print(ensure_login(database, args.name, args.member_of, password))
     return 0
 
@@ -85,7 +103,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         print(package_file("defaults", "bmsd.toml").read_text(), end="")
         return 0
     path = find_config(args.config)
-    config = load_config(path)
+    config = load_config(path, secrets=RUN_SECRETS)
     if config.alerts.enabled:  # as `bmsd run` loads them: refused here, refused there
         from bmsd.alerts.rules import load_rules
 
@@ -105,7 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bmsd.logs import configure_logging
 
     path = find_config(args.config)
-    config = load_config(path)
+    config = load_config(path, secrets=RUN_SECRETS)
     configure_logging(config.log_format, config.log_level)
     structlog.get_logger("bmsd").info(
         "config_loaded", path=str(path) if path else "built-in defaults", version=_version())
@@ -129,7 +147,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         late=args.late, alerts=args.alerts)
     url = args.mqtt_url
     if url is None:
-        mqtt = _config(args).mqtt
+        mqtt = _config(args, "mqtt").mqtt
         url = mqtt.url
         parts = urlsplit(url)
         if mqtt.password is not None and parts.username and parts.password is None:
@@ -164,9 +182,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
 
     if args.action == "ack" and (args.id is None or not args.by):
         raise ConfigError("usage: bmsd alerts ack ID --by NAME")  # before any connection
-    database = _config(args).database
-    if args.database_url:
-        database = database.model_copy(update={"url": args.database_url})
+    database = _database(args, _config(args, "database").database)
     try:
         with connect(database, "bmsd-alerts") as conn:
             if args.action == "ack":
@@ -317,3 +333,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: what was asked for, not a crash (128 + SIGINT)
         print(f"bmsd {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a server down or a file gone, past the commands' own checks
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"bmsd {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("BMSD_TRACEBACK"):
+            raise
+        # A database error no command expected, or a bug: one line, and how to see more.
+        print(f"bmsd {args.command}: {type(exc).__module__}.{type(exc).__qualname__}: {exc};"
+              " run again with BMSD_TRACEBACK=1 for the traceback (and report it if it is"
+              " bmsd's bug)", file=sys.stderr)
+        return 70  # EX_SOFTWARE

@@ -4,12 +4,15 @@ The file is the first of: ``--config``, ``$BMSD_CONFIG``,
 ``/etc/bmsd/bmsd.toml``; with none, the built-in defaults. A few endpoints
 come from the environment and override it (``BMSD_DATABASE_URL``,
 ``BMSD_MQTT_URL``, ``BMSD_METRICS_ADDR``, and ``BMSD_INSTANCE``, which
-bmsd@N.service sets). Passwords, where the URL has
-none, come from a ``password_file`` key, else from the systemd credential
-``bmsd-database-password`` / ``bmsd-mqtt-password`` (``LoadCredential=``,
-read from ``$CREDENTIALS_DIRECTORY``), else libpq's own ``PGPASSFILE`` and
-service files for the database. Everything is parsed into frozen pydantic
-models that are passed down; no other module reads the environment.
+bmsd@N.service sets). Passwords, where the URL has none, come from the
+systemd credential ``bmsd-database-password`` / ``bmsd-migrate-password`` /
+``bmsd-mqtt-password`` (``LoadCredential=``, read from
+``$CREDENTIALS_DIRECTORY``), else from a ``password_file`` key, else libpq's
+own ``PGPASSFILE`` and service files for the database; each command reads
+only the passwords it uses (`load_config`'s *secrets*). Everything is parsed
+into frozen pydantic models that are passed down. The configuration comes
+from here only; what systemd itself hands a service (``NOTIFY_SOCKET``,
+``WATCHDOG_USEC``, ``JOURNAL_STREAM``) is read where it is used.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -93,6 +96,20 @@ class DatabaseConfig(_Frozen):
         """Return how long the server keeps the session of a peer that stopped answering."""
         idle = self.keepalives_idle_s + self.keepalives_interval_s * self.keepalives_count
         return float(max(idle, self.tcp_user_timeout_ms / 1000))
+
+
+class MigrateConfig(_Frozen):
+    """Who applies the schema (``bmsd migrate``, ``bmsd create-login``): its owner.
+
+    The daemon's login (member of bmsd_ingest) may not change the schema;
+    this one owns the database and may create roles. It connects where
+    ``[database]`` says, with the same timeouts.
+    """
+
+    # None: migrate as [database]'s own login (one login for everything).
+    user: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    password_file: Path | None = None
+    password: SecretStr | None = Field(default=None, exclude=True)
 
 
 class MqttConfig(_Frozen):
@@ -238,6 +255,7 @@ class Config(_Frozen):
     """The whole configuration of one bmsd process."""
 
     database: DatabaseConfig = DatabaseConfig()
+    migrate: MigrateConfig = MigrateConfig()
     mqtt: MqttConfig = MqttConfig()
     ingest: IngestConfig = IngestConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -248,6 +266,20 @@ class Config(_Frozen):
     instance: Annotated[int, Field(ge=1, le=99)] | None = None
     log_format: Literal["auto", "json", "console", "journal"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def migrate_database(self) -> DatabaseConfig:
+        """Return the connection ``bmsd migrate`` uses: [database]'s, as [migrate]'s login."""
+        if self.migrate.user is None:
+            return self.database
+        parts = urlsplit(self.database.url)
+        host = parts.netloc.rpartition("@")[2]
+        query = "&".join(item for item in parts.query.split("&")  # the daemon's login's
+                         if unquote(item.partition("=")[0]) not in ("user", "password"))
+        url = parts._replace(netloc=f"{quote(self.migrate.user, safe='')}@{host}",
+                             query=query).geturl()
+        return self.database.model_copy(update={"url": url, "password": self.migrate.password,
+                                                "password_file": self.migrate.password_file})
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> Config:
@@ -278,10 +310,17 @@ def find_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     return SYSTEM_CONFIG_PATH if SYSTEM_CONFIG_PATH.exists() else None
 
 
+#: The sections with a password, each read only by the commands that use it.
+Secret = Literal["database", "migrate", "mqtt"]
+RUN_SECRETS: tuple[Secret, ...] = ("database", "mqtt")
+
+
 def load_config(
-    path: Path | None = None, environ: Mapping[str, str] | None = None
+    path: Path | None = None, environ: Mapping[str, str] | None = None,
+    secrets: Collection[Secret] = RUN_SECRETS,
 ) -> Config:
-    """Read a TOML file (optional), apply environment overrides and secrets, and validate.
+    """Read a TOML file (optional), apply environment overrides, read the passwords of
+    the *secrets* sections (those the command uses), and validate.
 
     Raise `ConfigError` naming the file and the key at fault.
     """
@@ -306,7 +345,7 @@ def load_config(
             set_by[(key,)] = var
     if path is not None:
         _resolve_paths(raw, path.parent)
-    for section in ("database", "mqtt"):
+    for section in ("database", "migrate", "mqtt"):
         table = raw.get(section)
         if isinstance(table, dict) and "password" in table:
             raise ConfigError(f"{source}: [{section}] password: not a key; put the password"
@@ -316,15 +355,12 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(explain(source, "the configuration", exc, "config/bmsd.toml",
                                   set_by)) from exc
-    config = config.model_copy(update={
-        "database": _with_password(config.database, "database", source, environ),
-        "mqtt": _with_password(config.mqtt, "mqtt", source, environ),
-    })
+    config = _with_passwords(config, secrets, source, environ)
     return _as_instance(config) if config.instance is not None else config
 
 
 #: Keys naming files: relative to the config file's folder, not to where bmsd started.
-_PATH_KEYS = {"database": ("password_file",),
+_PATH_KEYS = {"database": ("password_file",), "migrate": ("password_file",),
               "mqtt": ("password_file", "ca_file", "cert_file", "key_file"),
               "alerts": ("rules_file",)}
 
@@ -356,16 +392,41 @@ def _as_instance(config: Config) -> Config:
     })
 
 
-_DatabaseOrMqtt = TypeVar("_DatabaseOrMqtt", "DatabaseConfig", "MqttConfig")
+def _with_passwords(config: Config, secrets: Collection[Secret], source: str,
+                    environ: Mapping[str, str]) -> Config:
+    """Return *config* with the passwords of the *secrets* sections read."""
+    wanted = set(secrets)
+    if "migrate" in wanted and config.migrate.user is None:
+        credentials = environ.get("CREDENTIALS_DIRECTORY")
+        if credentials and (Path(credentials) / "bmsd-migrate-password").exists():
+            raise ConfigError(f"{source}: [migrate] user is not set, but the systemd"
+                              " credential bmsd-migrate-password is given: set user to the"
+                              " login that owns the schema (README, Install as a service)")
+        wanted = (wanted - {"migrate"}) | {"database"}  # migrate as the daemon's login
+    update: dict[str, object] = {}
+    if "database" in wanted:
+        update["database"] = _with_password(config.database, config.database.url, "database",
+                                            source, environ)
+    if "migrate" in wanted:
+        update["migrate"] = _with_password(config.migrate, config.migrate_database.url,
+                                           "migrate", source, environ)
+    if "mqtt" in wanted:
+        update["mqtt"] = _with_password(config.mqtt, config.mqtt.url, "mqtt", source, environ)
+    return config.model_copy(update=update)
 
 
-def _with_password(section: _DatabaseOrMqtt, name: str, source: str,
-                   environ: Mapping[str, str]) -> _DatabaseOrMqtt:
+_WithPassword = TypeVar("_WithPassword", "DatabaseConfig", "MigrateConfig", "MqttConfig")
+
+
+def _with_password(section: _WithPassword, url: str, name: str, source: str,
+                   environ: Mapping[str, str]) -> _WithPassword:
     """Return *section* with its password read from its file or systemd credential."""
-    if urlsplit(section.url).password is not None:
+    if urlsplit(url).password is not None:
         return section
     path, where = section.password_file, f"{source}: [{name}] password_file"
-    if path is None and environ.get("CREDENTIALS_DIRECTORY"):
+    # The unit's credential first: one file can name the same password_file
+    # that root's commands read by hand and that the unit passes as a credential.
+    if environ.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / f"bmsd-{name}-password"
         if candidate.exists():
             path, where = candidate, f"systemd credential bmsd-{name}-password"
@@ -457,9 +518,15 @@ def explain(source: str, what: str, exc: ValidationError, example: str,
     return "\n".join(lines)
 
 
+_CONNINFO_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
 def redact_url(url: str) -> str:
-    """Return *url* with any password replaced by ``***``, for logs: the one in its
-    user info, and libpq's ``password=`` among its query parameters."""
+    """Return *url* with any password replaced by ``***``, for logs, in every form libpq
+    takes: in its user info, ``password=`` among its query parameters, and a
+    ``key=value`` conninfo string's ``password``."""
+    if "://" not in url:  # libpq's key=value form: password=secret or password='se cret'
+        return _CONNINFO_PASSWORD.sub(r"\1***", url)
     parts = urlsplit(url)
     netloc, query = parts.netloc, parts.query
     if parts.password is not None:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -34,6 +35,7 @@ from bmsd.schema.migrate import Edition
 from tests.fix_capabilities import BOOT, record, require
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_mqtt import Broker
+from tests.fix_db import PgServer
 from tests.fix_proxy import Proxy, ProxyFactory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,17 +185,59 @@ def _stored(url: str) -> int:
         return int(row[0]) if row else 0
 
 
+@dataclass
+class Logins:
+    """README's two logins: the schema's owner (migrate) and the daemon's (ingest)."""
+
+    database: str
+    owner: str
+    app: str
+    url: str  # the admin's URL of the database, for the test's own checks
+
+
+@pytest.fixture
+def logins(pg_server: PgServer) -> Iterator[Logins]:
+    """What the database admin does first (README, "Install as a service"): a login
+    that owns an empty database and may create roles. The daemon's login is made
+    later, by `bmsd create-login`, once the schema's roles exist."""
+    suffix = f"{os.getpid()}_{int(time.monotonic() * 1000) % 100000}"
+    found = Logins(database=f"bmsd_nspawn_{suffix}", owner=f"bmsd_owner_{suffix}",
+                   app=f"bmsd_app_{suffix}", url="")
+    with pg_server.connect() as conn:
+        conn.execute(f'CREATE ROLE "{found.owner}" LOGIN CREATEROLE PASSWORD \'{OWNER_PW}\'')
+    found.url = pg_server.create_database(found.database)
+    with pg_server.connect() as conn:
+        conn.execute(f'ALTER DATABASE "{found.database}" OWNER TO "{found.owner}"')
+    try:
+        yield found
+    finally:
+        pg_server.drop_database(found.database)
+        with pg_server.connect() as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{found.app}"')
+            conn.execute(f'DROP ROLE IF EXISTS "{found.owner}"')
+
+
+OWNER_PW = "owner-pw-nspawn"
+APP_PW = "app-pw-nspawn"
+
+
 def test_bmsd_as_a_systemd_service(
-    container: Container, installed_venv: Path, empty_db_url: str, pg_template: Edition,
+    container: Container, installed_venv: Path, logins: Logins, pg_template: Edition,
     mqtt_broker: Broker, tcp_proxy: ProxyFactory, publisher: Publisher,
 ) -> None:
-    database: Proxy = tcp_proxy(empty_db_url)
+    database: Proxy = tcp_proxy(logins.url)
     broker: Proxy = tcp_proxy(mqtt_broker.url)
     port = free_port()
+    db_url = urlsplit(database.url(logins.url))
+    app_url = db_url._replace(netloc=f"{logins.app}@{db_url.hostname}:{db_url.port}").geturl()
     # Installed as README's "Install as a service" says, with quicker
-    # timeouts so that the watchdog fires within the test.
-    config = (f'[database]\nurl = "{database.url(empty_db_url)}"\n'
+    # timeouts so that the watchdog fires within the test: the daemon runs as a
+    # login whose only grant is bmsd_ingest, migrate as the schema's owner.
+    config = (f'[database]\nurl = "{app_url}"\n'
+              'password_file = "credentials/database-password"\n'
               "connect_timeout_s = 2\nstatement_timeout_ms = 1000\noperation_timeout_s = 2.0\n"
+              f'[migrate]\nuser = "{logins.owner}"\n'
+              'password_file = "credentials/migrate-password"\n'
               f'[mqtt]\nurl = "{broker.url(mqtt_broker.url)}"\n'
               f'client_id = "bmsd-nspawn-{os.getpid()}"\n'
               f'[metrics]\naddr = "127.0.0.1:{port}"\n')
@@ -205,8 +249,9 @@ def test_bmsd_as_a_systemd_service(
         install -m 644 "$units/bmsd.service" "$units/bmsd-migrate.service" /etc/systemd/system/
         install -d -m 0755 /etc/bmsd
         install -d -m 0700 /etc/bmsd/credentials
-        install -m 0600 /dev/null /etc/bmsd/credentials/database-password
-        install -m 0600 /dev/null /etc/bmsd/credentials/mqtt-password
+        (umask 077; printf '%s\\n' '{APP_PW}' > /etc/bmsd/credentials/database-password
+         printf '%s\\n' '{OWNER_PW}' > /etc/bmsd/credentials/migrate-password
+         : > /etc/bmsd/credentials/mqtt-password)
         cat > /etc/bmsd/bmsd.toml <<'EOF'
 {config}EOF
         mkdir -p /etc/systemd/system/bmsd.service.d /etc/systemd/system/bmsd-migrate.service.d
@@ -215,7 +260,21 @@ def test_bmsd_as_a_systemd_service(
         printf '[Service]\\nExecStart=\\nExecStart=/opt/bmsd/bin/bmsd migrate\
  --wait-for-database{skip}\\n' > /etc/systemd/system/bmsd-migrate.service.d/test.conf
         systemctl daemon-reload
+        systemctl start bmsd-migrate.service
+        /opt/bmsd/bin/bmsd create-login {logins.app} --member-of bmsd_ingest \
+            --password-file /etc/bmsd/credentials/database-password
     """)
+    with psycopg.connect(logins.url) as conn:
+        # The schema belongs to the owner; the daemon's login has bmsd_ingest only.
+        owner = conn.execute("SELECT tableowner FROM pg_tables"
+                             " WHERE tablename = 'battery_telemetry'").fetchone()
+        assert owner == (logins.owner,)
+        grants = conn.execute(
+            "SELECT r.rolsuper, r.rolcreaterole, array_agg(g.rolname::text)"
+            "  FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid"
+            "  JOIN pg_roles g ON g.oid = m.roleid WHERE r.rolname = %s"
+            " GROUP BY r.rolsuper, r.rolcreaterole", (logins.app,)).fetchone()
+        assert grants == (False, False, ["bmsd_ingest"])
 
     # 1. Not active before READY: READY waits for the subscription.
     broker.refuse()
@@ -234,7 +293,12 @@ def test_bmsd_as_a_systemd_service(
     # 2. The hardened service ingests (psycopg's binary build, MemoryDenyWriteExecute).
     topic = "site/nspawn/pack-1/battery"
     publisher.publish(topic, {"timestamp": "2026-12-03T10:00:00Z", "soc": 50.0, "voltage": 1.0})
-    wait_until(lambda: _stored(empty_db_url) == 1, what="the reading stored by the service")
+    wait_until(lambda: _stored(logins.url) == 1, what="the reading stored by the service")
+    with psycopg.connect(logins.url) as conn:
+        users = conn.execute("SELECT DISTINCT usename::text FROM pg_stat_activity"
+                             " WHERE datname = %s AND application_name LIKE 'bmsd%%'",
+                             (logins.database,)).fetchall()
+    assert users == [(logins.app,)]
     assert "MemoryDenyWriteExecute=yes" in container.sh(
         "systemctl cat bmsd.service").stdout
 
@@ -259,7 +323,7 @@ def test_bmsd_as_a_systemd_service(
     wait_until(lambda: int(container.show("bmsd.service", "NRestarts")) >= 1
                and container.show("bmsd.service", "ActiveState") == "active",
                timeout_s=90, what="bmsd restarted and active again")
-    wait_until(lambda: _stored(empty_db_url) == 2, what="the reading published meanwhile")
+    wait_until(lambda: _stored(logins.url) == 2, what="the reading published meanwhile")
 
     # 6. systemctl stop drains and exits 0.
     container.sh("systemctl stop bmsd.service")

@@ -52,7 +52,10 @@ _EDITION = """
     SELECT (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb') AS installed,
            (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb')
                AS available,
-           current_setting('shared_preload_libraries') AS preload
+           -- Readable by superusers and pg_read_all_settings only; NULL for the
+           -- schema's owner, whose CREATE EXTENSION then says what is missing.
+           CASE WHEN pg_has_role('pg_read_all_settings', 'USAGE')
+                THEN current_setting('shared_preload_libraries') END AS preload
 """
 
 
@@ -169,7 +172,7 @@ class _Server:
 
     installed: str | None  # in this database
     available: str | None  # to install
-    preload: str  # shared_preload_libraries
+    preload: str | None  # shared_preload_libraries, None when not readable
 
 
 def detect_edition(conn: psycopg.Connection[tuple[object, ...]]) -> Edition:
@@ -186,7 +189,7 @@ def detect_edition(conn: psycopg.Connection[tuple[object, ...]]) -> Edition:
             "TimescaleDB is not installed on this PostgreSQL server: install the"
             " timescaledb package for its PostgreSQL version (scripts/install.sh does)"
         )
-    if "timescaledb" not in str(preload):
+    if preload is not None and "timescaledb" not in preload:
         raise MigrationError(
             "TimescaleDB is installed but not loaded: add shared_preload_libraries ="
             " 'timescaledb' to postgresql.conf and restart PostgreSQL"
@@ -212,10 +215,15 @@ def migrate(
     """Apply every pending script of *sql_dir* to *database* (a URL or its configuration)."""
     scripts = load_scripts(sql_dir or default_sql_dir())
     with _connect(database) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
-        edition = detect_edition(conn)
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+            edition = detect_edition(conn)
+            records = _records(conn)
+        except psycopg.Error as exc:  # a login that may not read what migrating needs
+            raise MigrationError(f"cannot read the schema's state: {exc}".strip() + ";"
+                                 " migrate as the login that owns the database ([migrate]"
+                                 " user)") from exc
         report = Report(edition=edition)
-        records = _records(conn)
         _check_unchanged(scripts, records)
         _check_edition(scripts, records, edition, skip_community)
         for script in scripts:
