@@ -446,12 +446,18 @@ def _with_password(section: _WithPassword, url: str, name: str, source: str,
 
 
 def describe(config: Config) -> str:
-    """Return the effective configuration as TOML-like text, every secret redacted."""
+    """Return the effective configuration as TOML, every secret redacted.
+
+    Read back, it gives the same configuration (but for the redacted
+    passwords): unset keys are shown commented out.
+    """
     lines: list[str] = []
     data = config.model_dump(mode="json", exclude={"routes"})
     for key, value in data.items():
-        if not isinstance(value, dict):
-            lines.append(f"{key} = {_toml(value)}")
+        if key == "instance" and value is not None:  # already applied to what follows
+            lines.append(f"# instance = {value}: its client id and metrics port are below")
+        elif not isinstance(value, dict):
+            lines.append(_toml_line(key, value))
     for key, value in data.items():
         if isinstance(value, dict):
             lines.append(f"\n[{key}]")
@@ -459,24 +465,24 @@ def describe(config: Config) -> str:
             for name, item in value.items():
                 if name.endswith("url") and item:
                     item = redact_url(item)
-                lines.append(f"{name} = {_toml(item)}")
+                lines.append(_toml_line(name, item))
             if getattr(section, "password", None) is not None:
-                lines.append('# password = "***" (read from its file)')
+                lines.append("# password: read from its file or credential, not shown")
     for route in config.routes:
         lines.append("\n[[routes]]")
-        lines += [f"{k} = {_toml(v)}" for k, v in route.model_dump(mode="json").items()
+        lines += [_toml_line(k, v) for k, v in route.model_dump(mode="json").items()
                   if v is not None]
     return "\n".join(lines)
 
 
-def _toml(value: object) -> str:
+def _toml_line(key: str, value: object) -> str:
     if value is None:
-        return '""  # not set'
+        return f"# {key} is not set"
     if isinstance(value, bool):
-        return "true" if value else "false"
+        return f"{key} = {'true' if value else 'false'}"
     if isinstance(value, int | float):
-        return str(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return f"{key} = {value}"
+    return f"{key} = " + '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def read_toml(path: Path, missing: str) -> dict[str, Any]:

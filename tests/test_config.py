@@ -25,6 +25,7 @@ from bmsd.errors import ConfigError
 from bmsd.ingest.database import connect_kwargs
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "bmsd.toml"
+SHIPPED_RULES = SHIPPED.parent / "alerts.toml"
 
 
 def check(path: Path) -> subprocess.CompletedProcess[str]:
@@ -284,3 +285,46 @@ def test_the_example_names_every_key_of_the_models() -> None:
                                                        expected.items()}
 
 
+
+
+@pytest.mark.parametrize("case", ["defaults", "example", "everything", "instance"])
+def test_check_config_output_reads_back_as_the_same_configuration(
+    tmp_path: Path, case: str
+) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "db").write_text("s3cret-db\n")
+    (tmp_path / "rules.toml").write_text(SHIPPED_RULES.read_text())
+    texts = {
+        "defaults": "",
+        "example": SHIPPED.read_text(),
+        "everything": (
+            'log_format = "json"\nlog_level = "debug"\n'
+            '[database]\nurl = "postgresql://bmsd_app@db.example:6432/fleet?sslmode=require"\n'
+            'password_file = "secrets/db"\nstatement_timeout_ms = 5000\n'
+            '[migrate]\nuser = "bmsd_owner"\n'
+            '[mqtt]\nurl = "mqtts://bmsd@broker.example:8883"\nshared_group = "g1"\n'
+            'protocol = "5"\nca_file = "secrets/ca.pem"\n'
+            '[ingest]\nmax_batch_rows = 777\nauto_register = false\n'
+            'default_timezone = "Europe/Berlin"\n'
+            '[alerts]\nrules_file = "rules.toml"\nmqtt_url = "mqtt://other:1883"\n'
+            '[metrics]\naddr = "0.0.0.0:9999"\n'
+            '[[routes]]\ntopic = "plant/{site}/{device}/e"\nstream = "energy_readings"\n'
+            'device_kind = "meter"\noffline_after_s = 120\n'),
+        "instance": '[metrics]\naddr = "127.0.0.1:29200"\n',
+    }
+    path = tmp_path / "bmsd.toml"
+    path.write_text(texts[case])
+    env = clean_env(BMSD_INSTANCE="3") if case == "instance" else clean_env()
+    shown = bmsd("check-config", "--config", str(path), env=env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    again = tmp_path / "again.toml"
+    again.write_text(shown.stdout)
+    first = load_config(path, environ={k: v for k, v in env.items() if k.startswith("BMSD_")})
+    second = load_config(again, environ={})
+    # The instance's client id and port are shown as applied, the number as a comment.
+    assert second == first.model_copy(update={"instance": None})
+    if case == "instance":
+        assert second.mqtt.client_id == "bmsd-3" and second.metrics.port == 29203
+    # And it passes check-config itself.
+    assert bmsd("check-config", "--config", str(again), env=clean_env(),
+                cwd=tmp_path).returncode == 0
