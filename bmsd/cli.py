@@ -53,6 +53,9 @@ def _version() -> str:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from bmsd.schema.migrate import migrate
 
+    if args.sql_dir is not None and not args.sql_dir.is_dir():
+        raise ConfigError(f"--sql-dir {args.sql_dir}: no such folder; name the folder that"
+                          " holds the numbered scripts (default: the sql/ shipped with bmsd)")
     database = _database(args, _config(args, "migrate").migrate_database)
     delay = 1.0
     while True:
