@@ -119,6 +119,26 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    metrics = _config(args).metrics  # no password needed: the address only
+    # A wildcard listen address is asked on loopback.
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
+    host = wildcard.get(metrics.host, metrics.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{metrics.port}/{args.endpoint}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout_s) as response:
+            print(f"{url}: {response.status} {response.read().decode(errors='replace')}")
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"{url}: {exc.code} {exc.read().decode(errors='replace')}")
+    except OSError as exc:
+        print(f"{url}: no answer ({getattr(exc, 'reason', exc)}); is bmsd running here?")
+    return 1
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
@@ -274,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "Run the ingest daemon: MQTT telemetry into TimescaleDB.")
     p.set_defaults(func=_cmd_run)
 
+    p = add("probe", "Ask the bmsd running with this configuration whether it is ready"
+                     " (its [metrics] addr): exit 0 if so, 1 if not (a HEALTHCHECK, a probe).")
+    p.add_argument("endpoint", nargs="?", choices=["readyz", "healthz"], default="readyz")
+    p.add_argument("--timeout-s", type=float, default=4.0)
+    p.set_defaults(func=_cmd_probe)
     p = add("alerts", "List unresolved alerts, or acknowledge one: bmsd alerts ack ID --by NAME.")
     p.add_argument("action", nargs="?", choices=["list", "ack"], default="list")
     p.add_argument("id", nargs="?", type=int, help="with ack: the alert's id")

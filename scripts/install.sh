@@ -50,11 +50,13 @@ apt_install() {
 # systemd-container and debootstrap boot a real systemd for tests/test_systemd_boot.py;
 # iproute2 and iptables make the network partition of tests/test_partition.py;
 # prometheus: promtool and a real server for tests/test_prometheus.py;
-# docker-compose: parses docker-compose.yml (tests/test_compose.py; no engine needed).
+# docker-compose parses docker-compose.yml (tests/test_compose.py); docker.io's
+# engine builds the image and runs the stack (tests/test_docker.py starts its own
+# dockerd where none answers; stand-in images are built on a debootstrap tree).
 apt_install postgresql postgresql-client postgresql-server-dev-all mosquitto mosquitto-clients \
     python3 python3-venv python3-dev build-essential cmake libssl-dev libkrb5-dev xz-utils \
     ca-certificates openssl systemd systemd-container debootstrap iproute2 iptables prometheus \
-    docker-compose
+    docker-compose docker.io
 pg_version=$(ls /usr/lib/postgresql | sort -n | tail -1)
 pg_config=/usr/lib/postgresql/$pg_version/bin/pg_config
 [ -x "$pg_config" ] || die "PostgreSQL $pg_version has no pg_config at $pg_config"

@@ -324,7 +324,8 @@ def test_check_config_output_reads_back_as_the_same_configuration(
     # The instance's client id and port are shown as applied, the number as a comment.
     assert second == first.model_copy(update={"instance": None})
     if case == "instance":
-        assert second.mqtt.client_id == "bmsd-3" and second.metrics.port == 29203
+        assert second.mqtt.client_id == "bmsd-3"
+        assert second.metrics.port == 29203
     # And it passes check-config itself.
     assert bmsd("check-config", "--config", str(again), env=clean_env(),
                 cwd=tmp_path).returncode == 0
