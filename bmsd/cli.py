@@ -167,7 +167,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         per_message=args.per_message, qos=args.qos, seed=args.seed,
         start=datetime.fromisoformat(args.start) if args.start else None,
         malformed=args.malformed, duplicates=args.duplicates, out_of_order=args.out_of_order,
-        late=args.late, alerts=args.alerts)
+        late=args.late, alerts=args.alerts, backfill_s=args.backfill_s)
     url = args.mqtt_url
     if url is None:
         mqtt = _config(args, "mqtt").mqtt
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-s", type=float, help="stop after this many seconds")
     p.add_argument("--rate", type=float, help="messages per second in all (default: as fast"
                                                " as the broker takes them)")
+    p.add_argument("--backfill-s", type=float, default=0.0, metavar="S",
+                   help="with --realtime: first publish the last S seconds of history as"
+                        " fast as the broker takes it (dashboards then have data at once)")
     p.add_argument("--realtime", action="store_true",
                    help="publish at the devices' own intervals (compressor 1 s, ...)")
     p.add_argument("--per-message", type=int, default=1, help="readings per message")

@@ -52,7 +52,7 @@ SPECS: tuple[StreamSpec, ...] = (
     StreamSpec("battery_telemetry", "battery", BatteryTelemetry,
                "site/{site}/{device}/battery", "battery_pack", pack=True),
     StreamSpec("energy_readings", "energy", EnergyReading,
-               "factory/{site}/{device}/energy", "meter"),
+               "factory/{site}/{device}/energy", "machine"),
     StreamSpec("production_data", "production", ProductionReading,
                "factory/{site}/{device}/production", "machine"),
     StreamSpec("environmental_data", "environment", EnvironmentReading,

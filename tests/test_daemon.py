@@ -90,7 +90,7 @@ def test_every_stream_round_trips_exactly(bmsd_daemon: DaemonFactory, publisher:
     assert query(db_url, """
         SELECT s.slug, s.kind, d.slug, d.kind, d.last_seen_at > now() - interval '1 minute'
           FROM devices d JOIN sites s ON s.id = d.site_id ORDER BY d.slug""") == [
-        ("demo", "factory", "compressor-1", "meter", True),
+        ("demo", "factory", "compressor-1", "machine", True),
         ("alpha", "site", "ctrl-1", "site_controller", True),
         ("demo", "factory", "hall-1", "sensor", True),
         ("alpha", "site", "pack-1", "battery_pack", True),

@@ -10,6 +10,7 @@ against a real Prometheus in tests/test_prometheus.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -24,6 +25,7 @@ import yaml
 from bmsd.dev.dashboards import DASHBOARDS, POSTGRES, PROMETHEUS, expand, render
 from bmsd.dev.fleet import Fleet, load_fleet
 from bmsd.schema.migrate import ensure_login
+from tests.fix_daemon import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 GRAFANA = REPO / "grafana"
@@ -105,11 +107,13 @@ def fleet_db(pg_server: Any, pg_template: Any) -> Iterator[tuple[str, str]]:
         conn.execute("DROP ROLE IF EXISTS grafana_test")
 
 
-def variables_of(dashboard: dict[str, Any], conn: psycopg.Connection[Any]) -> dict[str, str]:
-    """Return each variable's first value, as Grafana selects it by default."""
+def variables_of(dashboard: dict[str, Any], conn: psycopg.Connection[Any],
+                 end: datetime = END) -> dict[str, str]:
+    """Return each variable's default, as Grafana picks it: the first row, its
+    ``__value`` column if it has one (else its first), interpolated unquoted."""
     values: dict[str, str] = {}
     for variable in dashboard["templating"]["list"]:
-        sql = expand(variable["query"], END - timedelta(hours=6), END, values)
+        sql = expand(variable["query"], end - timedelta(hours=6), end, values)
         with conn.cursor() as cur:
             rows = cur.execute(sql).fetchall()
             names = [c.name for c in cur.description or []]
@@ -119,28 +123,44 @@ def variables_of(dashboard: dict[str, Any], conn: psycopg.Connection[Any]) -> di
     return values
 
 
-@pytest.mark.community
-@pytest.mark.parametrize("window", list(RANGES))
-def test_every_panel_query_runs_as_the_reader_and_returns_rows(
-    fleet_db: tuple[str, str], window: str
-) -> None:
+def empty_panels(reader_url: str, end: datetime, window: timedelta | None = None) -> list[str]:
+    """Run every PostgreSQL panel of every dashboard as Grafana would, with the default
+    variables, over *window* (default: the dashboard's own default range) ending at *end*;
+    return the panels that failed or showed no row."""
     failures = []
-    with psycopg.connect(fleet_db[0], autocommit=True) as conn:
+    with psycopg.connect(reader_url, autocommit=True) as conn:
         for dashboard in dashboards():
-            values = variables_of(dashboard, conn)
+            values = variables_of(dashboard, conn, end)
+            span = window or _range(dashboard["time"]["from"])
             for panel in dashboard["panels"]:
                 for target in panel["targets"]:
                     if target["datasource"]["uid"] != POSTGRES["uid"]:
                         continue
-                    sql = expand(target["rawSql"], END - RANGES[window], END, values)
+                    sql = expand(target["rawSql"], end - span, end, values)
                     try:
                         rows = conn.execute(sql).fetchall()
                     except psycopg.Error as exc:
                         failures.append(f"{dashboard['uid']} / {panel['title']}: {exc}")
                         continue
                     if not rows:
-                        failures.append(f"{dashboard['uid']} / {panel['title']}: no rows")
-    assert failures == []
+                        failures.append(f"{dashboard['uid']} / {panel['title']}: no rows"
+                                        f" (variables {values})")
+    return failures
+
+
+def _range(grafana_from: str) -> timedelta:
+    """Return a dashboard's default range ("now-24h") as a timedelta."""
+    amount, unit = int(grafana_from[4:-1]), grafana_from[-1]
+    name = {"h": "hours", "d": "days", "m": "minutes"}[unit]
+    return timedelta(**{name: amount})
+
+
+@pytest.mark.community
+@pytest.mark.parametrize("window", list(RANGES))
+def test_every_panel_query_runs_as_the_reader_and_returns_rows(
+    fleet_db: tuple[str, str], window: str
+) -> None:
+    assert empty_panels(fleet_db[0], END, RANGES[window]) == []
 
 
 @pytest.mark.community
@@ -172,3 +192,39 @@ def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield node
     for child in node.get("Plans", []):
         yield from _nodes(child)
+
+
+# --- what a newcomer sees first ----------------------------------------------------------
+
+
+@pytest.mark.community
+def test_every_panel_shows_rows_on_the_demo_data_as_first_opened(
+    db_url: str, bmsd_daemon: Any, mqtt_broker: Any, pg_server: Any,
+) -> None:
+    """scripts/demo's data: the demo plants and sites (sql/demo), fed by the simulator
+    through bmsd. Every dashboard, opened with its default variables and range, shows
+    rows in every PostgreSQL panel."""
+    from bmsd.dev.simulate import Options, run
+    from bmsd.schema.migrate import load_demo_data
+
+    load_demo_data(db_url)
+    daemon = bmsd_daemon()
+    summary = run(mqtt_broker.url_as("simulator"),
+                  Options(sites=4, devices_per_site=8, messages=6000, malformed=0.01,
+                          alerts=0.02, seed=7), client_id="bmsd-test-demo", progress=None)
+    assert summary.errors == 0
+    wait_until(lambda: daemon.metric("bmsd_messages_received_total") >= summary.messages,
+               timeout_s=120, what="every simulated message received")
+    wait_until(lambda: daemon.metric("bmsd_inflight_messages") == 0, what="all committed")
+    name = f"grafana_demo_{os.getpid()}"
+    ensure_login(db_url, name, "bmsd_reader", "reader-test-password")
+    parts = urlsplit(db_url)
+    try:
+        reader = urlunsplit(parts._replace(netloc=f"{name}@{parts.hostname}:{parts.port}"))
+        end = datetime.now().astimezone().replace(microsecond=0)
+        failures = empty_panels(reader, end)
+        assert failures == [], "\n".join(failures)
+    finally:
+        with pg_server.connect() as conn:
+            conn.execute(f'DROP OWNED BY "{name}"')
+            conn.execute(f'DROP ROLE IF EXISTS "{name}"')

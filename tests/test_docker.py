@@ -7,9 +7,10 @@ address that is not the default, and `docker stop` exits 0.
 
 The stack: `docker-compose up` of docker-compose.yml as committed (stand-ins
 for the pinned TimescaleDB, Mosquitto and Prometheus images; Grafana has
-none): the migrate service applies the schema and makes the logins, bmsd
-ingests the simulator's readings through the authenticated broker, and
-Prometheus scrapes bmsd.
+none): the migrate service applies the schema and makes the logins, the
+demo profile loads the demo data, bmsd ingests the simulator's readings
+through the authenticated broker, Grafana's login sees rows in every
+dashboard panel with its default variables, and Prometheus scrapes bmsd.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -30,6 +32,7 @@ from bmsd.dev.localstack import free_port
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_docker import DOCKER, REPO, Engine
 from tests.fix_mqtt import Broker
+from tests.test_dashboards import empty_panels
 
 pytestmark = pytest.mark.needs(DOCKER)
 
@@ -131,7 +134,9 @@ def test_the_compose_stack_migrates_ingests_the_simulator_and_is_scraped(
                                                "BMSD_METRICS_PORT", "BMSD_PROMETHEUS_PORT")}
     docker_engine.env.update(ports)
     name = f"bmsdtest{os.getpid()}"
-    services = ["timescaledb", "migrate", "mosquitto", "bmsd", "prometheus", "simulate"]
+    # Everything but grafana (no stand-in), with the demo profile's two services.
+    services = ["timescaledb", "migrate", "mosquitto", "bmsd", "prometheus", "demo-data",
+                "simulate"]
     try:
         docker_engine.compose(project, "-p", name, "up", "-d", *services)
         containers = {s: f"{name}_{s}_1" for s in services}
@@ -153,6 +158,21 @@ def test_the_compose_stack_migrates_ingests_the_simulator_and_is_scraped(
         assert applied is not None
         assert applied[0] == len(list((REPO / "sql").glob("*.sql")))
         assert sessions == [("bmsd_app",)]  # bmsd's own login, not the superuser
+        # Grafana's view of the demo profile, as a newcomer first opens it: every
+        # PostgreSQL panel, default variables and range, as the grafana login.
+        secret = (project / "secrets/grafana_db_password").read_text().strip()
+        grafana = (f"postgresql://grafana:{quote(secret, safe='')}"
+                   f"@127.0.0.1:{ports['BMSD_POSTGRES_PORT']}/bmsd")
+        failures: list[str] = []
+
+        def every_panel_shows_rows() -> bool:
+            failures[:] = empty_panels(grafana, datetime.now().astimezone())
+            return not failures
+
+        try:
+            wait_until(every_panel_shows_rows, timeout_s=180, what="rows in every panel")
+        except AssertionError:
+            raise AssertionError("\n".join(failures)) from None
         prometheus = int(ports["BMSD_PROMETHEUS_PORT"])
         wait_until(lambda: [r["value"][1] for r in _prometheus(prometheus, 'up{job="bmsd"}')]
                    == ["1"], timeout_s=90, what="Prometheus scraping bmsd")

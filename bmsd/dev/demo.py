@@ -111,8 +111,9 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None
 
 
 def _start_simulator(broker_url: str, stop: threading.Event) -> threading.Thread:
+    # Two hours of history first, so every dashboard has something to show at once.
     options = Options(sites=4, devices_per_site=8, realtime=True, duration_s=7 * 86400,
-                      malformed=0.01, alerts=0.02, seed=int(time.time()))
+                      malformed=0.01, alerts=0.02, seed=int(time.time()), backfill_s=7200)
 
     def publish() -> None:
         run(broker_url, options, client_id="bmsd-demo-simulator", progress=None, stop=stop)

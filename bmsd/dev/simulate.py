@@ -64,6 +64,7 @@ class Options:
     out_of_order: float = 0.0  # share of messages sent after the next one of their device
     late: float = 0.0  # share of messages followed by a reading one hour old
     alerts: float = 0.0  # share of readings pushed past an alert threshold
+    backfill_s: float = 0.0  # with realtime: first this much history, as fast as it goes
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Device:
     charging: bool = True
     drift: list[float] = field(default_factory=list)
     state: str = "running"
+    hot_cell: bool = False  # one cell at 56 °C: an alarm flag, and an alert that stays open
 
     def reading(self, stream: str, when: datetime, interval_s: float,
                 alert: bool) -> dict[str, Any]:
@@ -110,6 +112,8 @@ class Device:
             cells = [round(min(max(base + d, 2.6), 4.15), 4) for d in self.drift]
             temps = [round(25 + abs(current) / 10 + r.gauss(0, 0.5) + i * 0.05, 2)
                      for i in range(16)]
+            if self.hot_cell:  # warm enough for the pack's high_temp_warning flag
+                temps[7] = round(56.5 + r.gauss(0, 0.3), 2)
             soc = self.soc
             if alert:
                 choice = r.choice(("soc", "cell", "temp"))
@@ -201,8 +205,12 @@ def build_streams(options: Options, rng: random.Random) -> list[Stream]:
             streams.append(Stream(f"site/{site}/controller/telemetry", "site_telemetry",
                                   SITE_INTERVAL_S, ctrl))
             for d in range(max(options.devices_per_site - 1, 1)):
+                # With --alerts, pack-03 has a cell running hot (a failed fan, say): its
+                # high_temp_warning flag is set and its CELL_TEMPERATURE_SPREAD alert
+                # stays open, so the demo's dashboards have one to show.
                 pack = Device(site, f"pack-{d + 1:02d}", "battery_pack",
-                              random.Random(rng.random()), soc=rng.uniform(20, 85))
+                              random.Random(rng.random()), soc=rng.uniform(20, 85),
+                              hot_cell=options.alerts > 0 and d == 2)
                 streams.append(Stream(f"site/{site}/{pack.slug}/battery", "battery_telemetry",
                                       BATTERY_INTERVAL_S, pack))
         else:
@@ -248,8 +256,8 @@ def plan(options: Options) -> Iterator[Outgoing]:
     scale = 1.0 if options.realtime else min(1.0, 2 * 86400 / max(span, 1e-9))
     if options.start is not None:
         start = options.start
-    elif options.realtime:
-        start = datetime.now(UTC)
+    elif options.realtime:  # the history first (unpaced), then the present at its pace
+        start = datetime.now(UTC) - timedelta(seconds=options.backfill_s)
     else:
         start = datetime.now(UTC) - timedelta(seconds=span * scale + 5)
     for s in streams:
