@@ -71,7 +71,7 @@ class DatabaseConfig(_Frozen):
     idle_in_transaction_timeout_ms: PositiveInt = 60_000
     # TCP keepalives and tcp_user_timeout, set on both ends of every
     # connection: the server frees a dead bmsd's sessions and locks within
-    # dead_peer_bound_s (README, "Failure behaviour").
+    # dead_peer_bound_s (docs/failures.md, "Failure behaviour").
     keepalives_idle_s: PositiveInt = 10
     keepalives_interval_s: PositiveInt = 5
     keepalives_count: PositiveInt = 3
@@ -123,7 +123,7 @@ class MqttConfig(_Frozen):
     # $share/<group>/<filter>, and the broker hands each message to one member.
     shared_group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     # 3.1.1 drains ~35 % faster with paho-mqtt (no per-message properties to
-    # parse; README, "MQTT 5 or 3.1.1"); 5 lets the client set its own window.
+    # parse; docs/failures.md, "MQTT 5 or 3.1.1"); 5 lets the client set its own window.
     protocol: Literal["5", "3.1.1"] = "3.1.1"
     qos: Literal[1] = 1
     session_expiry_s: PositiveInt = 7 * 24 * 3600
@@ -401,7 +401,8 @@ def _with_passwords(config: Config, secrets: Collection[Secret], source: str,
         if credentials and (Path(credentials) / "bmsd-migrate-password").exists():
             raise ConfigError(f"{source}: [migrate] user is not set, but the systemd"
                               " credential bmsd-migrate-password is given: set user to the"
-                              " login that owns the schema (README, Install as a service)")
+                              " login that owns the schema (docs/operations.md, 'Install as"
+                              " a service')")
         wanted = (wanted - {"migrate"}) | {"database"}  # migrate as the daemon's login
     update: dict[str, object] = {}
     if "database" in wanted:

@@ -72,7 +72,7 @@ class Metrics:
             "bmsd_inflight_messages", "Messages received and not yet acknowledged", registry=r)
         self.inbox_bytes = Gauge(
             "bmsd_inbox_bytes",
-            "Payload bytes received and waiting for the ingest loop (bounded: README)",
+            "Payload bytes received and waiting for the ingest loop (at most 16 MiB)",
             registry=r)
         self.last_commit = Gauge(
             "bmsd_last_commit_timestamp_seconds",

@@ -129,7 +129,7 @@ def test_a_real_prometheus_scrapes_bmsd_and_loads_the_rules(
 
 def test_every_alert_links_a_runbook_section_that_exists() -> None:
     rules = yaml.safe_load((FOLDER / "alerts.yml").read_text())
-    readme = (FOLDER.parent / "README.md").read_text()
+    readme = (FOLDER.parent / "docs" / "runbook.md").read_text()
     # GitHub's anchors: headings lower-cased, spaces to hyphens, most punctuation dropped.
     anchors = {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
                for line in readme.splitlines() if line.startswith("#")}
@@ -137,6 +137,6 @@ def test_every_alert_links_a_runbook_section_that_exists() -> None:
     for group in rules["groups"]:
         for rule in group["rules"]:
             url = rule["annotations"].get("runbook_url", "")
-            if not url.startswith("README.md#") or url.split("#", 1)[1] not in anchors:
+            if not url.startswith("docs/runbook.md#") or url.split("#", 1)[1] not in anchors:
                 missing.append(f"{rule['alert']}: {url or 'no runbook_url'}")
     assert missing == []

@@ -197,7 +197,7 @@ class Logins:
 
 @pytest.fixture
 def logins(pg_server: PgServer) -> Iterator[Logins]:
-    """What the database admin does first (README, "Install as a service"): a login
+    """What the database admin does first (docs/operations.md, "Install as a service"): a login
     that owns an empty database and may create roles. The daemon's login is made
     later, by `bmsd create-login`, once the schema's roles exist."""
     suffix = f"{os.getpid()}_{int(time.monotonic() * 1000) % 100000}"
