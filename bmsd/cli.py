@@ -133,9 +133,11 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             print(f"{url}: {response.status} {response.read().decode(errors='replace')}")
             return 0
     except urllib.error.HTTPError as exc:
-        print(f"{url}: {exc.code} {exc.read().decode(errors='replace')}")
+        print(f"bmsd probe: {url}: {exc.code} {exc.read().decode(errors='replace')}",
+              file=sys.stderr)
     except OSError as exc:
-        print(f"{url}: no answer ({getattr(exc, 'reason', exc)}); is bmsd running here?")
+        print(f"bmsd probe: {url}: no answer ({getattr(exc, 'reason', exc)}); is bmsd running"
+              " with this configuration?", file=sys.stderr)
     return 1
 
 

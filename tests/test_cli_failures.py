@@ -45,7 +45,7 @@ CASES: dict[str, Case] = {
                     "{tmp}/pw"), ("simulate", "--messages", "1"))},
     **{f"{cmd}-config-folder": Case((cmd, "--config", "{tmp}"), CONFIG,
                                     "{tmp}: is a folder; name the file itself")
-       for cmd in ("run", "migrate", "check-config", "alerts")},
+       for cmd in ("run", "migrate", "check-config", "alerts", "probe")},
     "check-config-bad-toml": Case(("check-config", "--config", "{tmp}/bad.toml"), CONFIG,
                                   "{tmp}/bad.toml: not valid TOML"),
     "check-config-rules-missing": Case(
@@ -72,6 +72,8 @@ CASES: dict[str, Case] = {
          "{tmp}/pw", "--database-url", DB_DOWN), FAILED, "bmsd create-login: "),
     "simulate-broker-down": Case(("simulate", "--messages", "1", "--mqtt-url", BROKER_DOWN),
                                  FAILED, "bmsd simulate: "),
+    "probe-nothing-running": Case(("probe", "--config", "{tmp}/down.toml"), FAILED,
+                                  "no answer"),
     # Ctrl-C while waiting for a server.
     "migrate-waiting-interrupted": Case(
         ("migrate", "--wait-for-database", "--database-url", DB_DOWN), INTERRUPTED,
