@@ -26,9 +26,9 @@ from bmsd.alerts import evaluate
 from bmsd.alerts.engine import AlertEngine
 from bmsd.alerts.evaluate import DeviceInfo, State
 from bmsd.alerts.rules import load_rules
-from bmsd.ingest.models import BatteryTelemetry
-from bmsd.ingest.writer import Batch, Origin, Row
+from bmsd.batch import Batch, Origin, Row
 from bmsd.metrics import Metrics
+from bmsd.models import BatteryTelemetry
 
 STREAM = "battery_telemetry"
 START = datetime(2026, 1, 1, tzinfo=UTC)

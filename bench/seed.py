@@ -42,7 +42,7 @@ from run import Bmsd, Stack, _publisher, stored
 from timing import time_query
 
 from bmsd.dev.fleet import refresh_aggregates
-from bmsd.ingest.models import SiteTelemetry
+from bmsd.models import SiteTelemetry
 from bmsd.schema.migrate import migrate
 
 STEP = timedelta(minutes=5)

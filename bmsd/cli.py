@@ -203,7 +203,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     import psycopg
     from psycopg.rows import dict_row
 
-    from bmsd.ingest.database import connect
+    from bmsd.database import connect
 
     if args.action == "ack" and (args.id is None or not args.by):
         raise ConfigError("usage: bmsd alerts ack ID --by NAME")  # before any connection

@@ -66,7 +66,7 @@ class DatabaseConfig(_Frozen):
     connect_timeout_s: PositiveInt = 5
     statement_timeout_ms: PositiveInt = 30_000
     # The client gives up on one operation (a batch's whole transaction)
-    # after this long, closes the connection and retries (bmsd/ingest/database.py).
+    # after this long, closes the connection and retries (bmsd/database.py).
     operation_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     idle_in_transaction_timeout_ms: PositiveInt = 60_000
     # TCP keepalives and tcp_user_timeout, set on both ends of every

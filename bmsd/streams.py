@@ -1,7 +1,7 @@
 """What a stream is, in one table: every module that needs to know reads it here.
 
 A stream is one hypertable fed by one kind of reading. Its spec says which
-payload model validates it (bmsd/ingest/models.py), its default topic and
+payload model validates it (bmsd/models.py), its default topic and
 the kind given to devices registered through it, and whether its readings
 are a battery pack's (the nested PulseBMS form, cell arrays, protection and
 alarm flags). Its continuous aggregates are defined by
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from bmsd.ingest.models import (
+from bmsd.models import (
     BatteryTelemetry,
     EnergyReading,
     EnvironmentReading,

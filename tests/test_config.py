@@ -21,8 +21,8 @@ from bmsd.config import (
     load_config,
     redact_url,
 )
+from bmsd.database import connect_kwargs
 from bmsd.errors import ConfigError
-from bmsd.ingest.database import connect_kwargs
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "bmsd.toml"
 SHIPPED_RULES = SHIPPED.parent / "alerts.toml"

@@ -8,8 +8,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bmsd.config import DatabaseConfig
+from bmsd.database import Database, connect
 from bmsd.errors import DatabaseError
-from bmsd.ingest.database import Database, connect
 from bmsd.metrics import Metrics
 from tests.fix_proxy import ProxyFactory
 

@@ -18,11 +18,12 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from bmsd.batch import Batch, Origin, Row
 from bmsd.config import load_config
 from bmsd.ingest.daemon import Daemon
 from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.mqtt import Message
-from bmsd.ingest.writer import Batch, Origin, Outcome, Row
+from bmsd.ingest.writer import Outcome
 from bmsd.metrics import Metrics
 
 START = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)

@@ -15,3 +15,67 @@ def test_the_daemon_imports_none_of_the_dev_tools() -> None:
     loaded = json.loads(run.stdout)
     assert "bmsd.ingest.daemon" in loaded
     assert [m for m in loaded if m.startswith("bmsd.dev")] == []
+
+
+#: Who may import whom, by layer, top down: a module imports from its own layer
+#: or the layers below it, never from one above. Shared types live in neutral homes
+#: at the bottom (bmsd/models.py, bmsd/batch.py, bmsd/database.py, ...), so no
+#: import runs back up: ingest may import alerts and schema, never the reverse.
+LAYERS = [
+    {"bmsd.__main__", "bmsd.cli"},
+    {"bmsd.ingest", "bmsd.simulate", "bmsd.dev"},
+    {"bmsd.alerts", "bmsd.schema"},
+    {"bmsd.batch", "bmsd.database", "bmsd.config"},
+    {"bmsd.streams", "bmsd.models", "bmsd.metrics", "bmsd.errors", "bmsd.logs",
+     "bmsd.resources", "bmsd.internals", "bmsd"},
+]
+
+
+def _layer(module: str) -> int:
+    for depth in range(module.count(".") + 1, 0, -1):
+        prefix = ".".join(module.split(".")[:depth])
+        for n, layer in enumerate(LAYERS):
+            if prefix in layer:
+                return n
+    raise AssertionError(f"{module} is in no layer of tests/test_layout.py")
+
+
+def _imports() -> dict[str, set[str]]:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found: dict[str, set[str]] = {}
+    for path in sorted((root / "bmsd").rglob("*.py")):
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        names = found.setdefault(module, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+    return {m: {n for n in names if n == "bmsd" or n.startswith("bmsd.")}
+            for m, names in found.items()}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else module
+
+
+def test_every_import_follows_the_layers() -> None:
+    wrong = []
+    for module, imported in _imports().items():
+        for name in imported:
+            if _layer(name) < _layer(module):
+                wrong.append(f"{module} imports {name}")
+    assert sorted(wrong) == []
+
+
+def test_no_two_packages_nor_two_modules_import_each_other() -> None:
+    imports = _imports()
+    edges = {(_package(m), _package(n)) for m, names in imports.items() for n in names
+             if _package(m) != _package(n)}
+    assert sorted((a, b) for a, b in edges if (b, a) in edges) == []
+    pairs = {(m, n) for m, names in imports.items() for n in names}
+    assert sorted((a, b) for a, b in pairs if (b, a) in pairs and a < b) == []

@@ -12,8 +12,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from bmsd.ingest.models import SiteTelemetry
-from bmsd.ingest.writer import Batch, Origin, Row, Writer
+from bmsd.batch import Batch, Origin, Row
+from bmsd.ingest.writer import Writer
+from bmsd.models import SiteTelemetry
 from bmsd.schema import scaled
 from bmsd.schema.migrate import default_sql_dir, migrate
 from tests.fix_daemon import wait_until

@@ -21,7 +21,7 @@ from bmsd.alerts.evaluate import Plan, Readings, State
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
 from bmsd.alerts.store import AlertStore
-from bmsd.ingest.writer import Batch, Row
+from bmsd.batch import Batch, Row
 from bmsd.metrics import Metrics
 from bmsd.streams import SPECS
 

@@ -43,8 +43,8 @@ from bmsd.alerts.engine import AlertEngine
 from bmsd.alerts.evaluate import Plan
 from bmsd.alerts.rules import load_rules
 from bmsd.config import Config, redact_url
+from bmsd.database import Database
 from bmsd.errors import BmsdError, ConfigError
-from bmsd.ingest.database import Database
 from bmsd.ingest.health import HealthServer
 from bmsd.ingest.inbox import Inbox
 from bmsd.ingest.ingestor import Ingestor

@@ -1,7 +1,7 @@
 """Turn received messages into a batch, and commit and acknowledge it when due.
 
 A message goes: topic → route (routing) → readings or rejects (payloads) →
-device id (registry) → the batch (writer.Batch). A batch is flushed - all
+device id (registry) → the batch (bmsd/batch.py). A batch is flushed - all
 hypertables in one transaction - when a hypertable holds ``max_batch_rows``,
 when as many messages are unacknowledged as the broker will send us (the
 in-flight window; waiting longer would stall the broker), when the held
@@ -26,12 +26,13 @@ from typing import Any
 import psycopg
 
 from bmsd.alerts.engine import AlertEngine
+from bmsd.batch import Batch, DeadLetter, Origin, Row
 from bmsd.config import Config
 from bmsd.ingest.mqtt import Message
 from bmsd.ingest.payloads import Limits, parse_message
 from bmsd.ingest.registry import Registry, Unresolved
 from bmsd.ingest.routing import Router
-from bmsd.ingest.writer import Batch, DeadLetter, Origin, Outcome, Row, Writer
+from bmsd.ingest.writer import Outcome, Writer
 from bmsd.metrics import Metrics, observe_many
 from bmsd.streams import NAMES
 

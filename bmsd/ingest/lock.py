@@ -9,7 +9,7 @@ and holds it while it runs.
 A bmsd that died while the network to the database was down leaves its
 session - and this lock - on the server until the server notices the peer
 is gone. Every bmsd connection asks the server to probe within
-`DatabaseConfig.dead_peer_bound_s` (bmsd/ingest/database.py), so a restarted bmsd
+`DatabaseConfig.dead_peer_bound_s` (bmsd/database.py), so a restarted bmsd
 waits that long, and a little more, before it concludes that the holder is
 alive; it then says what it knows of the holder, not what it guesses.
 """
@@ -26,8 +26,8 @@ import psycopg
 from psycopg.rows import class_row
 
 from bmsd.config import DatabaseConfig
+from bmsd.database import connect_kwargs
 from bmsd.errors import SessionTakenOver
-from bmsd.ingest.database import connect_kwargs
 
 # The lock's first key: bmsd's own namespace among advisory locks.
 _NAMESPACE = 0x626D7364

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, create_model, with_config
 from typing_extensions import TypedDict
 
-from bmsd.ingest.models import ReadingModel
+from bmsd.models import ReadingModel
 from bmsd.streams import BY_NAME, SPECS, StreamSpec
 
 # One C-level call gathers a reading's column values.

@@ -33,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bmsd.config import DatabaseConfig
-from bmsd.ingest.database import connect_kwargs
+from bmsd.database import connect_kwargs
 
 log = structlog.get_logger("bmsd.ingest.policies")
 

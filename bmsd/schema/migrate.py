@@ -23,8 +23,8 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from bmsd.config import DatabaseConfig
+from bmsd.database import connect
 from bmsd.errors import EditionError, MigrationError
-from bmsd.ingest.database import connect
 from bmsd.resources import package_file
 
 COMMUNITY_MARKER = "-- requires: timescaledb-community"

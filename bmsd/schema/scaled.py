@@ -3,7 +3,7 @@
 TimescaleDB compresses integers (delta of delta, then run lengths) far better
 than doubles holding decimal readings: a site reading took 130 bytes at rest
 as doubles and 28 as integers (bench/RESULTS.md). A stream whose payload
-model declares ``digits`` (bmsd/ingest/models.py) is therefore stored in
+model declares ``digits`` (bmsd/models.py) is therefore stored in
 ``<stream>_scaled`` as ``round(value * 10^digits)``, and ``<stream>`` becomes
 a view giving engineering units: ``4001 / 10`` is the double nearest 400.1,
 so a value sent at the column's resolution reads back exactly as sent.

@@ -40,7 +40,7 @@ from bmsd.config import DatabaseConfig
 from bmsd.errors import DatabaseError
 from bmsd.metrics import Metrics
 
-log = structlog.get_logger("bmsd.ingest.database")
+log = structlog.get_logger("bmsd.database")
 T = TypeVar("T")
 
 #: Errors after which retrying may succeed: the connection, the server, a timeout.
