@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from bmsd import __version__
 from bmsd.alerts.rules import SEVERITIES
 from bmsd.config import (
     RUN_SECRETS,
@@ -39,15 +40,6 @@ def _database(args: argparse.Namespace, configured: DatabaseConfig) -> DatabaseC
                           f"user@host:5432/bmsd), not {redact_url(args.database_url)}")
     return configured.model_copy(update={"url": args.database_url, "password": None,
                                          "password_file": None})
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("bmsd")
-    except PackageNotFoundError:  # run from a clone that was never installed
-        return "unknown"
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -151,7 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(path, secrets=RUN_SECRETS)
     configure_logging(config.log_format, config.log_level)
     structlog.get_logger("bmsd").info(
-        "config_loaded", path=str(path) if path else "built-in defaults", version=_version())
+        "config_loaded", path=str(path) if path else "built-in defaults", version=__version__)
     return run(config)
 
 
@@ -253,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bmsd", description="Battery and energy telemetry from MQTT into TimescaleDB."
     )
-    parser.add_argument("--version", action="version", version=f"bmsd {_version()}")
+    parser.add_argument("--version", action="version", version=f"bmsd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:

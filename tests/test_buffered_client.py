@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bmsd.ingest.buffered_client import READ_SIZE, BufferedClient, _BufferedClient, ack_many
+from bmsd.ingest.buffered_client import READ_SIZE, _BufferedClient, ack_many, client_class
 from tests.fix_daemon import wait_until
 from tests.fix_mqtt import Broker
 
@@ -26,7 +26,7 @@ def connected(url: str, cls: type[paho.Client], client_id: str) -> paho.Client:
 
 
 def test_this_paho_gets_the_buffered_reader() -> None:
-    assert BufferedClient is _BufferedClient  # the private methods it overrides exist
+    assert client_class() is _BufferedClient  # the private methods it overrides exist
 
 
 def test_messages_of_every_size_arrive_whole_and_in_order(mqtt_broker: Broker) -> None:
@@ -47,7 +47,7 @@ def test_messages_of_every_size_arrive_whole_and_in_order(mqtt_broker: Broker) -
         if len(received) == len(payloads):
             done.set()
 
-    subscriber = connected(mqtt_broker.publisher_url, BufferedClient,
+    subscriber = connected(mqtt_broker.publisher_url, client_class(),
                            f"buffered-{time.monotonic_ns()}")
     subscriber.on_message = on_message
     subscribed = threading.Event()
@@ -76,7 +76,7 @@ def test_acks_sent_together_acknowledge_exactly_those_messages(mqtt_broker: Brok
 
     def session() -> paho.Client:
         parts = urlsplit(mqtt_broker.publisher_url)
-        client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=client_id,
+        client = client_class()(CallbackAPIVersion.VERSION2, client_id=client_id,
                                 protocol=paho.MQTTv311, clean_session=False,
                                 manual_ack=True)
         client.username_pw_set(parts.username, parts.password)

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from psycopg.pq import Format
 
-from bmsd.ingest.writer import Float8ArrayDumper
+from bmsd.ingest.copy_format import Float8ArrayDumper
 
 ARRAYS = [[], [3.3], [3.3 + i / 1000 for i in range(16)], [1e308, -0.0, 5e-324, 2.0],
           [1.5, None, 2.5], [None], [math.inf, -math.inf], [3, 4.0]]

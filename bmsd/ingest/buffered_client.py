@@ -18,9 +18,10 @@ thread and a system call to send each, and every one of those threads'
 turns waits for the interpreter lock while the ingest loop parses.
 
 This overrides private methods of paho-mqtt 2 (``_sock_recv``, ``_sock_close``,
-``loop_read`` around ``_packet_read``) and queues with ``_packet_queue``.
-Where they are missing (another paho), `BufferedClient` is paho's own client
-(and `ack_many` acknowledges one message at a time).
+``loop_read`` around ``_packet_read``) and queues with ``_packet_queue``:
+the fast path ``paho_socket_buffer`` of bmsd/internals.py. Where they are
+missing (another paho), `client_class` is paho's own client (and `ack_many`
+acknowledges one message at a time).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
+from bmsd import internals
+
 READ_SIZE = 64 * 1024
-_PRIVATE = ("_sock_recv", "_sock_close", "_packet_read", "_loop_rc_handle", "_packet_queue")
 _PUBACK = struct.Struct("!BBH")  # packet type, remaining length 2, packet id
 
 
@@ -96,5 +98,6 @@ class _BufferedClient(paho.Client):
                                0, 1)
 
 
-BufferedClient: type[paho.Client] = (
-    _BufferedClient if all(hasattr(paho.Client, name) for name in _PRIVATE) else paho.Client)
+def client_class() -> type[paho.Client]:
+    """Return the buffered client where paho has what it overrides, else paho's own."""
+    return _BufferedClient if internals.on("paho_socket_buffer") else paho.Client

@@ -39,6 +39,7 @@ import psycopg
 import structlog
 from prometheus_client import CollectorRegistry
 
+from bmsd import internals
 from bmsd.alerts.engine import AlertEngine
 from bmsd.alerts.evaluate import Plan
 from bmsd.alerts.rules import load_rules
@@ -175,6 +176,10 @@ class Daemon:
                  broker=redact_url(self.config.mqtt.url), client_id=self.config.mqtt.client_id,
                  shared_group=self.config.mqtt.shared_group,
                  metrics=f"http://{self.config.metrics.addr}/metrics")
+        for path in internals.FAST_PATHS.values():
+            if not path.on:  # a library upgrade took what it needs: slower, not wrong
+                log.warning("fast_path_off", name=path.name, needs=path.needs,
+                            missing=list(path.missing), meaning=path.without)
         watcher = threading.Thread(target=self._watch_signals, name="bmsd-signals",
                                    daemon=True)
         watcher.start()

@@ -72,7 +72,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bmsd.config import MqttConfig
 from bmsd.errors import BrokerError, ConfigError, SessionTakenOver
-from bmsd.ingest.buffered_client import BufferedClient, ack_many
+from bmsd.ingest.buffered_client import ack_many, client_class
 from bmsd.metrics import Metrics
 
 log = structlog.get_logger("bmsd.ingest.mqtt")
@@ -157,7 +157,7 @@ class MqttSource:
         self.subscribed_at = datetime.now(UTC)
         self._host, self._port = _address(config)
         v5 = config.protocol == "5"
-        client = BufferedClient(
+        client = client_class()(
             CallbackAPIVersion.VERSION2, client_id=config.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else False, manual_ack=True,

@@ -1,24 +1,16 @@
 """Write a batch of readings to the hypertables in one transaction.
 
-The fast path is one binary COPY per hypertable. Site readings go, where
-sql/190 ran (community edition), to ``site_telemetry_scaled`` as integers
-at each field's resolution (``SiteTelemetry.digits``), rounded here. A
-reading that is already stored (redelivered after a crash) makes COPY fail
-with a unique violation, which aborts it; that hypertable's rows are then
-written again through a temporary staging table with INSERT ... ON CONFLICT
-DO NOTHING, and every row that was not inserted is compared with the stored
+The fast path is one binary COPY per hypertable (bmsd/ingest/copy_format.py),
+much of it sent while the batch fills (bmsd/ingest/early_copy.py). A reading
+that is already stored (redelivered after a crash) makes COPY fail with a
+unique violation, which aborts it; that hypertable's rows are then written
+again through a temporary staging table with INSERT ... ON CONFLICT DO
+NOTHING, and every row that was not inserted is compared with the stored
 one: the same values count as a duplicate, different values are
 dead-lettered. A row the database refuses for its data (a NUL character, a
 failed check, a value out of range) is isolated by bisecting the rows and
 dead-lettered alone. Each attempt runs in a savepoint, so the rest of the
 batch is unaffected.
-
-While a batch fills, its rows are sent early (`EarlyCopy`): the batch's
-transaction begins with its first message, and a COPY into that message's
-hypertable takes each new message's rows as they are accepted, so that
-PostgreSQL, a process of its own, stores them while the next messages are
-parsed; the commit then only ends that COPY. It is an optimization only: on
-any trouble it is rolled back and the commit writes the whole batch as above.
 
 Everything - rows, dead letters, ``devices.last_seen_at``, the days late
 readings fell on (``aggregate_backlog``, which a database job refreshes in
@@ -30,24 +22,26 @@ the commit are the messages acknowledged.
 from __future__ import annotations
 
 import contextlib
-import struct
-import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import cache
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.abc import Buffer
-from psycopg.adapt import Dumper
-from psycopg.pq import Format
-from psycopg.types.json import Jsonb
 
 from bmsd.batch import Batch, DeadLetter, Row, conflict
 from bmsd.errors import DatabaseError
+from bmsd.ingest.copy_format import (
+    INTEGERS,
+    Float8ArrayDumper,
+    copy_statement,
+    scaler,
+    write_rows,
+)
+from bmsd.ingest.dead_letters import store
+from bmsd.ingest.early_copy import EarlyCopy
 from bmsd.streams import NAMES, SPECS
 
 _COLUMN_TYPES = """
@@ -71,24 +65,6 @@ _BACKLOG = """
     ON CONFLICT (hypertable, day)
     DO UPDATE SET version = aggregate_backlog.version + 1, noted_at = now()
 """
-_DEAD_LETTER_COPY = (
-    "COPY ingest_rejects (received_at, topic, route, reason, payload, details)"
-    " FROM STDIN (FORMAT BINARY)"
-)
-_DEAD_LETTER_TYPES = ["timestamptz", "text", "text", "text", "bytea", "jsonb"]
-# Which of a batch's redelivered dead letters are stored already, by place (from 1):
-# the same topic, payload, verdict and place in the message, within the time the
-# broker keeps a session (a redelivery cannot be older). The topic's index bounds it.
-_ALREADY_DEAD = """
-    SELECT d.n FROM unnest(%s::text[], %s::bytea[], %s::text[], %s::jsonb[])
-                    WITH ORDINALITY AS d (topic, payload, reason, details, n)
-     WHERE EXISTS (SELECT 1 FROM ingest_rejects r
-                    WHERE r.topic = d.topic AND r.received_at > now() - %s::interval
-                      AND r.payload = d.payload AND r.reason = d.reason
-                      AND r.details = d.details)
-"""
-
-
 @dataclass
 class Outcome:
     """What a committed batch did."""
@@ -102,77 +78,6 @@ class Outcome:
 # rather than retry the batch. Anything else is the database's trouble, not
 # the data's, and the whole batch is retried.
 _DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
-_INTEGERS = ("integer", "bigint")
-
-
-def _scaler(columns: Sequence[str], digits: Mapping[str, int]) -> tuple[int | None, ...]:
-    """Return each column's factor to its stored integer (None: stored as is)."""
-    return tuple(10 ** digits[c] if c in digits else None for c in columns)
-
-
-def _scaled(values: tuple[Any, ...], factors: tuple[int | None, ...]) -> tuple[Any, ...]:
-    # round() of the product, not int(): 400.1 * 10 is 4000.9999999999995.
-    return tuple(v if f is None or v is None else round(v * f)
-                 for v, f in zip(values, factors, strict=True))
-
-
-class Float8ArrayDumper(Dumper):
-    """Binary ``double precision[]`` from a list of floats in one struct call.
-
-    psycopg's general array dumper handles any element type and nesting; at a
-    battery pack's two 16-cell arrays per reading it took most of COPY's time.
-    A list holding None (our models never send one) is packed element by element.
-    """
-
-    format = Format.BINARY
-    oid = 1022  # float8[]
-
-    def dump(self, obj: Any) -> Buffer:
-        n = len(obj)
-        if not n:
-            return _EMPTY_FLOAT8_ARRAY
-        if None in obj:
-            body = b"".join(_NULL if v is None else _FLOAT8.pack(8, v) for v in obj)
-            return _ARRAY_HEAD.pack(1, 1, 701, n, 1) + body
-        return _float8_array(n).pack(1, 0, 701, n, 1, *[x for v in obj for x in (8, v)])
-
-
-_ARRAY_HEAD = struct.Struct(">iiIii")  # ndim, has nulls, element oid, length, lower bound
-_FLOAT8 = struct.Struct(">id")  # element length, value
-_NULL = struct.pack(">i", -1)
-_EMPTY_FLOAT8_ARRAY = struct.pack(">iiI", 0, 0, 701)
-
-
-@cache
-def _float8_array(n: int) -> struct.Struct:
-    return struct.Struct(_ARRAY_HEAD.format + "id" * n)
-
-
-class _Abandoned(Exception):
-    """Why an early COPY was ended: the server rolls it back."""
-
-
-@dataclass
-class EarlyCopy:
-    """A batch's open transaction and its COPY of one stream's rows (see the module).
-
-    *sent* rows of the batch's *stream*, the first ones it holds, are in it,
-    or in *waiting*: rows are written to the COPY a few hundred at a time, as
-    one call per message cost single readings more than the overlap gained.
-    """
-
-    conn: psycopg.Connection[Any]
-    transaction: contextlib.AbstractContextManager[Any]  # conn.transaction(), entered
-    copy: psycopg.Copy
-    stream: str
-    sent: int = 0
-    waiting: list[Row] = field(default_factory=list)
-
-
-#: Rows gathered before they are written to an early COPY.
-EARLY_CHUNK = 250
-
-
 class Writer:
     """Write batches to the hypertables; one instance per daemon."""
 
@@ -200,93 +105,44 @@ class Writer:
         if early is None:
             if self._early_off or not rows or not self._columns:
                 return
-            early = self._begin_early(conn, stream)
+            early = self._early = EarlyCopy.begin(
+                conn, stream, copy_statement(sql.Identifier(self.tables[stream]),
+                                             self._columns[stream]),
+                self._types[stream], self._factors[stream])
             if early is None:
+                self._early_off = True
                 return
         elif early.stream != stream or early.conn is not conn:
             return
-        early.sent += len(rows)
-        waiting = early.waiting
-        waiting += rows
-        if len(waiting) >= EARLY_CHUNK:
-            try:
-                self._copy_rows(early.copy, stream, waiting)
-            except Exception as exc:  # whatever it was, the commit starts over
-                self.abandon(exc)
-                if conn.broken:
-                    raise
-                return
-            waiting.clear()
-
-    def _begin_early(self, conn: psycopg.Connection[Any], stream: str) -> EarlyCopy | None:
-        transaction = conn.transaction()
         try:
-            transaction.__enter__()
-        except psycopg.Error:
-            self._early_off = True
+            early.add(rows)
+        except Exception as exc:  # whatever it was, the commit starts over
+            self.abandon(exc)
             if conn.broken:
                 raise
-            return None
-        try:
-            cur = conn.cursor()
-            cur.adapters.register_dumper(None, Float8ArrayDumper)
-            # psycopg's public copy() holds the connection's lock until the COPY
-            # ends; between messages the lock must be free, so that a statement
-            # sent by mistake fails (and the connection is reset) instead of
-            # waiting forever for it.
-            conn.wait(cur._start_copy_gen(self._copy_statement(
-                sql.Identifier(self.tables[stream]), stream)))
-            copy = psycopg.Copy(cur)
-            copy.set_types(self._types[stream])
-        except Exception as exc:
-            self._early_off = True
-            with contextlib.suppress(psycopg.Error):
-                transaction.__exit__(type(exc), exc, exc.__traceback__)
-            if conn.broken:
-                raise
-            return None
-        self._early = EarlyCopy(conn, transaction, copy, stream)
-        return self._early
 
     def abandon(self, reason: BaseException | None = None) -> None:
         """Roll back the early COPY, freeing the connection for other statements;
         the batch's rows are all written at its commit."""
         early, self._early = self._early, None
-        if early is None:
-            return
-        self._early_off = True
-        exc = reason or _Abandoned("the connection is needed for another statement")
-        with contextlib.suppress(psycopg.Error):
-            early.copy.finish(exc)
-        with contextlib.suppress(psycopg.Error):
-            early.transaction.__exit__(type(exc), exc, exc.__traceback__)
+        if early is not None:
+            self._early_off = True
+            early.abandon(reason)
 
     @contextlib.contextmanager
     def transaction(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
         """The batch's transaction: the early COPY's, ended here, or a new one."""
         early, self._early = self._early, None
         self._early_off = False
-        if early is not None and early.conn is conn:
-            try:
-                self._copy_rows(early.copy, early.stream, early.waiting)
-                early.copy.finish(None)
-            except Exception as exc:  # noqa: BLE001 - a row already stored, a value refused, ...
-                early.transaction.__exit__(type(exc), exc, exc.__traceback__)
-                early = None
-        else:
-            early = None  # from a connection since lost: the server rolled it back
-        if early is None:
+        # From a connection since lost, the server rolled it back.
+        if early is None or early.conn is not conn or not early.finish():
             with conn.transaction():
                 yield
             return
         self._committing = early
         try:
-            yield
-        except BaseException:
-            early.transaction.__exit__(*sys.exc_info())
-            raise
-        else:
-            early.transaction.__exit__(None, None, None)
+            with early.committing():
+                yield
         finally:
             self._committing = None
 
@@ -308,14 +164,14 @@ class Writer:
                     f"table {table} does not exist: run `bmsd migrate` first") from exc
             missing = [c for c in wanted if c not in found]
             floats = [c for c in spec.model.digits
-                      if table == scaled and found.get(c) not in _INTEGERS]
+                      if table == scaled and found.get(c) not in INTEGERS]
             if missing or floats:
                 raise DatabaseError(f"table {table} lacks {'' if missing else 'integer '}columns"
                                     f" {', '.join(missing or floats)}:"
                                     " run `bmsd migrate` with this version's sql/")
             self._columns[stream] = wanted
             self._types[stream] = [found[c] for c in wanted]
-            self._factors[stream] = _scaler(wanted, spec.model.digits) if table == scaled else None
+            self._factors[stream] = scaler(wanted, spec.model.digits) if table == scaled else None
             self.tables[stream] = table
         with conn.transaction():
             row = conn.execute("SELECT to_regclass('aggregate_backlog') IS NOT NULL").fetchone()
@@ -343,7 +199,7 @@ class Writer:
                 self._write(conn, stream, rows, outcome)
         dead = batch.dead + outcome.dead
         if dead:
-            self._dead_letter(conn, dead, retry)
+            store(conn, dead, retry=retry, redelivered_within=self.redelivered_within)
         if batch.seen:
             conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
         if batch.late and self._backlog:
@@ -364,29 +220,13 @@ class Writer:
         else:
             outcome.written[stream] += len(rows)
 
-    def _copy_statement(self, table: sql.Identifier, stream: str) -> sql.Composed:
-        columns = sql.SQL(", ").join(map(sql.Identifier, self._columns[stream]))
-        return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(table, columns)
-
     def _copy(self, conn: psycopg.Connection[Any], table: sql.Identifier, stream: str,
               rows: list[Row]) -> None:
         with conn.cursor() as cur:
             cur.adapters.register_dumper(None, Float8ArrayDumper)
-            with cur.copy(self._copy_statement(table, stream)) as copy:
+            with cur.copy(copy_statement(table, self._columns[stream])) as copy:
                 copy.set_types(self._types[stream])
-                self._copy_rows(copy, stream, rows)
-
-    def _copy_rows(self, copy: psycopg.Copy, stream: str, rows: list[Row]) -> None:
-        # The COPY's types are set, so the extra fields' dict is dumped as jsonb
-        # by the column's type: the row goes as it is, no tuple built per row.
-        factors = self._factors[stream]
-        write = copy.write_row
-        if factors is None:
-            for row in rows:
-                write(row.values)
-        else:
-            for row in rows:
-                write(_scaled(row.values, factors))
+                write_rows(copy, rows, self._factors[stream])
 
     def _write_staged(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
                       outcome: Outcome) -> None:
@@ -434,30 +274,3 @@ class Writer:
         middle = len(rows) // 2
         self._write(conn, stream, rows[:middle], outcome)
         self._write(conn, stream, rows[middle:], outcome)
-
-    def _dead_letter(self, conn: psycopg.Connection[Any], dead: list[DeadLetter],
-                     retry: bool) -> None:
-        rows = [(o.received_at, _text(o.topic), o.route, _text(letter.reason), o.payload,
-                 Jsonb({"category": letter.category} if o.index is None
-                       else {"category": letter.category, "index": o.index}))
-                for letter in dead for o in (letter.origin,)]
-        again = [i for i, letter in enumerate(dead) if retry or letter.origin.redelivered]
-        if again:
-            # A retry after a lost COMMIT answer, or a redelivery of a message whose
-            # dead letter committed before its acknowledgement was lost (a crash, a
-            # dropped connection): each stored once.
-            stored = conn.execute(_ALREADY_DEAD, (
-                [rows[i][1] for i in again], [rows[i][4] for i in again],
-                [rows[i][3] for i in again], [rows[i][5] for i in again],
-                self.redelivered_within)).fetchall()
-            skip = {again[n - 1] for (n,) in stored}
-            rows = [row for i, row in enumerate(rows) if i not in skip]
-        with conn.cursor() as cur, cur.copy(_DEAD_LETTER_COPY) as copy:
-            copy.set_types(_DEAD_LETTER_TYPES)
-            for row in rows:
-                copy.write_row(row)
-
-
-def _text(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; a dead letter must never fail to store.
-    return value.replace("\x00", "\\u0000")
