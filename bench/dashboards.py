@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/dashboards.py --sites 100 --days 30
 
-Loads the fleet (bmsd.dev.fleet: half battery sites, a site reading and two
+Loads the fleet (tools.fleet: half battery sites, a site reading and two
 pack readings every 5 minutes; half factories) into a throwaway TimescaleDB,
 refreshes the aggregates, then runs each PostgreSQL panel of grafana/
 dashboards as Grafana would send it (macros expanded, variables at their
@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's tools/
 from timing import time_query
 
-from bmsd.dev.dashboards import POSTGRES, expand
-from bmsd.dev.fleet import Fleet, load_fleet
-from bmsd.dev.localstack import LocalPostgres
 from bmsd.schema.migrate import ensure_login, migrate
+from tools.dashboards import POSTGRES, expand
+from tools.fleet import Fleet, load_fleet
+from tools.localstack import LocalPostgres
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_MS = 300.0

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's tools/
 from timing import time_query
 
-from bmsd.dev.localstack import LocalPostgres
 from bmsd.schema.migrate import migrate
+from tools.localstack import LocalPostgres
 
 STREAMS = [("battery_telemetry", "battery_pack", "soc"), ("site_telemetry", "site_controller",
            "battery_charge_level"), ("energy_readings", "meter", "power_kw")]

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/policies.py --sites 1000 --days 10
 
-Loads --sites sites of bmsd.dev.fleet over --days days (ending now) into a
+Loads --sites sites of tools.fleet over --days days (ending now) into a
 throwaway server with the background jobs off, so that no policy has run:
 chunks older than 7 days are due for compression and show as behind.
 Refreshes the aggregates bottom-up, notes one late day, then times
@@ -13,14 +13,18 @@ time) and prints every row. Needs the community edition.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's tools/
 from timing import throwaway_postgres, time_query
 
-from bmsd.dev.fleet import Fleet, load_fleet
 from bmsd.schema.migrate import migrate
+from tools.fleet import Fleet, load_fleet
 
 
 def main() -> None:

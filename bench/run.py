@@ -66,8 +66,10 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bmsd.config import IngestConfig
-from bmsd.dev.localstack import LocalMosquitto, LocalPostgres, free_port
 from bmsd.schema.migrate import migrate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's tools/
+from tools.localstack import LocalMosquitto, LocalPostgres, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -35,15 +35,18 @@ import sys
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's tools/
 from run import Bmsd, Stack, _publisher, stored
 from timing import time_query
 
-from bmsd.dev.fleet import refresh_aggregates
 from bmsd.models import SiteTelemetry
 from bmsd.schema.migrate import migrate
+from tools.fleet import refresh_aggregates
 
 STEP = timedelta(minutes=5)
 PER_MESSAGE = 144  # half a day of 5-minute readings: about 90 kB of JSON

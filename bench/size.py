@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Any
 import psycopg
 from seed import DIGITS, STEP, reading
 
-from bmsd.dev.localstack import LocalPostgres
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's tools/
+from tools.localstack import LocalPostgres
 
 COLUMNS = list(DIGITS)
 # name: (SQL type of every measure, how a value is stored, chunk interval)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ from typing import Any
 
 import psycopg
 
-from bmsd.dev.localstack import LocalPostgres
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's tools/
+from tools.localstack import LocalPostgres
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""The ``bmsd`` command line: migrate, check-config, run, demo."""
+"""The ``bmsd`` command line: run, migrate, create-login, check-config, probe, alerts,
+simulate."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -151,7 +152,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     import json
     from datetime import datetime
 
-    from bmsd.dev.simulate import Options, format_summary, run
+    from bmsd.simulate import Options, format_summary, run
 
     if args.messages is None and args.duration_s is None:
         raise ConfigError("say when to stop: --messages N or --duration-s S")
@@ -227,18 +228,6 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
         print(f"{id_:>6}  {severity:8}  {code:26}  {site + '/' + device:28}  {status:12}"
               f"  {since:%Y-%m-%d %H:%M:%S%z}\n        {message}")
     return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from bmsd.dev.demo import run_demo
-
-    state_dir = args.state_dir
-    if state_dir is None:
-        # As root the servers run as their own users, who cannot enter a clone
-        # under /root: keep the state where they can.
-        state_dir = Path("/var/lib/bmsd/demo") if os.geteuid() == 0 else Path(".state")
-    return run_demo(state_dir=state_dir, duration_s=args.duration_s,
-                    config_path=find_config(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,42 +320,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="progress line even without a TTY")
     p.set_defaults(func=_cmd_simulate)
 
-    p = add("demo", "Start a local TimescaleDB and Mosquitto, apply the schema, run bmsd.")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="where the local servers keep their data (default: .state, or"
-                        " /var/lib/bmsd/demo when run as root)")
-    p.add_argument("--duration-s", type=float, default=None,
-                   help="stop after this many seconds (default: run until Ctrl-C)")
-    p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     args = build_parser().parse_args(argv)
+    return exit_code(args.command, lambda: int(args.func(args)))
+
+
+def exit_code(command: str, action: Callable[[], int]) -> int:
+    """Run *action*; turn what it raises into one line on stderr and its exit code
+    (README, "Exit codes")."""
     try:
-        return int(args.func(args))
+        return action()
     except EditionError as exc:
-        print(f"bmsd {args.command}: {exc}", file=sys.stderr)
+        print(f"bmsd {command}: {exc}", file=sys.stderr)
         return 3
     except ConfigError as exc:
-        print(f"bmsd {args.command}: {exc}", file=sys.stderr)
+        print(f"bmsd {command}: {exc}", file=sys.stderr)
         return 2
     except BmsdError as exc:
-        print(f"bmsd {args.command}: {exc}", file=sys.stderr)
+        print(f"bmsd {command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: what was asked for, not a crash (128 + SIGINT)
-        print(f"bmsd {args.command}: interrupted", file=sys.stderr)
+        print(f"bmsd {command}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a server down or a file gone, past the commands' own checks
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"bmsd {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"bmsd {command}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except Exception as exc:
         if os.environ.get("BMSD_TRACEBACK"):
             raise
         # A database error no command expected, or a bug: one line, and how to see more.
-        print(f"bmsd {args.command}: {type(exc).__module__}.{type(exc).__qualname__}: {exc};"
+        print(f"bmsd {command}: {type(exc).__module__}.{type(exc).__qualname__}: {exc};"
               " run again with BMSD_TRACEBACK=1 for the traceback (and report it if it is"
               " bmsd's bug)", file=sys.stderr)
         return 70  # EX_SOFTWARE

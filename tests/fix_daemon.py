@@ -25,8 +25,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from bmsd.dev.localstack import free_port
 from tests.helpers import dump_toml
+from tools.localstack import free_port
 
 _ids = itertools.count()
 

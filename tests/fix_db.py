@@ -29,8 +29,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bmsd.dev.localstack import LocalPostgres
 from bmsd.schema.migrate import Edition, ensure_login, migrate
+from tools.localstack import LocalPostgres
 
 TEMPLATE = f"bmsd_test_template_{os.getpid()}"
 COMMUNITY_SKIP_REASON = (
@@ -86,7 +86,7 @@ def pg_server() -> Iterator[PgServer]:
         yield PgServer(admin_url=url)
         return
     try:
-        from bmsd.dev.localstack import postgres_bindir
+        from tools.localstack import postgres_bindir
 
         postgres_bindir()
     except Exception:  # noqa: BLE001 - fall through to containers

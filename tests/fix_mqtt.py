@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from bmsd.dev.localstack import LocalMosquitto, mosquitto_config
+from tools.localstack import LocalMosquitto, mosquitto_config
 
 REPO_CONF = Path(__file__).resolve().parent.parent / "mosquitto.conf"
 USERS = {"bmsd": "bmsd-test-password", "simulator": "simulator-test-password",

@@ -25,9 +25,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from bmsd.dev.fleet import refresh
 from bmsd.schema import aggregates
 from tests.helpers import add_device, pause_refresh_policies
+from tools.fleet import refresh
 
 Row = dict[str, Any]
 Check = Callable[[list[Row]], Any]

@@ -30,12 +30,12 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import LocalMosquitto
 from bmsd.ingest.inbox import MAX_WAITING_BYTES
 from tests.fix_daemon import DaemonFactory, DaemonProcess, Publisher, wait_until
 from tests.fix_notify import NotifySocket
 from tests.fix_proxy import Proxy, ProxyFactory
 from tests.fix_report import Record, Scenario, full_or_short
+from tools.localstack import LocalMosquitto
 
 # [ingest] max_waiting_messages here, the inbox's count bound: the shipped default
 # in the report's long forms, a twentieth of it in CI's short ones.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bmsd.dev.localstack import free_port
+from tools.localstack import free_port
 
 #: README, "Exit codes".
 FAILED, CONFIG, INTERRUPTED = 1, 2, 130

@@ -13,9 +13,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import LocalMosquitto
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_proxy import ProxyFactory
+from tools.localstack import LocalMosquitto
 
 
 def query(db_url: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:

@@ -2,7 +2,7 @@
 
 Grafana itself cannot be installed here, so the test does what its
 PostgreSQL data source would: expand the macros and template variables
-(bmsd.dev.dashboards.expand) and run each query, as a login role that has only
+(tools.dashboards.expand) and run each query, as a login role that has only
 ``bmsd_reader``, on 30 days of a simulated fleet. Prometheus panels are run
 against a real Prometheus in tests/test_prometheus.py.
 """
@@ -22,10 +22,10 @@ import psycopg
 import pytest
 import yaml
 
-from bmsd.dev.dashboards import DASHBOARDS, POSTGRES, PROMETHEUS, expand, render
-from bmsd.dev.fleet import Fleet, load_fleet
 from bmsd.schema.migrate import ensure_login
 from tests.fix_daemon import wait_until
+from tools.dashboards import DASHBOARDS, POSTGRES, PROMETHEUS, expand, render
+from tools.fleet import Fleet, load_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 GRAFANA = REPO / "grafana"
@@ -52,7 +52,7 @@ def test_the_committed_dashboards_are_what_the_generator_writes() -> None:
     for dashboard in DASHBOARDS:
         path = GRAFANA / "dashboards" / f"{dashboard.uid}.json"
         assert path.read_text() == render(dashboard), (
-            f"{path} is stale: python -m bmsd.dev.dashboards grafana/dashboards")
+            f"{path} is stale: python -m tools.dashboards grafana/dashboards")
 
 
 def test_uids_are_unique_and_every_datasource_resolves() -> None:
@@ -204,8 +204,8 @@ def test_every_panel_shows_rows_on_the_demo_data_as_first_opened(
     """scripts/demo's data: the demo plants and sites (sql/demo), fed by the simulator
     through bmsd. Every dashboard, opened with its default variables and range, shows
     rows in every PostgreSQL panel."""
-    from bmsd.dev.simulate import Options, run
     from bmsd.schema.migrate import load_demo_data
+    from bmsd.simulate import Options, run
 
     load_demo_data(db_url)
     daemon = bmsd_daemon()

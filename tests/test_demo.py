@@ -1,4 +1,5 @@
-"""README's first command: the local demo stack starts bmsd, which stores what it receives."""
+"""README's first command (scripts/demo runs `python -m tools.demo`): the local demo
+stack starts bmsd, which stores what it receives."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bmsd.dev.localstack import LocalPostgres, free_port
 from bmsd.errors import LocalStackError
+from tools.localstack import LocalPostgres, free_port
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -25,9 +28,10 @@ def state_dir() -> Path:
 
 def test_demo_starts_the_stack_and_bmsd_and_stops_cleanly(state_dir: Path) -> None:
     env = {**os.environ, "BMSD_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
-    run = subprocess.run([sys.executable, "-m", "bmsd", "demo", "--duration-s", "9",
+    run = subprocess.run([sys.executable, "-m", "tools.demo", "--duration-s", "9",
                           "--state-dir", str(state_dir / "state")],
-                         capture_output=True, text=True, timeout=180, env=env, check=False)
+                         capture_output=True, text=True, timeout=180, env=env, check=False,
+                         cwd=REPO)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "bmsd is running on the local stack" in run.stdout
     assert "psql 'postgresql://postgres@127.0.0.1:" in run.stdout
@@ -40,9 +44,10 @@ def test_demo_starts_the_stack_and_bmsd_and_stops_cleanly(state_dir: Path) -> No
     assert "battery " in last
     assert "energy " in last
     # A second run reuses the state: the schema is already there.
-    again = subprocess.run([sys.executable, "-m", "bmsd", "demo", "--duration-s", "1",
+    again = subprocess.run([sys.executable, "-m", "tools.demo", "--duration-s", "1",
                             "--state-dir", str(state_dir / "state")],
-                           capture_output=True, text=True, timeout=180, env=env, check=False)
+                           capture_output=True, text=True, timeout=180, env=env, check=False,
+                         cwd=REPO)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing to apply" in again.stdout
 

@@ -28,11 +28,11 @@ from urllib.parse import quote, urlsplit
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import free_port
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_docker import DOCKER, REPO, Engine
 from tests.fix_mqtt import Broker
 from tests.test_dashboards import empty_panels
+from tools.localstack import free_port
 
 pytestmark = pytest.mark.needs(DOCKER)
 

@@ -22,12 +22,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import LocalMosquitto, LocalPostgres
 from bmsd.schema.migrate import migrate
 from tests.fix_daemon import DaemonFactory, DaemonProcess, Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import Proxy, ProxyFactory
 from tests.fix_report import Record, Scenario, full_or_short
+from tools.localstack import LocalMosquitto, LocalPostgres
 
 N = 2000
 OUTAGE_S = full_or_short(30, 5)

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bmsd.dev.fleet import refresh
+from tools.fleet import refresh
 
 pytestmark = pytest.mark.community
 

@@ -16,11 +16,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import LocalPostgres
 from bmsd.errors import MigrationError
 from bmsd.schema.migrate import Report, default_sql_dir, load_scripts, migrate
 from tests.fix_daemon import wait_until
 from tests.fix_db import PgServer
+from tools.localstack import LocalPostgres
 
 SCRIPTS = load_scripts(default_sql_dir())
 COMMUNITY_SCRIPTS = [s.name for s in SCRIPTS if s.needs_community]

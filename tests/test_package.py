@@ -8,16 +8,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import free_port
 from bmsd.schema.migrate import Edition
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_mqtt import Broker
+from tools.localstack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,6 +33,8 @@ def installed() -> Iterator[Path]:
                        timeout=600)
         wheels = list((folder / "dist").glob("bmsd-*.whl"))
         assert len(wheels) == 1, wheels
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            WHEEL_FILES.extend(wheel.namelist())
         subprocess.run([sys.executable, "-m", "venv", str(folder / "venv")], check=True,
                        timeout=300)
         subprocess.run([str(folder / "venv" / "bin" / "pip"), "install", "-q", str(wheels[0])],
@@ -39,6 +42,17 @@ def installed() -> Iterator[Path]:
         yield folder / "venv" / "bin" / "bmsd"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+WHEEL_FILES: list[str] = []
+
+
+def test_the_wheel_holds_the_daemon_and_not_the_tools(installed: Path) -> None:
+    modules = {n for n in WHEEL_FILES if n.endswith(".py")}
+    assert "bmsd/ingest/daemon.py" in modules
+    assert "bmsd/simulate.py" in modules  # the demo's publisher, `bmsd simulate`
+    assert sorted(n for n in modules if not n.startswith("bmsd/")
+                  or n.startswith(("bmsd/dev/", "bmsd/tools/"))) == []
 
 
 def run(bmsd: Path, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -29,13 +29,13 @@ import psycopg
 import pytest
 
 from bmsd.config import DatabaseConfig
-from bmsd.dev.localstack import LocalPostgres, free_port
 from bmsd.schema.migrate import migrate
 from tests.fix_capabilities import NETNS, probe_netns, require
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import ProxyFactory
 from tests.fix_report import Record, Scenario
+from tools.localstack import LocalPostgres, free_port
 
 HOST_IP, NS_IP = "169.254.213.1", "169.254.213.2"
 #: What the server takes to drop a dead peer's session with bmsd's default

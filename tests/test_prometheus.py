@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from bmsd.dev.dashboards import DASHBOARDS, PROMETHEUS
-from bmsd.dev.localstack import free_port, wait_for_port
 from tests.fix_daemon import DaemonFactory, wait_until
+from tools.dashboards import DASHBOARDS, PROMETHEUS
+from tools.localstack import free_port, wait_for_port
 
 FOLDER = Path(__file__).resolve().parent.parent / "prometheus"
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from bmsd.cli import build_parser
 from bmsd.config import Config
-from bmsd.dev.localstack import free_port
+from tools.localstack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

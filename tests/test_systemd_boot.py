@@ -30,13 +30,13 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import free_port
 from bmsd.schema.migrate import Edition
 from tests.fix_capabilities import BOOT, record, require
 from tests.fix_daemon import Publisher, wait_until
 from tests.fix_db import PgServer
 from tests.fix_mqtt import Broker
 from tests.fix_proxy import Proxy, ProxyFactory
+from tools.localstack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path("/var/cache/bmsd-test")

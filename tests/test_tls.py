@@ -11,11 +11,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bmsd.dev.localstack import LocalMosquitto, LocalPostgres, free_port, system_user
 from bmsd.schema.migrate import migrate
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until
 from tests.fix_mqtt import REPO_CONF, TEST_ACL, USERS
 from tests.helpers import make_certificates
+from tools.localstack import LocalMosquitto, LocalPostgres, free_port, system_user
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

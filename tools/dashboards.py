@@ -1,6 +1,6 @@
 """Define the Grafana dashboards, and write them as the JSON Grafana provisions.
 
-``python -m bmsd.dev.dashboards grafana/dashboards`` writes one file per
+``python -m tools.dashboards grafana/dashboards`` writes one file per
 dashboard; a test checks the committed files match, and runs every query.
 
 Time series read the level that suits the range, so a year never scans raw

@@ -1,6 +1,6 @@
 """Start throwaway local PostgreSQL (with TimescaleDB) and Mosquitto servers.
 
-Used by the test fixtures and by ``bmsd demo``. Each server lives in a state
+Used by the test fixtures, the benchmarks and the demo (tools/demo.py). Each server lives in a state
 folder of its own, listens on 127.0.0.1 on a port of its own, and is a child
 process of ours: `stop()` ends it. PostgreSQL refuses to run as root, so when
 we are root the server runs as the ``postgres`` system user (created by the

@@ -20,15 +20,15 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from bmsd.config import load_config
-from bmsd.dev.localstack import LocalMosquitto, LocalPostgres, free_port
-from bmsd.dev.simulate import Options, run
 from bmsd.errors import LocalStackError
 from bmsd.schema.migrate import load_demo_data, migrate
+from bmsd.simulate import Options, run
+from tools.localstack import LocalMosquitto, LocalPostgres, free_port
 
 DEMO_DATABASE = "bmsd"
 # The demo runs from a clone (scripts/demo): the broker's mosquitto.conf and
 # ACL are the repository's, not package data.
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _port(state_dir: Path, name: str) -> int:
@@ -56,7 +56,7 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None
     """Start the local stack, apply the schema, and keep it up until stopped."""
     state_dir = state_dir.resolve()
     if not (REPO_ROOT / "mosquitto.conf").exists():
-        raise LocalStackError("bmsd demo runs from a clone of the repository (scripts/demo):"
+        raise LocalStackError("the demo runs from a clone of the repository (scripts/demo):"
                               " it starts Mosquitto with the clone's mosquitto.conf")
     pg = LocalPostgres(state_dir / "postgres", port=_port(state_dir, "postgres"))
     broker = LocalMosquitto(state_dir / "mosquitto", REPO_ROOT / "mosquitto.conf",
@@ -191,3 +191,32 @@ def _wait_ready(daemon: subprocess.Popen[bytes], metrics_addr: str, log: Path) -
             pass
         time.sleep(0.1)
     raise LocalStackError(f"bmsd did not get ready in 30 s; see {log}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tools.demo`` (scripts/demo): the local stack, bmsd and the simulator."""
+    import argparse
+
+    from bmsd.cli import exit_code
+    from bmsd.config import find_config
+
+    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=None,
+                        help="bmsd's configuration (default: the built-in defaults)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where the local servers keep their data (default: .state, or"
+                             " /var/lib/bmsd/demo when run as root)")
+    parser.add_argument("--duration-s", type=float, default=None,
+                        help="stop after this many seconds (default: run until Ctrl-C)")
+    args = parser.parse_args(argv)
+    state_dir = args.state_dir
+    if state_dir is None:
+        # As root the servers run as their own users, who cannot enter a clone
+        # under /root: keep the state where they can.
+        state_dir = Path("/var/lib/bmsd/demo") if os.geteuid() == 0 else Path(".state")
+    return exit_code("demo", lambda: run_demo(state_dir=state_dir, duration_s=args.duration_s,
+                                                config_path=find_config(args.config)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

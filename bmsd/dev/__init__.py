@@ -1,1 +1,0 @@
-"""Tools for trying and measuring bmsd, not the daemon: nothing under bmsd/ingest imports them."""
