@@ -288,10 +288,10 @@ def test_a_run_of_waiting_messages_is_retried_from_the_one_the_database_failed_o
         daemon._inbox.put(Message(0, mid, 1, "factory/f1/m1/energy",
                                   json.dumps(readings).encode(), datetime.now(UTC)))
     while daemon._inbox.qsize():
-        daemon._accept_waiting(daemon._inbox.get_nowait())
+        daemon._intake.accept_waiting(daemon._inbox.get_nowait())
         if daemon._ingest.due():
-            daemon._flush()
-    daemon._flush()
+            daemon._intake.flush()
+    daemon._intake.flush()
     daemon._db.close()
     daemon.http._server.server_close()
     assert accepted == [1, 2, 3, 3, 4, 5]

@@ -22,41 +22,36 @@ bmsd/ingest/mqtt.py draws which thread may wait on which.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
 import os
-import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from types import FrameType
-from typing import Any, TypeVar
 
-import psycopg
 import structlog
 from prometheus_client import CollectorRegistry
 
 from bmsd import internals
 from bmsd.alerts.engine import AlertEngine
-from bmsd.alerts.evaluate import Plan
 from bmsd.alerts.rules import load_rules
 from bmsd.config import Config, redact_url
 from bmsd.database import Database
-from bmsd.errors import BmsdError, ConfigError
+from bmsd.errors import BmsdError
 from bmsd.ingest.health import HealthServer
+from bmsd.ingest.housekeeping import AlertHousekeeping
 from bmsd.ingest.inbox import Inbox
 from bmsd.ingest.ingestor import Ingestor
+from bmsd.ingest.intake import Intake
 from bmsd.ingest.lock import InstanceLock
 from bmsd.ingest.mqtt import Message, MqttPublisher, MqttSource
 from bmsd.ingest.notify import Notifier
+from bmsd.ingest.periodic import Periodic, run_due
 from bmsd.ingest.policies import PolicyHealth
+from bmsd.ingest.progress import Progress
+from bmsd.ingest.signals import Signals, watch
 from bmsd.metrics import Metrics
-from bmsd.schema.migrate import all_scripts, missing_scripts
+from bmsd.schema.migrate import require_current_schema
 
-T = TypeVar("T")
 log = structlog.get_logger("bmsd")
 
 _IDLE_PING_S = 10.0
@@ -73,31 +68,6 @@ class _GaveUp(Exception):
     """The shutdown deadline passed while the database was failing."""
 
 
-class Signals:
-    """What the signal handlers asked for; the handlers do nothing else.
-
-    A handler that logged, or took a lock, could deadlock against the very
-    code it interrupted (structlog's and logging's locks are not
-    re-entrant). Plain attribute writes cannot.
-    """
-
-    def __init__(self) -> None:
-        self.stops = 0
-        self.reloads = 0
-
-    def install(self) -> None:
-        """Route SIGTERM/SIGINT to `stops` and SIGHUP to `reloads`."""
-        def stop(signum: int, frame: FrameType | None) -> None:
-            self.stops += 1
-
-        def reload(signum: int, frame: FrameType | None) -> None:
-            self.reloads += 1
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, reload)
-
-
 class Daemon:
     """One bmsd process: broker session, ingest loop, database, metrics."""
 
@@ -110,22 +80,11 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self._deadline: float | None = None
         self._inbox = Inbox(max_messages=config.ingest.max_waiting_messages)
-        self._alerts: AlertEngine | None = None
-        if config.alerts.enabled:
-            self._alerts = AlertEngine(
-                load_rules(config.alerts.rules_file), self.metrics, publish=self._publish,
-                topic_prefix=config.alerts.mqtt_prefix or None,
-                offline_after_s={r.stream: r.offline_after_s for r in config.routes},
-                shared=config.mqtt.shared_group is not None)
+        self._alerts = _alert_engine(config, self.metrics, self._publish)
         self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts)
-        self._accepting: Message | None = None
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
                                   self.metrics)
-        self._notices: MqttPublisher | None = None
-        if self._alerts is not None and config.alerts.mqtt_prefix:
-            broker = config.mqtt.model_copy(update={"url": config.alerts.mqtt_url}) \
-                if config.alerts.mqtt_url else config.mqtt
-            self._notices = MqttPublisher(broker, self.metrics)
+        self._notices = _notices(config, self.metrics) if self._alerts is not None else None
         self._db = Database(config.database, self.metrics, sleep=self._sleep)
         self._policies = PolicyHealth(config.database)
         self.metrics.registry.register(self._policies)
@@ -136,15 +95,12 @@ class Daemon:
         self.metrics.inflight.set_function(lambda: self._ingest.pending + self._inbox.qsize())
         self.metrics.inbox_bytes.set_function(lambda: self._inbox.bytes)
         self._lock = InstanceLock(config.database, config.mqtt.client_id)
-        self._waiting_for = "the database"
-        self._is_ready = False  # READY=1 sent: the subscription was acknowledged
-        self._draining = False  # taking a resumed session's queue before the SUBACK
-        self._committed = 0  # messages committed since start
-        self._paused_for_notices = False
+        self._progress = Progress(self.notifier)
+        self._intake = Intake(self._inbox, self._ingest, self._db, self._lock, self._progress,
+                              self.notifier, self.metrics)
+        self._housekeeping = None if self._alerts is None else AlertHousekeeping(
+            self._alerts, config.alerts, self._intake.aside, self.notifier, self._notices)
         self._heartbeat = time.monotonic()
-        self._rows = 0  # committed since start, for STATUS
-        self._last_commit: float | None = None
-        self._started = time.monotonic()
         host, port = config.metrics.host, config.metrics.port
         self.http = HealthServer(host, port, self.metrics.registry, self._alive, self._ready)
 
@@ -162,9 +118,11 @@ class Daemon:
             "client_id": self.config.mqtt.client_id,
             "shared_group": self.config.mqtt.shared_group,
             "mqtt_subscribed": subscribed, "database": db, "stopping": self.stop.is_set()}
-        if not ready and self._waiting_for:
-            details["waiting_for"] = (self._backlog_line() if self._draining and not subscribed
-                                      else self._waiting_for)
+        progress = self._progress
+        if not ready and progress.waiting_for:
+            details["waiting_for"] = (self._backlog_line()
+                                      if progress.draining and not subscribed
+                                      else progress.waiting_for)
         return ready, details
 
     # --- running ------------------------------------------------------------------
@@ -189,8 +147,8 @@ class Daemon:
             self._drain()
             return 0
         except _GaveUp:
-            if self._in_hand():
-                log.warning("bmsd_shutdown_incomplete", unacknowledged=self._in_hand(),
+            if self._intake.in_hand():
+                log.warning("bmsd_shutdown_incomplete", unacknowledged=self._intake.in_hand(),
                             meaning="the database did not answer before shutdown_timeout_s;"
                                     " the broker redelivers these messages to the next bmsd")
             return 0
@@ -221,7 +179,7 @@ class Daemon:
         (`_check_subscribed`, from the loop), which needs those messages taken.
         """
         self._starting("the database")
-        self._db.run(self._check_schema)
+        self._db.run(require_current_schema)
         self._db.run(self._ingest.prepare)
         self._db.run(lambda conn: self._lock.acquire(on_wait=self._starting))
         if self._alerts is not None:
@@ -229,80 +187,59 @@ class Daemon:
         self._starting("the MQTT subscription")
         if self._notices is not None:
             self._notices.start()
-        if self._alerts is not None:
-            # Re-announce what is unresolved, before any new reading can change it:
-            # a crash between a commit and its publish must lose no notification.
-            log.info("alerts_republished", count=self._alerts.republish())
+        if self._housekeeping is not None:
+            self._housekeeping.republish()
         self._source.start()
 
     def _check_subscribed(self) -> None:
         """Send READY=1 once the subscription is acknowledged; until then say what we wait
         for, and what we do meanwhile (a resumed session's backlog)."""
+        progress = self._progress
         if self._source.subscribed.is_set():
-            self._is_ready = True
-            self._waiting_for = ""
+            progress.ready = True
+            progress.waiting_for = ""
             self.notifier.ready(self._status_line())
             self.notifier.progress()
             log.info("bmsd_ready", client_id=self.config.mqtt.client_id,
-                     backlog_committed=self._committed)
+                     backlog_committed=progress.committed)
             return
         refused = self._source.refused
         if refused:
-            self._set_waiting(f"the MQTT subscription (the broker refused us: {refused})")
-        elif self._draining or self._in_hand() or self._inbox.qsize():
+            progress.set_waiting(f"the MQTT subscription (the broker refused us: {refused})")
+        elif progress.draining or self._intake.in_hand() or self._inbox.qsize():
             # Logged once; STATUS and /readyz carry the counts as they grow.
-            self._draining = True
-            self._set_waiting("the MQTT subscription (draining a backlog first)",
-                              status=self._backlog_line())
+            progress.draining = True
+            progress.set_waiting("the MQTT subscription (draining a backlog first)",
+                                 status=self._backlog_line())
         else:
-            self._set_waiting("the MQTT subscription")
+            progress.set_waiting("the MQTT subscription")
 
     def _backlog_line(self) -> str:
-        """Return what a drain before the SUBACK has done so far, for STATUS and /readyz."""
-        return (f"starting: draining a backlog of {self._committed + self._in_hand()}"
-                f" messages so far ({self._committed} committed,"
-                f" {self._in_hand() + self._inbox.qsize()} in hand); the broker sends the"
-                " session's queue before it acknowledges the subscription")
+        return self._progress.backlog_line(self._intake.in_hand(), self._inbox.qsize())
+
+    def _status_line(self) -> str:
+        alerts = self._alerts.unresolved if self._alerts is not None else 0
+        return self._progress.status_line(self._ingest.pending + self._inbox.qsize(), alerts)
 
     def _starting(self, what: str) -> None:
         """Say what start-up waits for; give up if a stop signal came meanwhile."""
         if self.stop.is_set():
             raise _GaveUp
-        self._set_waiting(what)
-
-    def _set_waiting(self, what: str, status: str | None = None) -> None:
-        if what != self._waiting_for:
-            self._waiting_for = what
-            log.info("bmsd_waiting", waiting_for=what)
-        self.notifier.status(status or f"starting: waiting for {what}")
-
-    def _check_schema(self, conn: psycopg.Connection[Any]) -> None:
-        missing = missing_scripts(conn)
-        if missing and missing == all_scripts():
-            raise ConfigError("the database has no bmsd schema: run `bmsd migrate` first")
-        if missing:
-            raise ConfigError(
-                f"the database schema is older than this bmsd: {len(missing)} script(s) not"
-                f" applied ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''});"
-                " run `bmsd migrate` first (with this version), then start bmsd again")
+        self._progress.set_waiting(what)
 
     def _watch_signals(self) -> None:
-        """Act on signals outside the handlers: start the drain, or force an exit."""
-        seen = 0
-        while True:
-            time.sleep(0.05)
-            stops = self.signals.stops
-            if stops == seen:
-                continue
-            seen = stops
-            if stops == 1:
-                log.info("bmsd_stopping", meaning="committing what is in hand; a second"
-                                                  " signal exits at once")
-                self._begin_shutdown()
-            else:
-                log.warning("bmsd_forced_exit", unacknowledged=self._in_hand(),
-                            meaning="unacknowledged messages will be redelivered by the broker")
-                os._exit(1)
+        """The first stop signal starts the drain; a second exits at once."""
+        def force() -> None:
+            log.warning("bmsd_forced_exit", unacknowledged=self._intake.in_hand(),
+                        meaning="unacknowledged messages will be redelivered by the broker")
+            os._exit(1)
+
+        def stop() -> None:
+            log.info("bmsd_stopping", meaning="committing what is in hand; a second"
+                                              " signal exits at once")
+            self._begin_shutdown()
+
+        watch(self.signals, stop, force)
 
     def _begin_shutdown(self) -> None:
         """Stop the loop, and bound by the shutdown deadline whatever it is waiting on."""
@@ -311,187 +248,56 @@ class Daemon:
             self._db.deadline.cap = self._deadline
         self.stop.set()
 
+    def _jobs(self) -> list[Periodic]:
+        """The loop's periodic jobs: STATUS= (before READY=1: looking for the SUBACK),
+        and the alert engine's housekeeping."""
+        jobs: list[Periodic] = []
+        if self._housekeeping is not None:
+            source = self._source
+            jobs += self._housekeeping.jobs(source.subscribed.is_set,
+                                            lambda: source.subscribed_at)
+        return [*jobs, Periodic("status", lambda: _STATUS_EVERY_S if self._progress.ready
+                                else _STARTING_STATUS_EVERY_S, self._status_tick)]
+
+    def _status_tick(self) -> None:
+        if self._progress.ready:
+            self.notifier.status(self._status_line())
+        else:  # READY=1 once the SUBACK is in; STATUS says what start-up waits for
+            self._check_subscribed()
+
     def _loop(self) -> None:
-        inbox, ingest, db = self._inbox, self._ingest, self._db
-        next_offline = next_limits = next_status = time.monotonic()
-        backlog_seen = datetime.now(UTC)
-        window_flushes = 0
+        jobs = self._jobs()
         reloads = self.signals.reloads
         ping_every = min(_IDLE_PING_S, self.notifier.watchdog_interval_s or _IDLE_PING_S)
         while not self.stop.is_set():
             now = self._heartbeat = time.monotonic()
             if self._source.fatal is not None:
                 raise self._source.fatal
-            engine = self._alerts
-            if engine is not None:
+            housekeeping = self._housekeeping
+            if housekeeping is not None:
                 if self.signals.reloads != reloads:
                     reloads = self.signals.reloads
-                    self._reload_rules(engine)
-                if now >= next_limits:
-                    next_limits = now + self.config.alerts.limits_refresh_s
-                    self._aside(functools.partial(self._read_limits, engine))
-                if ingest.window_flushes != window_flushes or inbox.qsize() > 0:
-                    # Draining a backlog: every device would look silent.
-                    window_flushes = ingest.window_flushes
-                    backlog_seen = datetime.now(UTC)
-                if now >= next_offline and self._source.subscribed.is_set():
-                    next_offline = now + self.config.alerts.offline_check_s
-                    since = max(self._source.subscribed_at, backlog_seen)
-                    engine.apply(self._aside(functools.partial(self._offline, engine,
-                                                          since=since)))
-            if now >= next_status:
-                if self._is_ready:
-                    next_status = now + _STATUS_EVERY_S
-                    self.notifier.status(self._status_line())
-                else:  # READY=1 once the SUBACK is in; STATUS says what start-up waits for
-                    next_status = now + _STARTING_STATUS_EVERY_S
-                    self._check_subscribed()
-            try:
-                # A batch held here found the inbox empty while it was too young to
-                # commit: wait for its idle age, the flush interval or a message.
-                wait = min(max(ingest.seconds_to_due(idle=True), 0.001), 0.5)
-                if self._notices_backlogged():
-                    time.sleep(min(wait, 0.05))
-                    raise queue.Empty
-                message = inbox.get(timeout=wait)
-            except queue.Empty:
-                message = None
-            idle = message is None
-            if message is not None:
-                idle = self._accept_waiting(message)
-            if ingest.due(idle):
-                self._flush()
-            elif not ingest.pending and time.monotonic() - db.last_ok > ping_every:
-                self._aside(self._ping)
-                self.notifier.progress()
+                    housekeeping.reload(self._status_line)
+                housekeeping.watch_backlog(self._ingest.window_flushes, self._inbox.qsize())
+            run_due(jobs, now)
+            self._intake.step(ping_every, self._holding)
 
-    def _notices_backlogged(self) -> bool:
-        """Whether too many alert notifications wait for the broker to take readings.
-
-        The readings wait at the broker meanwhile (unacknowledged), so memory
-        stays bounded and nothing is dropped; the network thread that sends
-        the notifications does not depend on this loop.
-        """
-        pending = self._notices.pending if self._notices is not None else 0
-        over = pending > self.config.alerts.max_pending_notifications
-        if over != self._paused_for_notices:
-            self._paused_for_notices = over
-            if over:
-                log.warning("alert_notifications_backlog", pending=pending,
-                            meaning="taking no readings until the broker acknowledges more"
-                                    " alert notifications ([alerts] max_pending_notifications)")
-            else:
-                log.info("alert_notifications_backlog_cleared")
-        return over
-
-    def _flush(self) -> None:
-        messages = self._ingest.pending
-        outcome = self._db.run(self._ingest.flush)
-        self._committed += messages
-        self._rows += sum(outcome.written.values())
-        self._last_commit = time.monotonic()
-        self.metrics.last_commit.set(time.time())
-        if self._is_ready:
-            self.notifier.progress()
-        else:  # a drain before the SUBACK: progress, not a start that hangs
-            self.notifier.extend_start()
-
-    def _status_line(self) -> str:
-        """Return the one line `systemctl status` shows."""
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        since = ("no commit yet" if self._last_commit is None
-                 else f"last commit {time.monotonic() - self._last_commit:.0f} s ago")
-        alerts = self._alerts.unresolved if self._alerts is not None else 0
-        return (f"ingesting: {self._rows / elapsed:.0f} rows/s since start,"
-                f" {self._ingest.pending + self._inbox.qsize()} messages waiting, {since},"
-                f" {alerts} unresolved alerts")
+    def _holding(self) -> bool:
+        """Whether to take no readings now (too many alert notifications wait)."""
+        return self._housekeeping is not None and self._housekeeping.notices_backlogged()
 
     def _drain(self) -> None:
         """Commit and acknowledge what is in hand, within the shutdown deadline."""
         self.notifier.stopping()
         self._source.stop_intake()
         self._begin_shutdown()
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            self._accept_waiting(message)
-            if self._ingest.due():
-                self._flush()
-        if self._ingest.pending:
-            pending = self._ingest.pending
-            self._flush()
-            log.info("bmsd_drained", committed_messages=pending)
-
-    @staticmethod
-    def _offline(engine: AlertEngine, conn: psycopg.Connection[Any], since: datetime) -> Plan:
-        with conn.transaction():
-            return engine.plan_offline(conn, datetime.now(UTC), since)
-
-    @staticmethod
-    def _read_limits(engine: AlertEngine, conn: psycopg.Connection[Any]) -> None:
-        with conn.transaction():
-            engine.load_limits(conn)
-
-    def _reload_rules(self, engine: AlertEngine) -> None:
-        self.notifier.reloading()
-        path = self.config.alerts.rules_file
-        try:
-            rules = load_rules(path)
-        except ConfigError as exc:
-            log.error("alert_rules_refused", error=str(exc),
-                      meaning="the new rules are invalid; the old ones stay in force")
-        else:
-            engine.set_rules(rules)
-            self._aside(functools.partial(self._read_limits, engine))
-            log.info("alert_rules_reloaded", rules=len(rules))
-        self.notifier.ready(self._status_line())
+        committed = self._intake.drain()
+        if committed:
+            log.info("bmsd_drained", committed_messages=committed)
 
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         if self._notices is not None:
             self._notices.publish(topic, payload, retain)
-
-    def _ping(self, conn: psycopg.Connection[Any]) -> None:
-        """Check the database while idle, and that we still hold our instance lock."""
-        conn.execute("SELECT 1")
-        lock_conn = self._lock.connection
-        with self._db.deadline.watch(lock_conn) if lock_conn else contextlib.nullcontext():
-            self._lock.check()
-
-    def _aside(self, action: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run a statement that is not the batch's: its early COPY gives way first."""
-        self._ingest.release()
-        return self._db.run(action)
-
-    def _accept_waiting(self, message: Message) -> bool:
-        """Add *message* to the batch, then what already waits in the inbox, until the
-        batch is due; return whether the inbox ran empty.
-
-        One `Database.run` for the run of messages, not one each (its deadline
-        watch and retry frame cost a single-reading message a tenth of its
-        time). A database error retries from the message it failed on: those
-        before it are in the batch.
-        """
-        def accept_run(conn: psycopg.Connection[Any]) -> bool:
-            nonlocal message
-            while True:
-                self._accepting = message  # in hand while a database error has it tried again
-                self._ingest.accept(conn, message)
-                self._accepting = None
-                if self._ingest.due():
-                    return False
-                try:
-                    message = self._inbox.get_nowait()
-                except queue.Empty:
-                    return True
-
-        return self._db.run(accept_run)
-
-    def _in_hand(self) -> int:
-        """Return how many received messages wait for a commit (the batch's, and the one
-        being added to it)."""
-        return self._ingest.pending + (self._accepting is not None)
 
     def _ack(self, messages: list[Message]) -> int:
         return self._source.ack(messages)
@@ -502,11 +308,31 @@ class Daemon:
         while (left := end - time.monotonic()) > 0:
             self._heartbeat = time.monotonic()
             if self._deadline is not None and (time.monotonic() > self._deadline
-                                               or not self._in_hand()):
+                                               or not self._intake.in_hand()):
                 raise _GaveUp  # past the deadline, or nothing in hand to commit
             if self._source.fatal is not None:
                 raise self._source.fatal
             time.sleep(min(left, 0.1))
+
+
+def _alert_engine(config: Config, metrics: Metrics,
+                  publish: Callable[[str, bytes, bool], None]) -> AlertEngine | None:
+    """Return the alert engine the configuration asks for, if any."""
+    if not config.alerts.enabled:
+        return None
+    return AlertEngine(load_rules(config.alerts.rules_file), metrics, publish=publish,
+                       topic_prefix=config.alerts.mqtt_prefix or None,
+                       offline_after_s={r.stream: r.offline_after_s for r in config.routes},
+                       shared=config.mqtt.shared_group is not None)
+
+
+def _notices(config: Config, metrics: Metrics) -> MqttPublisher | None:
+    """Return the publisher of alert notifications (their own broker session), if any."""
+    if not config.alerts.mqtt_prefix:
+        return None
+    broker = (config.mqtt.model_copy(update={"url": config.alerts.mqtt_url})
+              if config.alerts.mqtt_url else config.mqtt)
+    return MqttPublisher(broker, metrics)
 
 
 #: Allocations between the collector's young-generation passes (CPython: 700).

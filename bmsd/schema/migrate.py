@@ -24,7 +24,7 @@ from psycopg.rows import class_row
 
 from bmsd.config import DatabaseConfig
 from bmsd.database import connect
-from bmsd.errors import EditionError, MigrationError
+from bmsd.errors import ConfigError, EditionError, MigrationError
 from bmsd.resources import package_file
 
 COMMUNITY_MARKER = "-- requires: timescaledb-community"
@@ -352,3 +352,15 @@ def ensure_login(database: str | DatabaseConfig, name: str, member_of: str,
         conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(member_of),
                                                       sql.Identifier(name)))
     return f"{'updated' if exists else 'created'} login role {name} (member of {member_of})"
+
+
+def require_current_schema(conn: psycopg.Connection[Any]) -> None:
+    """Raise ConfigError unless every script of this bmsd is applied to *conn*'s database."""
+    missing = missing_scripts(conn)
+    if missing and missing == all_scripts():
+        raise ConfigError("the database has no bmsd schema: run `bmsd migrate` first")
+    if missing:
+        raise ConfigError(
+            f"the database schema is older than this bmsd: {len(missing)} script(s) not"
+            f" applied ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''});"
+            " run `bmsd migrate` first (with this version), then start bmsd again")
