@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bmsd.alerts.evaluate import State
 from bmsd.alerts.rules import DEFAULT_RULES_PATH, Rule, load_rules
+from bmsd.alerts.state import State
 from bmsd.alerts.store import AlertStore
 from bmsd.errors import ConfigError
 from tests.fix_daemon import DaemonFactory, Publisher, wait_until

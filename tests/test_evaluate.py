@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bmsd.alerts import checks as rule_checks
 from bmsd.alerts import evaluate
 from bmsd.alerts.evaluate import OFFLINE, DeviceInfo, Plan, Readings, State
 from bmsd.alerts.rules import Rule, load_rules
@@ -342,7 +343,7 @@ pack_fields = st.fixed_dictionaries({}, optional={
 def test_the_quick_breach_check_agrees_with_every_rule_read_on_every_reading(
     readings: list[dict[str, Any]],
 ) -> None:
-    checks = [evaluate._prepared(rule) for rule in SHIPPED["battery_telemetry"]]
+    checks = [rule_checks.prepared(rule) for rule in SHIPPED["battery_telemetry"]]
     assert len({c.source for c in checks}) < len(checks)  # fields shared by several rules
     series = table((PACK.id, T0 + timedelta(seconds=i), fields)
                    for i, fields in enumerate(readings))
@@ -351,7 +352,7 @@ def test_the_quick_breach_check_agrees_with_every_rule_read_on_every_reading(
         (value := check.value(fields, facts)) is not None and value == value
         and check.breached(value, check.threshold)
         for fields in readings for check in checks)
-    assert evaluate._breaches(checks, series.rows, series.fields, facts) == one_by_one
+    assert rule_checks.breaches(checks, series.rows, series.fields, facts) == one_by_one
 
 
 # A batch's devices with nothing open or pending are first checked together:
@@ -370,12 +371,12 @@ site_readings = st.fixed_dictionaries({}, optional={
 def quiet_verdicts(stream: str, readings: list[tuple[DeviceInfo, dict[str, Any]]],
                    ) -> tuple[bool, bool]:
     """Return (all readings checked together, each at its own device) for *readings*."""
-    prepared = [evaluate._prepared(rule) for rule in SHIPPED[stream]]
+    prepared = [rule_checks.prepared(rule) for rule in SHIPPED[stream]]
     flagged = stream in evaluate.FLAGGED_STREAMS
     alone = True
     for device, fields in readings:
         facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
-        for check in evaluate._checks(prepared, device, LIMITS.get(device.id)):
+        for check in rule_checks.device_checks(prepared, device, LIMITS.get(device.id)):
             value = check.value(fields, facts)
             if value is not None and value == value and check.breached(value, check.threshold):
                 alone = False
@@ -387,7 +388,7 @@ def quiet_verdicts(stream: str, readings: list[tuple[DeviceInfo, dict[str, Any]]
     devices = {device.id: device for device, _ in readings}
     by_device = [(devices[device_id], series) for device_id, series in evaluate._series(rows)]
     flags_at = [rows.fields[name] for name in evaluate._FLAG_FIELDS] if flagged else []
-    together = evaluate._quiet(prepared, by_device, LIMITS, rows.fields, flags_at)
+    together = rule_checks.quiet(prepared, by_device, LIMITS, rows.fields, flags_at)
     return together, alone
 
 

@@ -17,9 +17,9 @@ import psycopg
 import structlog
 
 from bmsd.alerts import evaluate
-from bmsd.alerts.evaluate import Plan, Readings, State
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
+from bmsd.alerts.state import Plan, Readings, State
 from bmsd.alerts.store import AlertStore
 from bmsd.batch import Batch, Row
 from bmsd.metrics import Metrics

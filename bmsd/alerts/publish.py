@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import structlog
 
-from bmsd.alerts.evaluate import Alert, Plan, State
 from bmsd.alerts.rules import SEVERITIES
+from bmsd.alerts.state import Alert, Plan, State
 from bmsd.metrics import Metrics
 
 log = structlog.get_logger("bmsd.alerts")

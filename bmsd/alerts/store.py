@@ -20,8 +20,8 @@ from psycopg import sql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from bmsd.alerts.evaluate import Alert, DeviceInfo, Plan, State
 from bmsd.alerts.rules import LIMITS
+from bmsd.alerts.state import Alert, DeviceInfo, Plan, State
 from bmsd.errors import DatabaseError
 from bmsd.streams import SPECS
 

@@ -25,8 +25,8 @@ import psycopg
 import structlog
 
 from bmsd.alerts.engine import AlertEngine
-from bmsd.alerts.evaluate import Plan
 from bmsd.alerts.rules import load_rules
+from bmsd.alerts.state import Plan
 from bmsd.config import AlertsConfig
 from bmsd.errors import ConfigError
 from bmsd.ingest.mqtt import MqttPublisher
