@@ -13,17 +13,9 @@ from urllib.parse import quote, urlsplit
 
 from bmsd import __version__
 from bmsd.alerts.rules import SEVERITIES
-from bmsd.config import (
-    RUN_SECRETS,
-    SYSTEM_CONFIG_PATH,
-    Config,
-    DatabaseConfig,
-    Secret,
-    describe,
-    find_config,
-    load_config,
-    redact_url,
-)
+from bmsd.config import Config, DatabaseConfig
+from bmsd.config_load import RUN_SECRETS, SYSTEM_CONFIG_PATH, Secret, find_config, load_config
+from bmsd.config_text import describe, redact_url
 from bmsd.errors import BmsdError, ConfigError, DatabaseError, EditionError
 
 

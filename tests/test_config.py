@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from bmsd.config import (
-    DEFAULT_ROUTES,
-    SYSTEM_CONFIG_PATH,
-    Config,
-    RouteConfig,
-    describe,
-    load_config,
-    redact_url,
-)
+from bmsd.config import DEFAULT_ROUTES, Config, RouteConfig
+from bmsd.config_load import SYSTEM_CONFIG_PATH, load_config
+from bmsd.config_text import describe, redact_url
 from bmsd.database import connect_kwargs
 from bmsd.errors import ConfigError
 

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bmsd.batch import Batch, Origin, Row
-from bmsd.config import load_config
+from bmsd.config_load import load_config
 from bmsd.ingest.daemon import Daemon
 from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.mqtt import Message

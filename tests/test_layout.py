@@ -26,7 +26,8 @@ LAYERS = [
     {"bmsd.__main__", "bmsd.cli"},
     {"bmsd.ingest", "bmsd.simulate"},
     {"bmsd.alerts", "bmsd.schema"},
-    {"bmsd.batch", "bmsd.database", "bmsd.config"},
+    {"bmsd.batch", "bmsd.database", "bmsd.config_load"},
+    {"bmsd.config", "bmsd.config_text"},
     {"bmsd.streams", "bmsd.models", "bmsd.metrics", "bmsd.errors", "bmsd.logs",
      "bmsd.resources", "bmsd.internals", "bmsd"},
 ]

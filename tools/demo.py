@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from bmsd.config import load_config
+from bmsd.config_load import load_config
 from bmsd.errors import LocalStackError
 from bmsd.schema.migrate import load_demo_data, migrate
 from bmsd.simulate import Options, run
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from bmsd.cli import exit_code
-    from bmsd.config import find_config
+    from bmsd.config_load import find_config
 
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=None,

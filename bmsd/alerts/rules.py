@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bmsd.config import explain, read_toml
+from bmsd.config_text import explain, read_toml
 from bmsd.errors import ConfigError
 from bmsd.resources import package_file
 from bmsd.streams import BY_NAME, Stream

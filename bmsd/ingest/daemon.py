@@ -34,7 +34,8 @@ from prometheus_client import CollectorRegistry
 from bmsd import internals
 from bmsd.alerts.engine import AlertEngine
 from bmsd.alerts.rules import load_rules
-from bmsd.config import Config, redact_url
+from bmsd.config import Config
+from bmsd.config_text import redact_url
 from bmsd.database import Database
 from bmsd.errors import BmsdError
 from bmsd.ingest.health import HealthServer
