@@ -15,7 +15,6 @@ reading path, which decides and explains; the fast pass never rejects.
 from __future__ import annotations
 
 import json
-import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, create_model, with_config
 from typing_extensions import TypedDict
 
+from bmsd.ingest.refusals import explain_error, location, span
+from bmsd.ingest.shapes import NESTED_SECTIONS, flatten_battery, json_type, reading_time
 from bmsd.models import ReadingModel
 from bmsd.streams import BY_NAME, SPECS, StreamSpec
 
@@ -32,31 +33,6 @@ from bmsd.streams import BY_NAME, SPECS, StreamSpec
 _GETTERS = {spec.name: operator.attrgetter(*spec.model.columns) for spec in SPECS}
 # ... and a validated dict's (the one-pass path).
 _ITEMS = {spec.name: operator.itemgetter(*spec.model.columns) for spec in SPECS}
-
-# The nested PulseBMS document: (section, key) -> flat field.
-NESTED_BATTERY: dict[tuple[str, ...], str] = {
-    ("measurements", "voltage"): "voltage",
-    ("measurements", "current"): "current",
-    ("measurements", "power"): "power_w",
-    ("measurements", "temperature"): "temperature",
-    ("measurements", "soc"): "soc",
-    ("measurements", "soh"): "soh",
-    ("measurements", "internal_resistance"): "internal_resistance",
-    ("cell_data", "voltages"): "cell_voltages",
-    ("cell_data", "temperatures"): "cell_temperatures",
-    ("cell_data", "balancing_status"): "balancing",
-    ("safety", "alarm_flags"): "alarm_flags",
-    ("safety", "protection_status", "overvoltage"): "over_voltage",
-    ("safety", "protection_status", "undervoltage"): "under_voltage",
-    ("safety", "protection_status", "overcurrent"): "over_current",
-    ("safety", "protection_status", "overtemperature"): "over_temperature",
-    ("metadata", "data_quality"): "data_quality",
-    ("metadata", "firmware_version"): "firmware_version",
-    ("metadata", "communication_latency"): "communication_latency_ms",
-}
-NESTED_SECTIONS = ("measurements", "cell_data", "safety", "metadata")
-_NESTED_PATH = {flat: ".".join(path) for path, flat in NESTED_BATTERY.items()}
-
 
 # --- results -----------------------------------------------------------------
 
@@ -130,7 +106,7 @@ def _parse_each(spec: StreamSpec, payload: bytes, received_at: datetime,
     if isinstance(document, dict) and "readings" in document:
         if not isinstance(document["readings"], list):
             return _whole(payload, "bad_shape",
-                          f"readings is {_json_type(document['readings'])}; a gateway batch"
+                          f"readings is {json_type(document['readings'])}; a gateway batch"
                           ' is {"readings": [...]}, an array of reading objects')
         others = sorted(k for k in document if k != "readings")
         if others:
@@ -230,26 +206,10 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
     so the two paths cannot disagree on what is stored.
     """
     adapters = _ADAPTERS[spec.name]
-    first = payload[:1]
-    try:
-        if first == b"[":
-            models = adapters.array.validate_json(payload)
-            batch = True
-        elif first != b"{":
-            return None
-        elif b'"readings"' in payload:
-            models, batch = adapters.batch.validate_json(payload).readings, True
-        else:
-            models, batch = [adapters.one.validate_json(payload)], False
-    except ValidationError:
+    validated = _validated(adapters, payload)
+    if validated is None:
         return None
-    if not models:
-        return None
-    if adapters.as_dicts:
-        dicts = adapters.dicts(models)
-        if dicts is None:
-            return None
-        models = dicts
+    models, batch = validated
     getter, pack, declared = _ITEMS[spec.name], spec.pack, adapters.declared
     oldest, newest = received_at - limits.max_reading_age, received_at + limits.max_future
     width = len(spec.model.columns)
@@ -281,7 +241,7 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
                 return None
             when, timestamped = when.astimezone(UTC), True
         else:
-            timing = _reading_time(extra or {}, received_at)
+            timing = reading_time(extra or {}, received_at)
             if isinstance(timing, str):
                 return None
             when, timestamped = timing
@@ -290,6 +250,31 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
             return None
         keep(Reading(when, values, extra or None, timestamped, index if batch else None))
     return Parsed(readings, [])
+
+
+def _validated(adapters: _Adapters, payload: bytes) -> tuple[list[Any], bool] | None:
+    """Return a message's readings, each validated (as a dict where the model allows),
+    and whether they came as an array; None if anything about them needs a closer look."""
+    first = payload[:1]
+    try:
+        if first == b"[":
+            models, batch = adapters.array.validate_json(payload), True
+        elif first != b"{":
+            return None
+        elif b'"readings"' in payload:
+            models, batch = adapters.batch.validate_json(payload).readings, True
+        else:
+            models, batch = [adapters.one.validate_json(payload)], False
+    except ValidationError:
+        return None
+    if not models:
+        return None
+    if adapters.as_dicts:
+        dicts = adapters.dicts(models)
+        if dicts is None:
+            return None
+        models = dicts
+    return models, batch
 
 
 _FROM_ISO = datetime.fromisoformat
@@ -311,33 +296,33 @@ def _whole(payload: bytes, category: str, reason: str) -> Parsed:
 def _parse_reading(spec: StreamSpec, item: object, where: str, index: int | None,
                    received_at: datetime, limits: Limits) -> Reading | tuple[str, str]:
     if not isinstance(item, dict):
-        return "bad_shape", f"{where}: a reading must be a JSON object, not {_json_type(item)}"
+        return "bad_shape", f"{where}: a reading must be a JSON object, not {json_type(item)}"
     nested = spec.pack and any(s in item for s in NESTED_SECTIONS)
     if nested:
-        flattened = _flatten_battery(item)
+        flattened = flatten_battery(item)
         if isinstance(flattened, str):
             return "invalid", f"{where}.{flattened}"
         item = flattened
     else:
         item = dict(item)
-    timing = _reading_time(item, received_at)
+    timing = reading_time(item, received_at)
     if isinstance(timing, str):
         return "invalid", f"{where}: {timing}"
     when, timestamped = timing
     age = received_at - when
     if age > limits.max_reading_age:
         return "too_old", (
-            f"{where}: timestamp {when.isoformat()} is {_span(age)} old; readings older than"
-            f" {_span(limits.max_reading_age)} ({limits.age_source}) are not accepted")
+            f"{where}: timestamp {when.isoformat()} is {span(age)} old; readings older than"
+            f" {span(limits.max_reading_age)} ({limits.age_source}) are not accepted")
     if -age > limits.max_future:
         return "in_future", (
-            f"{where}: timestamp {when.isoformat()} is {_span(-age)} in the future;"
+            f"{where}: timestamp {when.isoformat()} is {span(-age)} in the future;"
             " check the gateway's clock (and that ts is epoch seconds or milliseconds)")
     try:
         reading = spec.model.model_validate(item)
     except ValidationError as exc:
         return "invalid", "; ".join(
-            f"{where}.{_location(err['loc'], nested)}: {_explain(err)}" for err in exc.errors())
+            f"{where}.{location(err['loc'], nested)}: {explain_error(err)}" for err in exc.errors())
     if spec.pack:
         problem = _cell_arrays_mismatch(reading.__dict__)
         if problem:
@@ -350,116 +335,6 @@ def _parse_reading(spec: StreamSpec, item: object, where: str, index: int | None
             f"{where}: no measurement: none of the {spec.label} fields is set (e.g."
             f" {', '.join(spec.model.columns[:3])}){unknown}")
     return Reading(when, values, extra, timestamped, index)
-
-
-def _json_type(value: object) -> str:
-    names = {str: "a string", int: "a number", float: "a number", bool: "true/false",
-             list: "an array", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _flatten_battery(document: Mapping[str, Any]) -> dict[str, Any] | str:
-    """Flatten the nested PulseBMS document; unknown nested keys go to extra."""
-    flat: dict[str, Any] = {k: v for k, v in document.items() if k not in NESTED_SECTIONS}
-    for section in NESTED_SECTIONS:
-        if section not in document:
-            continue
-        content = document[section]
-        if not isinstance(content, dict):
-            return f"{section}: must be a JSON object"
-        for key, value in content.items():
-            path: tuple[str, ...] = (section, key)
-            if key == "protection_status" and section == "safety":
-                if not isinstance(value, dict):
-                    return "safety.protection_status: must be a JSON object"
-                for flag, state in value.items():
-                    field = NESTED_BATTERY.get((*path, flag))
-                    if field:
-                        flat[field] = state
-                    else:
-                        flat[f"{section}.{key}.{flag}"] = state
-                continue
-            field = NESTED_BATTERY.get(path)
-            flat[field or f"{section}.{key}"] = value
-    return flat
-
-
-def _reading_time(item: dict[str, Any], received_at: datetime) -> tuple[datetime, bool] | str:
-    """Pop the reading's time from *item*: ``timestamp`` (ISO 8601) or ``ts`` (epoch).
-
-    Return the time and whether the reading carried one (else: arrival time).
-    """
-    if "timestamp" in item:
-        raw = item.pop("timestamp")
-        if not isinstance(raw, str):
-            return f"timestamp: expected an ISO 8601 string, got {_json_type(raw)}"
-        try:
-            when = datetime.fromisoformat(raw)
-        except ValueError:
-            return f"timestamp: {raw!r} is not ISO 8601 (e.g. 2026-05-01T12:00:00Z)"
-        if when.tzinfo is None:
-            return (f"timestamp: {raw!r} has no UTC offset; add Z or +01:00 so its instant"
-                    " is unambiguous")
-        return when.astimezone(UTC), True
-    if "ts" in item:
-        raw = item.pop("ts")
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
-            return f"ts: expected epoch seconds or milliseconds as a number, got {raw!r}"
-        # Epoch milliseconds are told apart by size: 1e11 s is the year 5138.
-        seconds = raw / 1000 if abs(raw) >= 1e11 else raw
-        try:
-            return datetime.fromtimestamp(seconds, UTC), True
-        except (OverflowError, OSError, ValueError):
-            return f"ts: {raw!r} is not a representable time"
-    return received_at, False
-
-
-def _span(delta: timedelta) -> str:
-    seconds = delta.total_seconds()
-    if seconds >= 2 * 86400:
-        return f"{seconds / 86400:.1f} days"
-    if seconds >= 2 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 120:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds:.0f} s"
-
-
-def _location(loc: tuple[int | str, ...], nested: bool) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            name = _NESTED_PATH.get(part, part) if nested and not out else part
-            out += f".{name}" if out else name
-    return out or "(reading)"
-
-
-def _explain(err: Any) -> str:
-    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
-    if kind in ("less_than_equal", "less_than"):
-        return f"value {_num(value)} above {_num(ctx.get('le', ctx.get('lt')))}"
-    if kind in ("greater_than_equal", "greater_than"):
-        return f"value {_num(value)} below {_num(ctx.get('ge', ctx.get('gt')))}"
-    if kind == "finite_number":
-        return "NaN and Infinity are not accepted"
-    if kind in ("float_type", "float_parsing", "int_type", "int_parsing", "int_from_float"):
-        return f"expected a number, got {value!r}"
-    if kind == "too_long":
-        return f"{ctx.get('actual_length')} items; at most {ctx.get('max_length')}"
-    if kind == "literal_error":
-        return f"{value!r} is not one of {ctx.get('expected')}"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"expected true or false, got {value!r}"
-    return str(err["msg"])
-
-
-def _num(value: object) -> str:
-    """Print 100.0 as 100, keep 7.2 as 7.2."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def _cell_arrays_mismatch(fields: Mapping[str, Any]) -> str | None:
