@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from bmsd import __version__
@@ -222,96 +223,105 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+_Argument = tuple[tuple[str, ...], dict[str, Any]]
+_DATABASE_URL: _Argument = (("--database-url",),
+                            {"help": "default: BMSD_DATABASE_URL, then the config file"})
+_SHARES = (("malformed", "bad payloads"), ("duplicates", "messages sent twice"),
+           ("out-of-order", "messages sent after their successor"),
+           ("late", "extra readings an hour old"),
+           ("alerts", "readings past an alert threshold"))
+
+#: Every command: name, what it does, the function that does it, its arguments.
+COMMANDS: tuple[tuple[str, str, Callable[[argparse.Namespace], int], tuple[_Argument, ...]],
+                ...] = (
+    ("migrate", "Apply the schema scripts of sql/ to the database.", _cmd_migrate, (
+        _DATABASE_URL,
+        (("--sql-dir",), {"type": Path, "help": "default: the sql/ beside bmsd"}),
+        (("--skip-community-features",), {
+            "action": "store_true",
+            "help": "on TimescaleDB's Apache-only edition, apply everything but the continuous"
+                    " aggregates and policies, and record those as skipped"}),
+        (("--wait-for-database",), {
+            "action": "store_true",
+            "help": "while the database cannot be reached, keep trying (with backoff) instead"
+                    " of exiting 1; for bmsd-migrate.service"}),
+        (("--demo-data",), {
+            "action": "store_true",
+            "help": "also load the demo plants, devices, tariffs and carbon factors of"
+                    " sql/demo/ (never for a production database)"}),
+    )),
+    ("create-login", "Create (or update) a login role for bmsd or Grafana, with its password"
+                     " from a file; run after migrate.", _cmd_create_login, (
+        (("name",), {"help": "the login role, e.g. bmsd_app or grafana"}),
+        (("--member-of",), {"required": True, "choices": ["bmsd_ingest", "bmsd_reader"],
+                            "help": "bmsd_ingest for the daemon, bmsd_reader for dashboards"}),
+        (("--password-file",), {"type": Path, "required": True}),
+        (("--database-url",), {"help": "a role that may create roles; default: [migrate]'s"
+                                       " login at [database]'s host"}),
+    )),
+    ("check-config", "Validate the configuration and print it, secrets redacted; exit 2 if"
+                     " it is wrong.", _cmd_check_config, (
+        (("--example",), {"action": "store_true", "help": "print the shipped example"
+                                                          " configuration (every key, its"
+                                                          " default)"}),
+    )),
+    ("run", "Run the ingest daemon: MQTT telemetry into TimescaleDB.", _cmd_run, ()),
+    ("probe", "Ask the bmsd running with this configuration whether it is ready (its"
+              " [metrics] addr): exit 0 if so, 1 if not (a HEALTHCHECK, a probe).", _cmd_probe, (
+        (("endpoint",), {"nargs": "?", "choices": ["readyz", "healthz"], "default": "readyz"}),
+        (("--timeout-s",), {"type": float, "default": 4.0}),
+    )),
+    ("alerts", "List unresolved alerts, or acknowledge one: bmsd alerts ack ID --by NAME.",
+     _cmd_alerts, (
+        (("action",), {"nargs": "?", "choices": ["list", "ack"], "default": "list"}),
+        (("id",), {"nargs": "?", "type": int, "help": "with ack: the alert's id"}),
+        (("--by",), {"help": "with ack: who acknowledges"}),
+        (("--site",), {"help": "only this site (slug)"}),
+        (("--severity",), {"choices": SEVERITIES}),
+        _DATABASE_URL,
+    )),
+    ("simulate", "Publish realistic field-gateway telemetry over MQTT.", _cmd_simulate, (
+        (("--mqtt-url",), {"help": "default: BMSD_MQTT_URL, then the config file"}),
+        (("--client-id",), {"default": "bmsd-simulator"}),
+        (("--sites",), {"type": int, "default": 2,
+                        "help": "even-numbered: battery sites; odd: factories (default 2)"}),
+        (("--devices-per-site",), {"type": int, "default": 6}),
+        (("--messages",), {"type": int, "help": "stop after this many messages"}),
+        (("--duration-s",), {"type": float, "help": "stop after this many seconds"}),
+        (("--rate",), {"type": float, "help": "messages per second in all (default: as fast"
+                                              " as the broker takes them)"}),
+        (("--backfill-s",), {"type": float, "default": 0.0, "metavar": "S",
+                             "help": "with --realtime: first publish the last S seconds of"
+                                     " history as fast as the broker takes it (dashboards"
+                                     " then have data at once)"}),
+        (("--realtime",), {"action": "store_true", "help": "publish at the devices' own"
+                                                           " intervals (compressor 1 s, ...)"}),
+        (("--per-message",), {"type": int, "default": 1, "help": "readings per message"}),
+        (("--qos",), {"type": int, "choices": [0, 1, 2], "default": 1}),
+        (("--seed",), {"type": int, "default": 1, "help": "same seed, same data"}),
+        (("--start",), {"help": "first timestamp (ISO 8601); default: the run ends now"}),
+        *(((f"--{name}",), {"type": float, "default": 0.0, "metavar": "SHARE",
+                            "help": f"share (0-1) of {what}"}) for name, what in _SHARES),
+        (("--summary-json",), {"type": Path, "help": "also write the summary here as JSON"}),
+        (("--progress",), {"action": "store_true",
+                           "help": "progress line even without a TTY"}),
+    )),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bmsd", description="Battery and energy telemetry from MQTT into TimescaleDB."
-    )
+        prog="bmsd", description="Battery and energy telemetry from MQTT into TimescaleDB.")
     parser.add_argument("--version", action="version", version=f"bmsd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--config", type=Path, default=None,
-                       help="TOML configuration (default: $BMSD_CONFIG, else"
-                            f" {SYSTEM_CONFIG_PATH} if present, else built-in defaults)")
-        return p
-
-    p = add("migrate", "Apply the schema scripts of sql/ to the database.")
-    p.add_argument("--database-url", help="default: BMSD_DATABASE_URL, then the config file")
-    p.add_argument("--sql-dir", type=Path, default=None, help="default: the sql/ beside bmsd")
-    p.add_argument("--skip-community-features", action="store_true",
-                   help="on TimescaleDB's Apache-only edition, apply everything but the"
-                        " continuous aggregates and policies, and record those as skipped")
-    p.add_argument("--wait-for-database", action="store_true",
-                   help="while the database cannot be reached, keep trying (with backoff)"
-                        " instead of exiting 1; for bmsd-migrate.service")
-    p.add_argument("--demo-data", action="store_true",
-                   help="also load the demo plants, devices, tariffs and carbon factors"
-                        " of sql/demo/ (never for a production database)")
-    p.set_defaults(func=_cmd_migrate)
-
-    p = add("create-login", "Create (or update) a login role for bmsd or Grafana, with its"
-                             " password from a file; run after migrate.")
-    p.add_argument("name", help="the login role, e.g. bmsd_app or grafana")
-    p.add_argument("--member-of", required=True, choices=["bmsd_ingest", "bmsd_reader"],
-                   help="bmsd_ingest for the daemon, bmsd_reader for dashboards")
-    p.add_argument("--password-file", type=Path, required=True)
-    p.add_argument("--database-url", help="a role that may create roles; default:"
-                                          " BMSD_DATABASE_URL, then the config file")
-    p.set_defaults(func=_cmd_create_login)
-
-    p = add("check-config", "Validate the configuration and print it, secrets redacted;"
-                             " exit 2 if it is wrong.")
-    p.add_argument("--example", action="store_true",
-                   help="print the shipped example configuration (every key, its default)")
-    p.set_defaults(func=_cmd_check_config)
-
-    p = add("run", "Run the ingest daemon: MQTT telemetry into TimescaleDB.")
-    p.set_defaults(func=_cmd_run)
-
-    p = add("probe", "Ask the bmsd running with this configuration whether it is ready"
-                     " (its [metrics] addr): exit 0 if so, 1 if not (a HEALTHCHECK, a probe).")
-    p.add_argument("endpoint", nargs="?", choices=["readyz", "healthz"], default="readyz")
-    p.add_argument("--timeout-s", type=float, default=4.0)
-    p.set_defaults(func=_cmd_probe)
-    p = add("alerts", "List unresolved alerts, or acknowledge one: bmsd alerts ack ID --by NAME.")
-    p.add_argument("action", nargs="?", choices=["list", "ack"], default="list")
-    p.add_argument("id", nargs="?", type=int, help="with ack: the alert's id")
-    p.add_argument("--by", help="with ack: who acknowledges")
-    p.add_argument("--site", help="only this site (slug)")
-    p.add_argument("--severity", choices=SEVERITIES)
-    p.add_argument("--database-url", help="default: BMSD_DATABASE_URL, then the config file")
-    p.set_defaults(func=_cmd_alerts)
-
-    p = add("simulate", "Publish realistic field-gateway telemetry over MQTT.")
-    p.add_argument("--mqtt-url", help="default: BMSD_MQTT_URL, then the config file")
-    p.add_argument("--client-id", default="bmsd-simulator")
-    p.add_argument("--sites", type=int, default=2,
-                   help="even-numbered: battery sites; odd: factories (default 2)")
-    p.add_argument("--devices-per-site", type=int, default=6)
-    p.add_argument("--messages", type=int, help="stop after this many messages")
-    p.add_argument("--duration-s", type=float, help="stop after this many seconds")
-    p.add_argument("--rate", type=float, help="messages per second in all (default: as fast"
-                                               " as the broker takes them)")
-    p.add_argument("--backfill-s", type=float, default=0.0, metavar="S",
-                   help="with --realtime: first publish the last S seconds of history as"
-                        " fast as the broker takes it (dashboards then have data at once)")
-    p.add_argument("--realtime", action="store_true",
-                   help="publish at the devices' own intervals (compressor 1 s, ...)")
-    p.add_argument("--per-message", type=int, default=1, help="readings per message")
-    p.add_argument("--qos", type=int, choices=[0, 1, 2], default=1)
-    p.add_argument("--seed", type=int, default=1, help="same seed, same data")
-    p.add_argument("--start", help="first timestamp (ISO 8601); default: the run ends now")
-    for name, what in (("malformed", "bad payloads"), ("duplicates", "messages sent twice"),
-                       ("out-of-order", "messages sent after their successor"),
-                       ("late", "extra readings an hour old"),
-                       ("alerts", "readings past an alert threshold")):
-        p.add_argument(f"--{name}", type=float, default=0.0, metavar="SHARE",
-                       help=f"share (0-1) of {what}")
-    p.add_argument("--summary-json", type=Path, help="also write the summary here as JSON")
-    p.add_argument("--progress", action="store_true", help="progress line even without a TTY")
-    p.set_defaults(func=_cmd_simulate)
-
+    for name, what, action, arguments in COMMANDS:
+        command = sub.add_parser(name, help=what, description=what)
+        command.add_argument("--config", type=Path, default=None,
+                             help="TOML configuration (default: $BMSD_CONFIG, else"
+                                  f" {SYSTEM_CONFIG_PATH} if present, else built-in defaults)")
+        for flags, options in arguments:
+            command.add_argument(*flags, **options)
+        command.set_defaults(func=action)
     return parser
 
 

@@ -44,7 +44,8 @@ from bmsd.ingest.inbox import Inbox
 from bmsd.ingest.ingestor import Ingestor
 from bmsd.ingest.intake import Intake
 from bmsd.ingest.lock import InstanceLock
-from bmsd.ingest.mqtt import Message, MqttPublisher, MqttSource
+from bmsd.ingest.mqtt import Message, MqttSource
+from bmsd.ingest.notices import MqttPublisher
 from bmsd.ingest.notify import Notifier
 from bmsd.ingest.periodic import Periodic, run_due
 from bmsd.ingest.policies import PolicyHealth

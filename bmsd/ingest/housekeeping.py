@@ -29,7 +29,7 @@ from bmsd.alerts.rules import load_rules
 from bmsd.alerts.state import Plan
 from bmsd.config import AlertsConfig
 from bmsd.errors import ConfigError
-from bmsd.ingest.mqtt import MqttPublisher
+from bmsd.ingest.notices import MqttPublisher
 from bmsd.ingest.notify import Notifier
 from bmsd.ingest.periodic import Periodic
 

@@ -100,18 +100,18 @@ class Message:
     dup: bool = False  # the broker sent it before (MQTT DUP flag)
 
 
-def _address(config: MqttConfig) -> tuple[str, int]:
+def address(config: MqttConfig) -> tuple[str, int]:
     url = urlsplit(config.url)
     return url.hostname or "127.0.0.1", url.port or (8883 if url.scheme == "mqtts" else 1883)
 
 
-def _jitter_backoff(client: paho.Client, cap: float) -> None:
+def jitter_backoff(client: paho.Client, cap: float) -> None:
     """Draw *client*'s reconnect backoff bounds afresh, so many daemons do not retry in step."""
     client.reconnect_delay_set(min_delay=max(1, round(random.uniform(0.5, 2))),  # noqa: S311
                                max_delay=max(1, round(cap * random.uniform(0.75, 1))))  # noqa: S311
 
 
-def _log_in(client: paho.Client, config: MqttConfig) -> tuple[str | None, bool]:
+def log_in(client: paho.Client, config: MqttConfig) -> tuple[str | None, bool]:
     """Set *client*'s credentials and TLS from *config*; return the user and whether TLS."""
     url = urlsplit(config.url)
     user = unquote(url.username) if url.username else None
@@ -155,15 +155,15 @@ class MqttSource:
         self.fatal: BrokerError | None = None
         self.refused: str | None = None  # why the broker refused the last attempt
         self.subscribed_at = datetime.now(UTC)
-        self._host, self._port = _address(config)
+        self._host, self._port = address(config)
         v5 = config.protocol == "5"
         client = client_class()(
             CallbackAPIVersion.VERSION2, client_id=config.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             clean_session=None if v5 else False, manual_ack=True,
         )
-        self._user, self._tls = _log_in(client, config)
-        _jitter_backoff(client, config.reconnect_max_backoff_s)
+        self._user, self._tls = log_in(client, config)
+        jitter_backoff(client, config.reconnect_max_backoff_s)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
@@ -305,7 +305,7 @@ class MqttSource:
             log.warning("mqtt_disconnected", reason=str(reason),
                         meaning="reconnecting with backoff; unacknowledged messages will be"
                                 " redelivered")
-        _jitter_backoff(client, self._config.reconnect_max_backoff_s)
+        jitter_backoff(client, self._config.reconnect_max_backoff_s)
 
     def _on_message(self, client: paho.Client, userdata: object,
                     message: paho.MQTTMessage) -> None:
@@ -325,82 +325,3 @@ class MqttSource:
         if self.fatal is None:
             self.fatal = error
             log.error("mqtt_fatal", error=str(error))
-
-
-
-class MqttPublisher:
-    """Publish alert notifications with QoS 1 over a connection of their own.
-
-    Not over the session that receives the readings: there the broker's
-    PUBACKs wait behind the readings it is sending, which during a backlog
-    are many megabytes of gateway batches, so notifications were
-    acknowledged a few hundred a second and the rest waited in paho's
-    memory (215 MB while replaying 30 days of 1,000 sites). On this
-    connection they are acknowledged in a round trip. `pending` counts those
-    not acknowledged yet (paho keeps them, and sends them again after a
-    reconnect); the daemon takes no new readings while it is above
-    ``[alerts] max_pending_notifications``, so memory stays bounded and
-    none is dropped.
-
-    The client id is ``<[mqtt] client_id>-alerts``, with a clean session:
-    what matters survives in paho's memory and, across a restart, in the
-    retained documents that the daemon announces again at start.
-    """
-
-    def __init__(self, config: MqttConfig, metrics: Metrics) -> None:
-        self._host, self._port = _address(config)
-        self._keepalive = config.keepalive_s
-        self._v5 = config.protocol == "5"
-        self.client_id = f"{config.client_id}-alerts"
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
-                             clean_session=None if self._v5 else True)
-        _log_in(client, config)
-        client.max_inflight_messages_set(1000)
-        _jitter_backoff(client, config.reconnect_max_backoff_s)
-        client.on_publish = self._on_publish
-        client.on_connect = self._on_connect
-        self._client = client
-        self._pending = 0
-        self._acked = threading.Condition()
-        metrics.notifications_pending.set_function(lambda: self._pending)
-
-    @property
-    def pending(self) -> int:
-        """Notifications published and not acknowledged by the broker yet."""
-        return self._pending
-
-    def start(self) -> None:
-        """Connect in the background; paho keeps reconnecting until `close`."""
-        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
-        self._client.loop_start()
-
-    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
-        """Publish with QoS 1; paho keeps it until the broker acknowledges it."""
-        with self._acked:
-            self._pending += 1
-        self._client.publish(topic, payload, qos=1, retain=retain)
-
-    def wait_sent(self, timeout_s: float) -> bool:
-        """Wait until every notification is acknowledged; False if *timeout_s* passed first."""
-        with self._acked:
-            return self._acked.wait_for(lambda: self._pending == 0, timeout_s)
-
-    def close(self) -> None:
-        """Disconnect and stop the network thread."""
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
-                    reason: ReasonCode, properties: Properties | None) -> None:
-        if reason.is_failure:
-            log.warning("mqtt_alerts_connect_refused", client_id=self.client_id,
-                        reason=str(reason), pending=self._pending,
-                        meaning="alert notifications wait in memory; retrying with backoff")
-
-    def _on_publish(self, client: paho.Client, userdata: object, mid: int,
-                    reason: ReasonCode, properties: Properties | None) -> None:
-        with self._acked:
-            self._pending -= 1
-            if self._pending == 0:
-                self._acked.notify_all()
