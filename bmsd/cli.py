@@ -145,7 +145,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     import json
     from datetime import datetime
 
-    from bmsd.simulate import Options, format_summary, run
+    from bmsd.simulate.plan import Options
+    from bmsd.simulate.publish import format_summary, run
 
     if args.messages is None and args.duration_s is None:
         raise ConfigError("say when to stop: --messages N or --duration-s S")

@@ -205,7 +205,8 @@ def test_every_panel_shows_rows_on_the_demo_data_as_first_opened(
     through bmsd. Every dashboard, opened with its default variables and range, shows
     rows in every PostgreSQL panel."""
     from bmsd.schema.migrate import load_demo_data
-    from bmsd.simulate import Options, run
+    from bmsd.simulate.plan import Options
+    from bmsd.simulate.publish import run
 
     load_demo_data(db_url)
     daemon = bmsd_daemon()

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bmsd.ingest.payloads import Limits, Parsed, _parse_each, _parse_valid, parse_message
-from bmsd.simulate import Options, plan
+from bmsd.simulate.plan import Options, plan
 from bmsd.streams import BY_NAME, NAMES
 from tests.fix_report import Record, Scenario
 

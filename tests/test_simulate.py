@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from bmsd.ingest.payloads import Limits, parse_message
-from bmsd.simulate import Options, plan
+from bmsd.simulate.plan import Options, plan
 from tests.fix_daemon import DaemonFactory, wait_until
 
 START = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)

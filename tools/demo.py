@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bmsd.config_load import load_config
 from bmsd.errors import LocalStackError
 from bmsd.schema.migrate import load_demo_data, migrate
-from bmsd.simulate import Options, run
+from bmsd.simulate.plan import Options
+from bmsd.simulate.publish import run
 from tools.localstack import LocalMosquitto, LocalPostgres, free_port
 
 DEMO_DATABASE = "bmsd"
