@@ -81,3 +81,23 @@ def test_no_two_packages_nor_two_modules_import_each_other() -> None:
     assert sorted((a, b) for a, b in edges if (b, a) in edges) == []
     pairs = {(m, n) for m, names in imports.items() for n in names}
     assert sorted((a, b) for a, b in pairs if (b, a) in pairs and a < b) == []
+
+
+def test_no_function_class_or_module_of_bmsd_is_too_long_to_read_at_once() -> None:
+    import ast
+    from pathlib import Path
+
+    limits = {"function": 60, "class": 250, "module": 400}
+    over = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "bmsd").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > limits["module"]:
+            over.append(f"{path.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            kind = ("function" if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                    else "class" if isinstance(node, ast.ClassDef) else None)
+            if kind and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length > limits[kind]:
+                    over.append(f"{path.name}:{node.name}: {length} lines")
+    assert over == []
