@@ -62,7 +62,7 @@ def main() -> None:
         batch = Batch()
         for n in range(b * args.readings, (b + 1) * args.readings):
             row = reading(n, args.packs)
-            batch.take(STREAM, [row], lambda rows: None)
+            batch.add_message(STREAM, [row], lambda rows: None)
         batches.append(batch)
     handover, evaluation = [], []
     for _ in range(args.repeat):

@@ -124,13 +124,10 @@ class Batch:
             keyed.update({row.key: row for row in rows[len(keyed):]})
         return keyed
 
-    def add(self, stream: str, row: Row) -> None:
-        """Add a row (as `extend` does)."""
-        self.extend(stream, [row])
-
-    def take(self, stream: str, rows: list[Row], send: Callable[[list[Row]], None]) -> None:
+    def add_message(self, stream: str, rows: list[Row],
+                    send: Callable[[list[Row]], None]) -> None:
         """Add the rows of one message, readings of one device, first giving *send*
-        the ones that are new (`fresh`); if *send* raises, the batch is left unchanged."""
+        the ones that are new (`new_rows`); if *send* raises, the batch is left unchanged."""
         device = rows[0].values[1]
         times = [row.values[0] for row in rows]
         first, last = times[0], times[-1]
@@ -164,11 +161,11 @@ class Batch:
                 if len(held) > self.largest:
                     self.largest = len(held)
                 return
-        send(self.fresh(stream, rows))
-        self.extend(stream, rows)
+        send(self.new_rows(stream, rows))
+        self.add_by_key(stream, rows)
 
-    def fresh(self, stream: str, rows: list[Row]) -> list[Row]:
-        """Return the rows of one message that `extend` would add (changing nothing)."""
+    def new_rows(self, stream: str, rows: list[Row]) -> list[Row]:
+        """Return the rows of one message that `add_by_key` would add (changing nothing)."""
         held = self._index(stream)
         if len(rows) == 1:
             return [] if rows[0].key in held else rows
@@ -179,7 +176,7 @@ class Batch:
                 out[key] = row
         return list(out.values())
 
-    def extend(self, stream: str, rows: list[Row]) -> None:
+    def add_by_key(self, stream: str, rows: list[Row]) -> None:
         """Add the rows of one message, key by key: a second reading of a device at
         the same time is not added, but counted as a duplicate if its values are the
         same, else dead-lettered."""
@@ -213,7 +210,7 @@ class Batch:
             _join_closest(kept)
         self._spans[stream][device] = kept
 
-    def see(self, device_id: int, latest: datetime, received_at: datetime) -> None:
+    def note_seen(self, device_id: int, latest: datetime, received_at: datetime) -> None:
         """Note that *device_id* sent readings up to *latest*, heard at *received_at*
         (the device was seen at the later of the two)."""
         when = max(latest, received_at)

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from bmsd.logs import LogFormat
 from bmsd.streams import SPECS, Stream
 
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/bmsd"
@@ -229,7 +230,7 @@ class RouteConfig(_Frozen):
 
 
 DEFAULT_ROUTES: tuple[RouteConfig, ...] = tuple(
-    RouteConfig(topic=spec.topic, stream=spec.name, device_kind=spec.device_kind)  # type: ignore[arg-type]
+    RouteConfig(topic=spec.topic, stream=spec.name, device_kind=spec.device_kind)
     for spec in SPECS)
 
 
@@ -246,7 +247,7 @@ class Config(_Frozen):
     # One of several instances on a host (bmsd@N.service sets BMSD_INSTANCE=N):
     # client id <client_id>-N, metrics port <addr's port>+N.
     instance: Annotated[int, Field(ge=1, le=99)] | None = None
-    log_format: Literal["auto", "json", "console", "journal"] = "auto"
+    log_format: LogFormat = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

@@ -1,8 +1,10 @@
 """The database side of bmsd: connections with timeouts, retries, and a client deadline.
 
-Every connection bmsd opens (the ingest connection, the instance lock,
-``bmsd migrate``, ``bmsd alerts``) comes from `connect`, which sets the same
-bounds on both ends of the socket:
+Every connection bmsd opens takes its settings from `connect_kwargs`: through
+`connect` (``bmsd migrate``, ``bmsd alerts``, ``create-login``), or directly
+where its owner handles the errors itself (the daemon's `Database`, the
+instance lock, the policy-health reader). They set the same bounds on both
+ends of the socket:
 
 - the client: a connect timeout, TCP keepalives and ``tcp_user_timeout``, so
   a peer that stops answering is noticed by the kernel;
@@ -39,6 +41,11 @@ import structlog
 from bmsd.config import DatabaseConfig
 from bmsd.errors import DatabaseError
 from bmsd.metrics import Metrics
+
+#: bmsd's own number among the database's advisory locks ("bmsd" in ASCII): the
+#: migration's lock (one key) and each client id's instance lock (this, and the
+#: client id's hash) are told apart from other applications' by it.
+ADVISORY_NAMESPACE = 0x626D7364
 
 log = structlog.get_logger("bmsd.database")
 T = TypeVar("T")

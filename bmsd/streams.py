@@ -12,7 +12,9 @@ here, its model, and its SQL (a hypertable, and ``device_streams``' check).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from bmsd.models import (
     BatteryTelemetry,
@@ -34,6 +36,12 @@ class StreamSpec:
     topic: str  # the default route
     device_kind: str  # given to devices first seen through the default route
     pack: bool = False  # a battery pack's readings: nested form, cells, flags
+
+    @property
+    def site_kind(self) -> str:
+        """Return the kind of site whose devices send this stream (a factory's topics
+        start with factory/)."""
+        return "factory" if self.topic.startswith("factory/") else "site"
 
     @property
     def scaled_table(self) -> str | None:
@@ -61,7 +69,12 @@ SPECS: tuple[StreamSpec, ...] = (
 BY_NAME: dict[str, StreamSpec] = {spec.name: spec for spec in SPECS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 
-#: The stream names as a type, for configuration and rules (static typing
-#: needs them spelt out; tests/test_streams.py checks they are SPECS' names).
-Stream = Literal["site_telemetry", "battery_telemetry", "energy_readings", "production_data",
-                 "environmental_data"]
+def _known(name: str) -> str:
+    if name not in BY_NAME:
+        quoted = [f"'{n}'" for n in NAMES]
+        raise ValueError(f"Input should be {', '.join(quoted[:-1])} or {quoted[-1]}")
+    return name
+
+
+#: A stream's name, as configuration and rules give it: one of the table's.
+Stream = Annotated[str, AfterValidator(_known)]

@@ -182,7 +182,7 @@ def test_the_rows_sent_early_are_those_the_batch_takes() -> None:
         raise psycopg.OperationalError("the connection was lost")
 
     batch = Batch()
-    batch.extend("energy_readings", [row(1, 0, 1.0), row(1, 1, 1.0)])
+    batch.add_by_key("energy_readings", [row(1, 0, 1.0), row(1, 1, 1.0)])
     for message in ([row(1, 2, 1.0)], [row(1, 1, 1.0)], [row(2, 0, 1.0), row(2, 1, 1.0)],
                     [row(2, 1, 7.0)],  # against a row added by time alone, unindexed
                     [row(1, 0, 9.0), row(1, 3, 1.0), row(1, 3, 2.0), row(1, 4, 1.0)],
@@ -190,11 +190,11 @@ def test_the_rows_sent_early_are_those_the_batch_takes() -> None:
         before = (list(batch.rows["energy_readings"]), list(batch.dead),
                   Counter(batch.duplicates), batch.largest, batch.newest("energy_readings"))
         with pytest.raises(psycopg.OperationalError):
-            batch.take("energy_readings", message, refuse)
+            batch.add_message("energy_readings", message, refuse)
         assert (batch.rows["energy_readings"], batch.dead, batch.duplicates, batch.largest,
                 batch.newest("energy_readings")) == before, "a failed send changed the batch"
         sent: list[Row] = []
-        batch.take("energy_readings", message, sent.extend)
+        batch.add_message("energy_readings", message, sent.extend)
         assert sent == batch.rows["energy_readings"][len(before[0]):]
         assert batch.largest == max(len(batch.rows[s]) for s in batch.rows)
     held = batch.rows["energy_readings"]
@@ -214,7 +214,7 @@ def test_a_batch_finds_repeats_among_a_devices_interleaved_runs_of_readings() ->
     batch = Batch()
 
     def take(power: float, *seconds: int) -> None:
-        batch.take("energy_readings", [
+        batch.add_message("energy_readings", [
             Row((START + timedelta(seconds=s), 1, power, None, None, None, None, None, None),
                 origin) for s in seconds], lambda rows: None)
 
@@ -242,8 +242,9 @@ def test_a_batch_keeps_each_devices_newest_reading_and_when_it_was_last_heard() 
     origin = Origin("factory/f1/m1/energy", "factory/+/+/energy", b"{}", None, START)
 
     def take(stream: str, device: int, *times: datetime) -> None:
-        batch.take(stream, [Row((when, device), origin) for when in times], lambda rows: None)
-        batch.see(device, max(times), heard)
+        batch.add_message(stream, [Row((when, device), origin) for when in times],
+                          lambda rows: None)
+        batch.note_seen(device, max(times), heard)
 
     batch = Batch()
     heard = START + timedelta(minutes=5)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bmsd.alerts import checks as rule_checks
 from bmsd.alerts import evaluate
-from bmsd.alerts.evaluate import OFFLINE, DeviceInfo, Plan, Readings, State
+from bmsd.alerts.evaluate import OFFLINE, DeviceInfo, Plan, State, StreamRows
 from bmsd.alerts.rules import Rule, load_rules
 
 T0 = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
@@ -44,14 +44,14 @@ def pack(seconds: float, **fields: Any) -> tuple[str, int, datetime, dict[str, A
     return "battery_telemetry", PACK.id, T0 + timedelta(seconds=seconds), fields
 
 
-def table(readings: Iterable[tuple[int, datetime, Mapping[str, Any]]]) -> Readings:
+def table(readings: Iterable[tuple[int, datetime, Mapping[str, Any]]]) -> StreamRows:
     """Return (device, time, fields) readings as a batch's readings of one stream: tuples
     of (time, device, *fields), every field any reading has in each (absent: None)."""
     readings = list(readings)
     names = list(dict.fromkeys(name for _, _, fields in readings for name in fields))
     rows = [(when, device, *[fields.get(name) for name in names])
             for device, when, fields in readings]
-    return Readings(rows, 0, 1, {name: 2 + i for i, name in enumerate(names)})
+    return StreamRows(rows, 0, 1, {name: 2 + i for i, name in enumerate(names)})
 
 
 def batch(state: State, readings: Iterable[tuple[str, int, datetime, dict[str, Any]]],
@@ -108,7 +108,7 @@ def test_a_late_or_redelivered_reading_changes_nothing() -> None:
 
 def test_a_device_limit_replaces_the_rule_threshold_and_keeps_its_gap() -> None:
     state = new_state()
-    state.limits[PACK.id] = {"max_cell_voltage": 3.65}
+    state.safety_limits[PACK.id] = {"max_cell_voltage": 3.65}
     plan = batch(state, [pack(0, cell_voltages=[3.5, 3.7])])
     assert codes(plan.triggered) == ["CELL_OVER_VOLTAGE"]
     assert plan.triggered[0].threshold == 3.65
@@ -298,7 +298,7 @@ def fleet_transitions(drawn: list[tuple[int, int, dict[str, Any]]], cuts: list[i
     """Evaluate *drawn* readings in batches cut at *cuts* (see `in_batches`); return
     every transition."""
     state = State(devices={d.id: d for d in (CTRL, CTRL_60, PACK, PACK_2)},
-                  limits={PACK_2.id: {"max_cell_voltage": 4.1}})
+                  safety_limits={PACK_2.id: {"max_cell_voltage": 4.1}})
     readings: list[tuple[str, int, datetime, dict[str, Any]]] = []
     clock = dict.fromkeys(state.devices, 0)
     for who, gap, fields in drawn:

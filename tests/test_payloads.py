@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bmsd.ingest.payloads import Limits, Parsed, _parse_each, _parse_valid, parse_message
+from bmsd.ingest.payloads import Parsed, ReadingBounds, _parse_each, _parse_valid, parse_message
 from bmsd.simulate.plan import Options, plan
 from bmsd.streams import BY_NAME, NAMES
 from tests.fix_report import Record, Scenario
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-LIMITS = Limits()
+LIMITS = ReadingBounds()
 
 
 def parse(stream: str, payload: Any) -> Parsed:
@@ -297,7 +297,7 @@ def test_a_hundred_thousand_hostile_payloads_end_as_readings_or_reasons(
     reliability: Record,
 ) -> None:
     rng = random.Random(100_000)  # the same inputs every run
-    limits = Limits(max_message_bytes=64 * 1024)
+    limits = ReadingBounds(max_message_bytes=64 * 1024)
     readings = rejects = one_pass = 0
     for n in range(100_000):
         stream = NAMES[n % len(NAMES)]

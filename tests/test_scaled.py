@@ -69,8 +69,9 @@ def test_values_at_their_resolution_read_back_exactly_and_finer_ones_are_rounded
              "inverter2_temperature": -0.1}
     finer = {"battery_voltage": 400.16, "grid_frequency": 50.0004, "solar_energy_kwh": 1.23449}
     batch = Batch()
-    batch.add("site_telemetry", _reading(device, now, sent))
-    batch.add("site_telemetry", _reading(device, now + timedelta(minutes=5), finer))
+    batch.add_message("site_telemetry", [_reading(device, now, sent)], lambda rows: None)
+    batch.add_message("site_telemetry", [_reading(device, now + timedelta(minutes=5), finer)],
+                      lambda rows: None)
     with db.transaction():
         outcome = Writer().write(db, batch)
     assert outcome.written["site_telemetry"] == 2

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from bmsd.ingest.payloads import Limits, parse_message
+from bmsd.ingest.payloads import ReadingBounds, parse_message
 from bmsd.simulate.plan import Options, plan
 from tests.fix_daemon import DaemonFactory, wait_until
 
@@ -39,7 +39,7 @@ def test_the_demo_plant_publishes_every_stream_and_all_valid_readings_pass_valid
         "compressor-1", "hvac-1", "conveyor-1", "hydraulic-pump-1", "injection-molding-1"}
     latest = max(m.at for m in messages)
     for m in messages:
-        parsed = parse_message(m.stream, m.payload, latest, Limits())
+        parsed = parse_message(m.stream, m.payload, latest, ReadingBounds())
         assert parsed.rejects == [], (m.topic, parsed.rejects)
         assert len(parsed.readings) == m.valid
 

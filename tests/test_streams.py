@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import get_args
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
 
 from bmsd.config import DEFAULT_ROUTES
 from bmsd.schema import aggregates
@@ -13,8 +15,11 @@ from bmsd.streams import NAMES, SPECS, Stream
 SQL = Path(__file__).resolve().parent.parent / "sql"
 
 
-def test_the_stream_type_lists_the_table() -> None:
-    assert get_args(Stream) == NAMES
+def test_the_stream_type_accepts_the_table_s_names_and_no_other() -> None:
+    adapter = TypeAdapter(Stream)
+    assert [adapter.validate_python(name) for name in NAMES] == list(NAMES)
+    with pytest.raises(ValidationError, match="Input should be 'site_telemetry'"):
+        adapter.validate_python("site_telemetr")
 
 
 def test_default_routes_are_the_table_s() -> None:

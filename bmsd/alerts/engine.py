@@ -19,7 +19,7 @@ import structlog
 from bmsd.alerts import evaluate
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
-from bmsd.alerts.state import Plan, Readings, State
+from bmsd.alerts.state import Plan, State, StreamRows
 from bmsd.alerts.store import AlertStore
 from bmsd.batch import Batch, Row
 from bmsd.metrics import Metrics
@@ -61,11 +61,11 @@ class AlertEngine:
         self.state = self._store.load(conn)
         self._publisher.count(self.state)
         log.info("alerts_loaded", unresolved=len(self.state.open), rules=len(self.rules),
-                 devices_with_limits=len(self.state.limits))
+                 devices_with_limits=len(self.state.safety_limits))
 
     def load_limits(self, conn: psycopg.Connection[Any]) -> None:
         """Read the active per-device safety limits again."""
-        self.state.limits = self._store.limits(conn)
+        self.state.safety_limits = self._store.safety_limits(conn)
 
     def plan(self, conn: psycopg.Connection[Any], batch: Batch) -> Plan:
         """Decide and write, in the caller's transaction, what *batch* changes."""
@@ -84,10 +84,10 @@ class AlertEngine:
         plan.seconds = time.perf_counter() - started
         return plan
 
-    def readings(self, batch: Batch) -> tuple[dict[str, Readings], set[int]]:
+    def readings(self, batch: Batch) -> tuple[dict[str, StreamRows], set[int]]:
         """Return *batch*'s readings as `evaluate` takes them, by stream, and their
         devices."""
-        readings: dict[str, Readings] = {}
+        readings: dict[str, StreamRows] = {}
         devices: set[int] = set()
         for stream, rows in batch.rows.items():
             if not rows:
@@ -98,8 +98,8 @@ class AlertEngine:
             # A stream no rule reads needs only each device's newest reading
             # (its mark, the end of a DEVICE_OFFLINE): one per device, not per row.
             readings[stream] = (
-                Readings([row.values for row in rows], Row.TIME, Row.DEVICE, fields) if fields
-                else Readings(list(newest.items()), time=1, device=0))
+                StreamRows([row.values for row in rows], Row.TIME, Row.DEVICE, fields) if fields
+                else StreamRows(list(newest.items()), time=1, device=0))
         return readings, devices
 
     def plan_offline(self, conn: psycopg.Connection[Any], now: datetime,
@@ -114,9 +114,6 @@ class AlertEngine:
         plan = evaluate.plan_offline(self.state, now, watching_since, self._offline_after)
         self._store.write(conn, plan)
         return plan
-
-    def offline_limit_s(self, device_id: int) -> float:
-        return evaluate.offline_limit_s(self.state, device_id, self._offline_after)
 
     def apply(self, plan: Plan) -> None:
         """Make a committed plan the current state, and announce it."""

@@ -31,7 +31,7 @@ from typing import Any
 
 from bmsd.alerts.checks import Check, breaches, device_checks, prepared, quiet
 from bmsd.alerts.rules import Rule
-from bmsd.alerts.state import Alert, DeviceInfo, Pending, Plan, Readings, State
+from bmsd.alerts.state import Alert, DeviceInfo, Pending, Plan, State, StreamRows
 from bmsd.streams import SPECS
 
 PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
@@ -69,7 +69,7 @@ def needs_fields(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> bool:
 
 
 def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]],
-             readings: Mapping[str, Readings], seen: Mapping[int, datetime]) -> Plan:
+             readings: Mapping[str, StreamRows], seen: Mapping[int, datetime]) -> Plan:
     """Return what *readings* (by stream) change, against the committed *state* (left
     untouched).
 
@@ -105,7 +105,7 @@ def _flagged_open(opened: Mapping[tuple[int, str], Alert]) -> dict[int, dict[str
 
 
 def _move_marks(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
-                stream: str, table: Readings) -> None:
+                stream: str, table: StreamRows) -> None:
     """A stream no rule reads: only each device's newest reading moves its mark and
     ends a DEVICE_OFFLINE."""
     at = table.time
@@ -123,7 +123,7 @@ def _move_marks(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
 
 
 def _new_series(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
-                stream: str, table: Readings) -> _Series:
+                stream: str, table: StreamRows) -> _Series:
     """Return each device's readings newer than its mark (late or redelivered ones are
     stored but change nothing), moving the marks and the devices' intervals."""
     at = table.time
@@ -150,7 +150,7 @@ def _new_series(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
 
 def _evaluate_stream(plan: Plan, opened: dict[tuple[int, str], Alert],
                      flagged_open: dict[int, dict[str, None]], state: State,
-                     rules: tuple[Rule, ...], stream: str, table: Readings,
+                     rules: tuple[Rule, ...], stream: str, table: StreamRows,
                      live: _Series) -> None:
     """Apply *rules* (and the readings' flags) to each device's new readings."""
     flagged = stream in FLAGGED_STREAMS
@@ -168,10 +168,10 @@ def _evaluate_stream(plan: Plan, opened: dict[tuple[int, str], Alert],
         device_id = item[0].id
         (busy if device_id in with_alerts or plan.pending[(device_id, stream)]
          else calm).append(item)
-    if calm and quiet(checks, calm, state.limits, table.fields, flags_at):
+    if calm and quiet(checks, calm, state.safety_limits, table.fields, flags_at):
         live = busy
     for device, series in live:
-        own = device_checks(checks, device, state.limits.get(device.id))
+        own = device_checks(checks, device, state.safety_limits.get(device.id))
         own_flags = flagged_open.setdefault(device.id, {}) if flagged else None
         _evaluate_device(plan, opened, plan.pending[(device.id, stream)], device, series,
                          table, own, own_flags, flags_at)
@@ -179,7 +179,7 @@ def _evaluate_stream(plan: Plan, opened: dict[tuple[int, str], Alert],
 
 def _evaluate_device(plan: Plan, opened: dict[tuple[int, str], Alert],
                      pending: Pending, device: DeviceInfo,
-                     series: list[Sequence[Any]], table: Readings, checks: list[Check],
+                     series: list[Sequence[Any]], table: StreamRows, checks: list[Check],
                      own_flags: dict[str, None] | None, flags_at: list[int]) -> None:
     """One device's new readings, in time order, against its checks and flags."""
     facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
@@ -201,7 +201,7 @@ def _evaluate_device(plan: Plan, opened: dict[tuple[int, str], Alert],
             _flags(plan, opened, own_flags, device, fields, when)
 
 
-def _series(table: Readings) -> list[tuple[int, list[Sequence[Any]]]]:
+def _series(table: StreamRows) -> list[tuple[int, list[Sequence[Any]]]]:
     """Return each device's readings in time order, devices in id order."""
     out: defaultdict[int, list[Sequence[Any]]] = defaultdict(list)
     device = table.device

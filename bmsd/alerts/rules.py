@@ -68,7 +68,7 @@ DERIVED: dict[str, dict[str, Derived]] = {
     },
 }
 #: safety_constraints columns a rule may take its threshold from.
-LIMITS = ("max_cell_voltage", "min_cell_voltage", "max_charge_current",
+SAFETY_LIMITS = ("max_cell_voltage", "min_cell_voltage", "max_charge_current",
           "max_discharge_current", "max_cell_temperature", "min_cell_temperature",
           "max_temperature_delta", "max_soc", "min_soc")
 
@@ -91,7 +91,7 @@ class Rule(BaseModel):
     message: str = "{device} at {site}: {title} ({value} against {threshold})"
     device_kind: str | None = None
     site: str | None = None  # a shell-style pattern of site slugs
-    limit: Literal[LIMITS] | None = None  # type: ignore[valid-type]
+    limit: Literal[SAFETY_LIMITS] | None = None  # type: ignore[valid-type]
     limit_sign: Literal[1, -1] = 1  # -1: the limit is a magnitude, the value negative
 
     @model_validator(mode="after")

@@ -76,7 +76,7 @@ class State:
     """The committed alert state: what plans are decided against."""
 
     devices: dict[int, DeviceInfo] = field(default_factory=dict)
-    limits: dict[int, dict[str, float]] = field(default_factory=dict)
+    safety_limits: dict[int, dict[str, float]] = field(default_factory=dict)
     open: dict[tuple[int, str], Alert] = field(default_factory=dict)
     marks: dict[tuple[int, str], datetime] = field(default_factory=dict)
     pending: dict[tuple[int, str], Pending] = field(default_factory=dict)
@@ -86,8 +86,8 @@ class State:
 
 
 @dataclass(frozen=True, slots=True)
-class Readings:
-    """A batch's readings of one stream, as tuples, and where in them their time, their
+class StreamRows:
+    """A batch's rows of one stream, as tuples, and where in them their time, their
     device id and each field that evaluating them reads sit (no field: only their
     times matter). No two readings have one device and time.
 

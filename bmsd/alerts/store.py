@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from bmsd.alerts.rules import LIMITS
+from bmsd.alerts.rules import SAFETY_LIMITS
 from bmsd.alerts.state import Alert, DeviceInfo, Plan, State
 from bmsd.errors import DatabaseError
 from bmsd.streams import SPECS
@@ -30,7 +30,7 @@ _DEVICES = """
       FROM devices d JOIN sites s ON s.id = d.site_id WHERE d.id = ANY(%s)
 """
 _LIMITS = f"""
-    SELECT DISTINCT ON (device_id) device_id, {", ".join(LIMITS)}
+    SELECT DISTINCT ON (device_id) device_id, {", ".join(SAFETY_LIMITS)}
       FROM safety_constraints
      WHERE active AND effective_from <= now()
        AND (effective_until IS NULL OR effective_until > now())
@@ -89,7 +89,7 @@ class AlertStore:
         """Return the committed state (at start)."""
         state = State()
         with conn.transaction():
-            state.limits = self.limits(conn)
+            state.safety_limits = self.safety_limits(conn)
             self._read(conn, state, _OPEN_ALERTS, _MARKS, ())
             state.last_seen = dict(conn.execute(_LAST_SEEN).fetchall())
             for spec in SPECS:
@@ -153,10 +153,10 @@ class AlertStore:
                 r["title"] or r["rule_code"], r["message"], r["value"], r["threshold"],
                 r["triggered_at"], id=r["id"], status=r["status"])
 
-    def limits(self, conn: psycopg.Connection[Any]) -> dict[int, dict[str, float]]:
+    def safety_limits(self, conn: psycopg.Connection[Any]) -> dict[int, dict[str, float]]:
         """Return the active per-device safety limits."""
         with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-            return {int(row["device_id"]): {name: float(row[name]) for name in LIMITS
+            return {int(row["device_id"]): {name: float(row[name]) for name in SAFETY_LIMITS
                                             if row[name] is not None}
                     for row in cur.execute(_LIMITS)}
 

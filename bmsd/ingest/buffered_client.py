@@ -1,14 +1,14 @@
 """paho's client with a read buffer under its packet reader, and PUBACKs sent together.
 
 paho reads every packet with a system call per piece: one byte for the
-packet type, one per byte of the remaining length, then the rest. A
-do-nothing subscriber spends half its time there (bench/RESULTS.md, step 5:
-39.7 k -> 89.4 k single-reading messages/s with this client). `BufferedClient` takes up
-to 64 KiB from the socket at once and hands paho's reader its pieces from
-that; after each read event it goes on reading the packets already in the
-buffer, because the socket will not wake paho again for bytes already taken,
-but takes no more from the socket until the next read event (paho writes
-our PUBACKs between read events).
+packet type, one per byte of the remaining length, then the rest: for small
+messages, system calls would cost more than everything else the subscriber
+does. The buffered client (`client_class`) takes up to 64 KiB from the
+socket at once and hands paho's reader its pieces from that; after each read
+event it goes on reading the packets already in the buffer, because the
+socket will not wake paho again for bytes already taken, but takes no more
+from the socket until the next read event (paho writes our PUBACKs between
+read events).
 The buffer is dropped whenever paho closes the socket, so nothing of one
 connection reaches the next.
 

@@ -346,11 +346,10 @@ def settle_collector() -> None:
 
     A batch holds its rows (objects the collector tracks) until it commits,
     so they survive young passes and fill the old generation, whose full
-    passes then walked every object imported at start-up too: about 15 % of
-    the CPU of 100-reading messages (bench/RESULTS.md, step 9). Freezing what
-    exists now takes the start-up objects out of every later pass, and rarer
-    young passes promote fewer rows. Reference counting still frees the rows
-    themselves at each commit, so memory stays bounded as before.
+    passes would then walk every object imported at start-up too. Freezing
+    what exists now takes the start-up objects out of every later pass, and
+    rarer young passes promote fewer rows. Reference counting still frees the
+    rows themselves at each commit, so memory stays bounded.
     """
     gc.freeze()
     _young, middle, old = gc.get_threshold()

@@ -4,7 +4,7 @@
   change it: a crash between a commit and its publish loses no notification.
 - **Reload** the rules on SIGHUP (`systemctl reload`); invalid new rules are
   refused and the old ones stay.
-- **Limits**: re-read the devices' safety constraints every
+- **Safety limits**: re-read the devices' safety constraints every
   ``[alerts] limits_refresh_s``.
 - **Offline**: look for silent devices every ``[alerts] offline_check_s``,
   once subscribed, counting silence only from after the last backlog seen

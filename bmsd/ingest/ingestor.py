@@ -29,7 +29,7 @@ from bmsd.alerts.engine import AlertEngine
 from bmsd.batch import Batch, DeadLetter, Origin, Row
 from bmsd.config import Config
 from bmsd.ingest.mqtt import Message
-from bmsd.ingest.payloads import Limits, parse_message
+from bmsd.ingest.payloads import ReadingBounds, parse_message
 from bmsd.ingest.registry import Registry, Unresolved
 from bmsd.ingest.routing import Router
 from bmsd.ingest.writer import Outcome, Writer
@@ -38,7 +38,7 @@ from bmsd.streams import NAMES
 
 #: Payload bytes held before a flush is forced, whatever the other limits.
 MAX_PENDING_BYTES = 64 * 1024 * 1024
-#: Readings older than this lie before the refresh policies' windows (sql/110).
+#: StreamRows older than this lie before the refresh policies' windows (sql/110).
 LATE_AFTER = timedelta(days=3)
 
 _RETENTION = """
@@ -57,7 +57,7 @@ class Ingestor:
                  clock: Callable[[], float] = time.monotonic) -> None:
         ingest = config.ingest
         self._ingest = ingest
-        self._limits = {stream: self._stream_limits(None) for stream in NAMES}
+        self._bounds = {stream: self._stream_bounds(None) for stream in NAMES}
         self._router = Router(config.routes)
         self._registry = Registry(
             ingest, on_register=lambda stream: metrics.devices_registered.labels(stream).inc())
@@ -88,12 +88,12 @@ class Ingestor:
         """Return how many messages wait for a commit."""
         return len(self._pending)
 
-    def _stream_limits(self, retention_s: float | None) -> Limits:
+    def _stream_bounds(self, retention_s: float | None) -> ReadingBounds:
         ingest = self._ingest
         age_s, source = float(ingest.max_reading_age_s), "ingest.max_reading_age_s"
         if retention_s is not None and retention_s < age_s:
             age_s, source = retention_s, "the table's retention: older data is dropped"
-        return Limits(max_message_bytes=ingest.max_message_bytes,
+        return ReadingBounds(max_message_bytes=ingest.max_message_bytes,
                       max_reading_age=timedelta(seconds=age_s), age_source=source,
                       max_future=timedelta(seconds=ingest.max_future_s))
 
@@ -105,7 +105,7 @@ class Ingestor:
         self._writer.prepare(conn)
         with conn.transaction():
             kept = dict(conn.execute(_RETENTION, (list(self._writer.tables.values()),)).fetchall())
-        self._limits = {stream: self._stream_limits(kept.get(table))
+        self._bounds = {stream: self._stream_bounds(kept.get(table))
                         for stream, table in self._writer.tables.items()}
 
     def accept(self, conn: psycopg.Connection[Any], message: Message) -> None:
@@ -123,7 +123,7 @@ class Ingestor:
                 self._metrics.messages_received.labels(route.template)
         received.inc()
         parsed = parse_message(route.stream, message.payload, message.received_at,
-                               self._limits[route.stream])
+                               self._bounds[route.stream])
         dead = [DeadLetter(Origin(message.topic, route.template, r.payload, r.index,
                                   message.received_at, message.dup), r.category, r.reason)
                 for r in parsed.rejects]
@@ -142,7 +142,7 @@ class Ingestor:
         stream = route.stream
         rows = [Row((r.time, device, *r.values, r.extra), origin, r.index)
                 for r in parsed.readings]
-        self._batch.take(stream, rows,  # may raise: as above
+        self._batch.add_message(stream, rows,  # may raise: as above
                          lambda fresh: self._writer.send(conn, stream, fresh))
         times = [r.time for r in parsed.readings]
         latest, late_before = max(times), message.received_at - LATE_AFTER
@@ -154,7 +154,7 @@ class Ingestor:
             self._metrics.readings_without_time.labels(route.template).inc(undated)
         else:
             self._lag_times.append(latest)
-        self._batch.see(device, latest, message.received_at)
+        self._batch.note_seen(device, latest, message.received_at)
         self._hold(message, dead)
 
     def release(self) -> None:

@@ -26,11 +26,9 @@ import psycopg
 from psycopg.rows import class_row
 
 from bmsd.config import DatabaseConfig
-from bmsd.database import connect_kwargs
+from bmsd.database import ADVISORY_NAMESPACE, connect_kwargs
 from bmsd.errors import SessionTakenOver
 
-# The lock's first key: bmsd's own namespace among advisory locks.
-_NAMESPACE = 0x626D7364
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
 # A two-key advisory lock shows its keys as classid and objid (an oid, so
 # the signed hash is read back unsigned), with objsubid 2.
@@ -84,11 +82,11 @@ class InstanceLock:
                 conn = self._conn = psycopg.connect(
                     self._config.url, autocommit=True,
                     **connect_kwargs(self._config, "bmsd-instance-lock"))
-            row = conn.execute(_TRY_LOCK, (_NAMESPACE, self._client_id)).fetchone()
+            row = conn.execute(_TRY_LOCK, (ADVISORY_NAMESPACE, self._client_id)).fetchone()
             if row is not None and row[0]:
                 return
             with conn.cursor(row_factory=class_row(Holder)) as cur:
-                holder = cur.execute(_HOLDER, (_NAMESPACE, self._client_id)).fetchone()
+                holder = cur.execute(_HOLDER, (ADVISORY_NAMESPACE, self._client_id)).fetchone()
             if time.monotonic() > deadline:
                 raise SessionTakenOver(
                     f"the instance lock of MQTT client id {self._client_id!r} is held by"

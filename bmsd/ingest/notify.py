@@ -54,10 +54,6 @@ class Notifier:
         self._status = ""
         self._failed = False
 
-    @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
     def ready(self, status: str) -> None:
         self._status = status
         self._send(f"READY=1\nSTATUS={status}")

@@ -58,8 +58,8 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    """What `parse_message` accepts."""
+class ReadingBounds:
+    """How big a message, how old or how far ahead a reading `parse_message` accepts."""
 
     max_message_bytes: int = 256 * 1024
     max_reading_age: timedelta = timedelta(days=90)
@@ -78,19 +78,19 @@ class Parsed:
 # --- parsing ---------------------------------------------------------------
 
 def parse_message(stream: str, payload: bytes, received_at: datetime,
-                  limits: Limits) -> Parsed:
+                  bounds: ReadingBounds) -> Parsed:
     """Validate *payload* as readings of *stream*; never raise for bad input."""
     spec = BY_NAME[stream]
-    if len(payload) > limits.max_message_bytes:
+    if len(payload) > bounds.max_message_bytes:
         return _whole(payload, "too_large",
                       f"message of {len(payload)} bytes is larger than ingest.max_message_bytes"
-                      f" ({limits.max_message_bytes}); split it into smaller gateway batches")
-    valid = _parse_valid(spec, payload, received_at, limits)
-    return valid if valid is not None else _parse_each(spec, payload, received_at, limits)
+                      f" ({bounds.max_message_bytes}); split it into smaller gateway batches")
+    valid = _parse_valid(spec, payload, received_at, bounds)
+    return valid if valid is not None else _parse_each(spec, payload, received_at, bounds)
 
 
 def _parse_each(spec: StreamSpec, payload: bytes, received_at: datetime,
-                limits: Limits) -> Parsed:
+                bounds: ReadingBounds) -> Parsed:
     """Validate *payload* reading by reading, explaining each one refused."""
     label = spec.label
     try:
@@ -129,7 +129,7 @@ def _parse_each(spec: StreamSpec, payload: bytes, received_at: datetime,
     keep = parsed.readings.append
     for index, item in enumerate(items):
         result = _parse_reading(spec, item, f"{label}[{index}]" if batch else label,
-                                index if batch else None, received_at, limits)
+                                index if batch else None, received_at, bounds)
         if isinstance(result, Reading):
             keep(result)
         else:
@@ -199,7 +199,7 @@ _NOT_JSON = (b"NaN", b"Infinity")
 
 
 def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
-                 limits: Limits) -> Parsed | None:
+                 bounds: ReadingBounds) -> Parsed | None:
     """Return the readings of a wholly valid message in one pass; None: look closer.
 
     None is for anything the reading by reading path must decide or explain,
@@ -211,7 +211,7 @@ def _parse_valid(spec: StreamSpec, payload: bytes, received_at: datetime,
         return None
     models, batch = validated
     getter, pack, declared = _ITEMS[spec.name], spec.pack, adapters.declared
-    oldest, newest = received_at - limits.max_reading_age, received_at + limits.max_future
+    oldest, newest = received_at - bounds.max_reading_age, received_at + bounds.max_future
     width = len(spec.model.columns)
     readings: list[Reading] = []
     keep = readings.append
@@ -294,7 +294,7 @@ def _whole(payload: bytes, category: str, reason: str) -> Parsed:
 
 
 def _parse_reading(spec: StreamSpec, item: object, where: str, index: int | None,
-                   received_at: datetime, limits: Limits) -> Reading | tuple[str, str]:
+                   received_at: datetime, bounds: ReadingBounds) -> Reading | tuple[str, str]:
     if not isinstance(item, dict):
         return "bad_shape", f"{where}: a reading must be a JSON object, not {json_type(item)}"
     nested = spec.pack and any(s in item for s in NESTED_SECTIONS)
@@ -310,11 +310,11 @@ def _parse_reading(spec: StreamSpec, item: object, where: str, index: int | None
         return "invalid", f"{where}: {timing}"
     when, timestamped = timing
     age = received_at - when
-    if age > limits.max_reading_age:
+    if age > bounds.max_reading_age:
         return "too_old", (
             f"{where}: timestamp {when.isoformat()} is {span(age)} old; readings older than"
-            f" {span(limits.max_reading_age)} ({limits.age_source}) are not accepted")
-    if -age > limits.max_future:
+            f" {span(bounds.max_reading_age)} ({bounds.age_source}) are not accepted")
+    if -age > bounds.max_future:
         return "in_future", (
             f"{where}: timestamp {when.isoformat()} is {span(-age)} in the future;"
             " check the gateway's clock (and that ts is epoch seconds or milliseconds)")

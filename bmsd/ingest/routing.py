@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from bmsd.config import RouteConfig
+from bmsd.streams import BY_NAME
 
 _VARIABLE = re.compile(r"^\{([a-z_]+)\}$")
 MAX_SLUG_LENGTH = 64
@@ -38,8 +39,7 @@ class Route:
     @property
     def site_kind(self) -> str:
         """Return the kind of site this route's devices belong to."""
-        factory = self.stream in ("energy_readings", "production_data", "environmental_data")
-        return "factory" if factory else "site"
+        return BY_NAME[self.stream].site_kind
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,7 +95,7 @@ class Writer:
         self._committing: EarlyCopy | None = None  # the early COPY `transaction` ended
 
     def send(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row]) -> None:
-        """Send a message's new *rows* of *stream* (`Batch.fresh`) ahead of the commit.
+        """Send a message's new *rows* of *stream* (`Batch.new_rows`) ahead of the commit.
 
         Call it before the batch takes the rows. What cannot be sent is written
         at the commit; a lost connection raises (a transient error: the caller

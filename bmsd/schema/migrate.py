@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from bmsd.config import DatabaseConfig
-from bmsd.database import connect
+from bmsd.database import ADVISORY_NAMESPACE, connect
 from bmsd.errors import ConfigError, EditionError, MigrationError
 from bmsd.resources import package_file
 
@@ -32,7 +32,6 @@ COMMUNITY_MARKER = "-- requires: timescaledb-community"
 DEADLOCK_ATTEMPTS = 5
 SCRIPT_NAME = re.compile(r"^\d{3}_[a-z0-9_]+\.sql$")
 # An arbitrary constant shared by every bmsd migrate: only one runs at a time.
-ADVISORY_LOCK_KEY = 0x626D7364  # "bmsd"
 
 _SELECT_RECORDS = "SELECT name, checksum, status FROM bmsd_migrations"
 _RECORD_APPLIED = """
@@ -216,7 +215,7 @@ def migrate(
     scripts = load_scripts(sql_dir or default_sql_dir())
     with _connect(database) as conn:
         try:
-            conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_NAMESPACE,))
             edition = detect_edition(conn)
             records = _records(conn)
         except psycopg.Error as exc:  # a login that may not read what migrating needs
