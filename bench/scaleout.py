@@ -26,7 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Stack, bmsd_drain, copy_limit
+from drains import bmsd_drain, copy_limit
+from stack import Stack
 
 FLEET_READINGS_PER_S = 10_000 / 5
 

@@ -41,7 +41,7 @@ from typing import Any
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the clone's tools/
-from run import Bmsd, Stack, _publisher, stored
+from stack import Bmsd, Stack, _publisher, stored
 from timing import time_query
 
 from bmsd.models import SiteTelemetry

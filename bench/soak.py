@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from run import Bmsd, Stack, _publisher, stored
+from stack import Bmsd, Stack, _publisher, stored
 
 
 def publish(port: int, name: str, rate: float, seconds: float, sent: Any) -> None:
