@@ -85,13 +85,18 @@ def _start_dockerd() -> tuple[subprocess.Popen[bytes] | None, dict[str, str], st
     if shutil.which("dockerd") is None:
         return None, {}, "no engine answers, and no dockerd (Debian: docker.io)"
     STATE.mkdir(parents=True, exist_ok=True)
+    pidfile = STATE / "dockerd.pid"
+    if pidfile.exists():  # left by a dockerd that was killed: it refuses to start over it
+        if _alive(pidfile):
+            return None, {}, f"a dockerd (pid file {pidfile}) runs but does not answer"
+        pidfile.unlink(missing_ok=True)
     sock = STATE / "docker.sock"
     env = {**os.environ, "DOCKER_HOST": f"unix://{sock}"}
     log = (STATE / "dockerd.log").open("wb")
     proc = subprocess.Popen(
         ["dockerd", "--iptables=false", "--ip6tables=false", "--bridge=none",
          "--data-root", str(STATE / "data"), "--exec-root", str(STATE / "exec"),
-         "--pidfile", str(STATE / "dockerd.pid"), "--host", f"unix://{sock}"],
+         "--pidfile", str(pidfile), "--host", f"unix://{sock}"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log.close()
     deadline = time.monotonic() + 60
@@ -104,6 +109,22 @@ def _start_dockerd() -> tuple[subprocess.Popen[bytes] | None, dict[str, str], st
         tail = (STATE / "dockerd.log").read_text(errors="replace").strip().splitlines()[-3:]
         return None, {}, f"dockerd did not answer: {' | '.join(tail)}"
     return proc, env, None
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
