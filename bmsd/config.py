@@ -170,6 +170,13 @@ class AlertsConfig(_Frozen):
     mqtt_url: str | None = None
     limits_refresh_s: PositiveInt = 60
     offline_check_s: PositiveInt = 5
+    # A reading older than its device's newest evaluated one has the device's
+    # history evaluated again from it, back to this far behind the newest;
+    # older ones are stored, not evaluated (docs/alerts.md).
+    reevaluate_window_s: PositiveInt = 21_600
+    # An alert stored more than this after the reading that raised it is
+    # marked raised_late (a gateway's buffer, a backlog).
+    late_after_s: PositiveInt = 300
     # Notifications the broker has not acknowledged yet, above which no new
     # readings are taken (memory stays bounded; none is dropped).
     max_pending_notifications: PositiveInt = 10_000

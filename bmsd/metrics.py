@@ -70,6 +70,15 @@ _TABLE: tuple[tuple[str, type, str, str, tuple[str, ...], tuple[float, ...]], ..
     ("alerts_unresolved", _G, "bmsd_alerts_unresolved", "Unresolved alerts", ("severity",), ()),
     ("alert_transitions", _C, "bmsd_alert_transitions", "Alerts raised and resolved",
      ("code", "kind"), ()),
+    ("alert_replays", _C, "bmsd_alert_history_replays",
+     "Device histories evaluated again for readings that arrived out of time order"
+     " (bmsd/alerts/history.py)", ("stream",), ()),
+    ("alert_corrections", _C, "bmsd_alert_corrections",
+     "Stored alerts changed by readings that arrived late: raised_late, revised,"
+     " withdrawn", ("kind",), ()),
+    ("readings_not_evaluated", _C, "bmsd_readings_not_evaluated",
+     "Readings stored but older than [alerts] reevaluate_window_s behind their device's"
+     " newest: no alert was evaluated for them", ("stream",), ()),
     ("notifications_pending", _G, "bmsd_alert_notifications_pending",
      "Alert notifications published and not yet acknowledged by the broker", (), ()),
     ("alert_seconds", _H, "bmsd_alert_evaluation_seconds",
@@ -102,6 +111,9 @@ class Metrics:
     db_up: Gauge
     alerts_unresolved: Gauge
     alert_transitions: Counter
+    alert_replays: Counter
+    alert_corrections: Counter
+    readings_not_evaluated: Counter
     notifications_pending: Gauge
     alert_seconds: Histogram
     fast_path: Gauge

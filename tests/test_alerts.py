@@ -189,7 +189,7 @@ def test_after_kill_9_there_is_still_exactly_one_alert_and_it_resolves(
 
 
 
-def test_after_a_restart_a_late_reading_changes_nothing_though_no_mark_was_stored(
+def test_after_a_restart_a_late_reading_raises_what_its_history_implies_late(
     bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str
 ) -> None:
     daemon = bmsd_daemon()
@@ -199,11 +199,19 @@ def test_after_a_restart_a_late_reading_changes_nothing_though_no_mark_was_store
     with psycopg.connect(db_url) as conn:
         # Quiet readings store no mark: a restart reads it from the readings.
         assert conn.execute("SELECT count(*) FROM alert_marks").fetchone() == (0,)
-    bmsd_daemon(client_id=daemon.client_id)
+    restarted = bmsd_daemon(client_id=daemon.client_id)
     publish_levels(publisher, [(5, 15)])  # late: older than what was evaluated
     wait_until(lambda: stored(db_url) == 3)
-    time.sleep(0.5)
-    assert alerts(db_url) == []
+    # In time order 30, 15, 30: BATTERY_LOW from 5 s, cleared at 10 s, stored
+    # half an hour after its reading: raised late.
+    wait_until(lambda: alerts(db_url), what="the late alert")
+    assert alerts(db_url) == [("BATTERY_LOW", "resolved", T0 + timedelta(seconds=5),
+                               T0 + timedelta(seconds=10), 15.0, 20.0)]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT raised_at, raised_late FROM alerts").fetchall() == [
+            (T0 + timedelta(seconds=5), True)]
+    assert restarted.metric("bmsd_alert_corrections_total", kind="raised_late") == 1
+    assert restarted.metric("bmsd_alert_history_replays_total", stream="site_telemetry") == 1
 
 
 def test_a_for_s_condition_under_way_survives_a_restart(

@@ -96,14 +96,20 @@ def test_for_s_waits_and_the_alert_starts_when_the_condition_did() -> None:
         "HOT_FOR_A_MINUTE"]
 
 
-def test_a_late_or_redelivered_reading_changes_nothing() -> None:
+def test_a_late_or_redelivered_reading_is_left_to_the_history() -> None:
+    # Evaluated again from the stored readings (tests/test_history.py), not here.
     state = new_state()
     batch(state, [site(10, battery_charge_level=50)])
+    key = (CTRL.id, "site_telemetry")
     plan = batch(state, [site(5, battery_charge_level=5), site(10, battery_charge_level=5)])
-    assert plan.triggered == []
-    assert plan.marks == {}
+    assert (plan.triggered, plan.late, plan.marks) == ([], {key: T0 + timedelta(seconds=5)},
+                                                       {key: T0 + timedelta(seconds=10)})
     alone = batch(state, [site(10, battery_charge_level=5)])  # the newest one's time
-    assert (alone.triggered, alone.marks, alone.intervals) == ([], {}, {})
+    assert (alone.triggered, alone.late, alone.intervals) == (
+        [], {key: T0 + timedelta(seconds=10)}, {})
+    later = batch(state, [site(4, battery_charge_level=5), site(12, battery_charge_level=5)])
+    assert (later.late, later.marks) == ({key: T0 + timedelta(seconds=4)},
+                                         {key: T0 + timedelta(seconds=12)})
 
 
 def test_a_device_limit_replaces_the_rule_threshold_and_keeps_its_gap() -> None:
@@ -380,14 +386,14 @@ def quiet_verdicts(stream: str, readings: list[tuple[DeviceInfo, dict[str, Any]]
             value = check.value(fields, facts)
             if value is not None and value == value and check.breached(value, check.threshold):
                 alone = False
-        if flagged and any(fields.get(name) for name in evaluate._FLAG_FIELDS):
+        if flagged and any(fields.get(name) for name in evaluate.FLAG_FIELDS):
             alone = False
     names = evaluate.fields_read(stream, SHIPPED)
     rows = table((device.id, T0 + timedelta(seconds=i), {n: fields.get(n) for n in names})
                  for i, (device, fields) in enumerate(readings))
     devices = {device.id: device for device, _ in readings}
     by_device = [(devices[device_id], series) for device_id, series in evaluate._series(rows)]
-    flags_at = [rows.fields[name] for name in evaluate._FLAG_FIELDS] if flagged else []
+    flags_at = [rows.fields[name] for name in evaluate.FLAG_FIELDS] if flagged else []
     together = rule_checks.quiet(prepared, by_device, LIMITS, rows.fields, flags_at)
     return together, alone
 

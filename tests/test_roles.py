@@ -24,9 +24,17 @@ def test_ingest_alerts_and_redelivery_need_no_more_than_bmsd_ingest(
 
         wait_until(lambda: state() == ((1,), [("BATTERY_CRITICAL",), ("BATTERY_LOW",)]),
                    what="the reading stored once and its alerts raised")
+        # A late reading that clears both earlier than the one stored: the
+        # alerts are revised (bmsd/alerts/history.py) by the same login.
+        for second, level in ((9, 30.0), (4, 30.0)):
+            publisher.publish("site/north/ctrl-1/telemetry", {
+                "timestamp": f"2026-12-03T10:00:0{second}Z", "battery_charge_level": level})
+        wait_until(lambda: conn.execute(
+            "SELECT DISTINCT extract(second FROM resolved_at) FROM alerts").fetchall()
+            == [(4,)], what="the alerts' resolution revised")
     with psycopg.connect(ingest_login, autocommit=True) as conn:
         for statement in ("CREATE TABLE intruder (x int)", "DROP TABLE alerts",
                           "TRUNCATE battery_telemetry", "ALTER TABLE devices ADD COLUMN x int",
-                          "DELETE FROM alerts", "SELECT * FROM pg_authid"):
+                          "DELETE FROM site_telemetry", "SELECT * FROM pg_authid"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)

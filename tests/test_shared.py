@@ -140,13 +140,14 @@ def test_alerts_from_readings_split_across_members_equal_one_instance_s(
     assert alerts_of(db_url, "split") == expected
 
 
-def test_a_late_reading_changes_nothing_when_an_instance_joins_a_shared_group(
+def test_a_late_reading_raises_its_alert_when_an_instance_joins_a_shared_group(
     bmsd_daemon: DaemonFactory, publisher: Publisher, db_url: str,
 ) -> None:
     # Alone, bmsd stores no mark for quiet readings; members of a group read
     # each other's from alert_marks with every batch: the mark read at start
-    # from the readings must survive that.
-    start = datetime.now(UTC) - timedelta(minutes=30)
+    # from the readings must survive that, and the late reading's history is
+    # evaluated again.
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
 
     def level(seconds: int, value: float) -> None:
         publisher.publish("site/north/ctrl-1/telemetry", {
@@ -161,9 +162,11 @@ def test_a_late_reading_changes_nothing_when_an_instance_joins_a_shared_group(
     bmsd_daemon(shared())
     level(5, 15)  # late: older than what was evaluated
     wait_until(lambda: stored_levels(db_url) == 3)
-    time.sleep(0.5)
     with psycopg.connect(db_url) as conn:
-        assert conn.execute("SELECT count(*) FROM alerts").fetchone() == (0,)
+        assert conn.execute("SELECT rule_code, triggered_at, resolved_at, raised_late"
+                            " FROM alerts").fetchall() == [
+            ("BATTERY_LOW", start + timedelta(seconds=5), start + timedelta(seconds=10),
+             True)]
 
 
 def stored_levels(db_url: str) -> int:

@@ -9,14 +9,14 @@ check, the limits refresh, the rules reload and the republication at start.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import structlog
 
-from bmsd.alerts import evaluate
+from bmsd.alerts import evaluate, history
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
 from bmsd.alerts.state import Plan, State, StreamRows
@@ -34,14 +34,27 @@ class AlertEngine:
     def __init__(self, rules: Iterable[Rule], metrics: Metrics, publish: Publish | None = None,
                  topic_prefix: str | None = "bmsd/alerts",
                  offline_after_s: Mapping[str, int | None] | None = None,
-                 shared: bool = False) -> None:
+                 shared: bool = False, reevaluate_window_s: float = 21_600.0,
+                 late_after_s: float = 300.0) -> None:
+        self._digits: dict[str, Mapping[str, int]] = {}
         self.set_rules(rules)
+        self._window_s = reevaluate_window_s
+        self._late_after_s = late_after_s
+        self._metrics = metrics
         # A member of a shared group: other members change the same devices.
         self._shared = shared
         self.state = State()
         self._store = AlertStore()
         self._publisher = AlertPublisher(metrics, publish, topic_prefix)
         self._offline_after = dict(offline_after_s or {})
+
+    def stored_as(self, tables: Mapping[str, str]) -> None:
+        """Evaluate readings as they are stored in *tables* (by stream): a stream kept
+        as integers (sql/190) at the precision kept, which is what a later pass over
+        its stored history reads (bmsd/alerts/history.py)."""
+        self._digits = {spec.name: spec.model.digits for spec in SPECS
+                        if tables.get(spec.name) == spec.scaled_table}
+        self.set_rules(self.rules)
 
     def set_rules(self, rules: Iterable[Rule]) -> None:
         """Use these rules from now on; state of unchanged codes is kept."""
@@ -51,6 +64,11 @@ class AlertEngine:
         self._fields = {
             spec.name: Row.positions(spec.model.columns, names) for spec in SPECS
             if (names := evaluate.fields_read(spec.name, self._by_stream))}
+        digits = self._digits
+        self._rounding = {
+            stream: rounding for stream, at in self._fields.items()
+            if (rounding := tuple((i, 10 ** digits[stream][name]) for name, i in at.items()
+                                  if name in digits.get(stream, {})))}
 
     @property
     def unresolved(self) -> int:
@@ -74,7 +92,9 @@ class AlertEngine:
         if self._shared:
             self._store.refresh(conn, self.state, devices)
         self._store.remember_devices(conn, self.state, devices)
-        plan = evaluate.evaluate(self.state, self._by_stream, readings, batch.seen)
+        plan = history.decide(self.state, self._by_stream, readings, batch.seen,
+                              self._store.history(conn, self.state), datetime.now(UTC),
+                              self._window_s, self._late_after_s)
         # Marks are read again at start from the stored readings: only changed
         # `for_s` conditions need storing, except in a shared group, whose
         # members read each other's marks with every batch (store.py).
@@ -97,9 +117,14 @@ class AlertEngine:
             fields = self._fields.get(stream)
             # A stream no rule reads needs only each device's newest reading
             # (its mark, the end of a DEVICE_OFFLINE): one per device, not per row.
-            readings[stream] = (
-                StreamRows([row.values for row in rows], Row.TIME, Row.DEVICE, fields) if fields
-                else StreamRows(list(newest.items()), time=1, device=0))
+            if not fields:
+                readings[stream] = StreamRows(list(newest.items()), time=1, device=0)
+                continue
+            rounding = self._rounding.get(stream)
+            readings[stream] = StreamRows(
+                [row.values for row in rows] if rounding is None
+                else [_rounded(row.values, rounding) for row in rows],
+                Row.TIME, Row.DEVICE, fields)
         return readings, devices
 
     def plan_offline(self, conn: psycopg.Connection[Any], now: datetime,
@@ -123,3 +148,14 @@ class AlertEngine:
     def republish(self) -> int:
         """Publish the retained message of every unresolved alert (after a restart)."""
         return self._publisher.republish(self.state)
+
+
+def _rounded(values: Sequence[Any], rounding: tuple[tuple[int, int], ...]) -> list[Any]:
+    """Return *values* with those at the positions of *rounding* kept to its factor, as
+    the database keeps them (bmsd/ingest/copy_format.py)."""
+    out = list(values)
+    for i, factor in rounding:
+        value = out[i]
+        if value is not None and value == value:
+            out[i] = round(value * factor) / factor
+    return out

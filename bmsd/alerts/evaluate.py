@@ -10,7 +10,9 @@ announces it after the commit.
 Semantics, per device and stream in device-time order:
 
 - a reading not newer than the newest one already evaluated (late, or
-  redelivered after a crash) changes nothing;
+  redelivered after a crash) is not evaluated here: the device's history is
+  evaluated again from it (`Plan.late`, bmsd/alerts/history.py), so that the
+  alerts are those of its readings in time order, however they arrived;
 - a condition must hold for the rule's ``for_s`` before it raises one alert
   (``triggered_at`` = the reading that started it); reaching the clear
   threshold resolves it: values oscillating between the two give one alert;
@@ -38,7 +40,7 @@ PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
                     "under_voltage": "PROTECTION_UNDER_VOLTAGE",
                     "over_current": "PROTECTION_OVER_CURRENT",
                     "over_temperature": "PROTECTION_OVER_TEMPERATURE"}
-_FLAG_FIELDS = (*PROTECTION_FLAGS, "alarm_flags")
+FLAG_FIELDS = (*PROTECTION_FLAGS, "alarm_flags")
 OFFLINE = "DEVICE_OFFLINE"
 FLAG_CATEGORIES = ("battery_protection", "device_alarm")
 #: The streams whose readings carry protection and alarm flags.
@@ -59,7 +61,7 @@ def fields_read(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> tuple[str
     their times matter)."""
     names = dict.fromkeys(prepared(rule).source for rule in rules.get(stream, ()))
     if stream in FLAGGED_STREAMS:
-        names.update(dict.fromkeys(_FLAG_FIELDS))
+        names.update(dict.fromkeys(FLAG_FIELDS))
     return tuple(names)
 
 
@@ -124,25 +126,29 @@ def _move_marks(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
 
 def _new_series(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
                 stream: str, table: StreamRows) -> _Series:
-    """Return each device's readings newer than its mark (late or redelivered ones are
-    stored but change nothing), moving the marks and the devices' intervals."""
+    """Return each device's readings newer than its mark, moving the marks and the
+    devices' intervals. A device with a reading not newer than its mark (late, or
+    redelivered) is left out and noted in ``plan.late``: its history is evaluated
+    again from that reading (bmsd/alerts/history.py)."""
     at = table.time
     live: _Series = []
     for device_id, series in _series(table):
         key = (device_id, stream)
         mark = state.marks.get(key)  # one series per device and stream
+        device = state.devices[device_id]
         if mark is not None:
             if series[0][at] <= mark:
-                series = [row for row in series if row[at] > mark]
-                if not series:
-                    continue
+                plan.late[key] = series[0][at]
+                plan.marks[key] = max(mark, series[-1][at])
+                plan.pending[key] = dict(state.pending.get(key, {}))
+                _offline_resolves(plan, opened, device, series[-1][at])
+                continue
             if device_id not in plan.intervals:
                 gap = (series[0][at] - mark).total_seconds()
                 old = state.interval.get(device_id)
                 plan.intervals[device_id] = gap if old is None else 0.8 * old + 0.2 * gap
         plan.marks[key] = series[-1][at]
         plan.pending[key] = dict(state.pending.get(key, {}))
-        device = state.devices[device_id]
         _offline_resolves(plan, opened, device, series[0][at])
         live.append((device, series))
     return live
@@ -154,7 +160,7 @@ def _evaluate_stream(plan: Plan, opened: dict[tuple[int, str], Alert],
                      live: _Series) -> None:
     """Apply *rules* (and the readings' flags) to each device's new readings."""
     flagged = stream in FLAGGED_STREAMS
-    flags_at = [i for name in _FLAG_FIELDS
+    flags_at = [i for name in FLAG_FIELDS
                 if (i := table.fields.get(name)) is not None] if flagged else []
     checks = [prepared(rule) for rule in rules]
     # The common case: a device with nothing open or pending, none of whose
@@ -173,15 +179,17 @@ def _evaluate_stream(plan: Plan, opened: dict[tuple[int, str], Alert],
     for device, series in live:
         own = device_checks(checks, device, state.safety_limits.get(device.id))
         own_flags = flagged_open.setdefault(device.id, {}) if flagged else None
-        _evaluate_device(plan, opened, plan.pending[(device.id, stream)], device, series,
+        evaluate_device(plan, opened, plan.pending[(device.id, stream)], device, series,
                          table, own, own_flags, flags_at)
 
 
-def _evaluate_device(plan: Plan, opened: dict[tuple[int, str], Alert],
+def evaluate_device(plan: Plan, opened: dict[tuple[int, str], Alert],
                      pending: Pending, device: DeviceInfo,
                      series: list[Sequence[Any]], table: StreamRows, checks: list[Check],
                      own_flags: dict[str, None] | None, flags_at: list[int]) -> None:
-    """One device's new readings, in time order, against its checks and flags."""
+    """One device's new readings, in time order, against its checks and flags (its
+    ``for_s`` conditions in *pending*, its open flag alerts in *own_flags*; both
+    kept up to date here)."""
     facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
     if (not pending and not own_flags
             and not any((device.id, check.rule.code) in opened for check in checks)
@@ -233,7 +241,8 @@ def _threshold(plan: Plan, opened: dict[tuple[int, str], Alert], pending: Pendin
     message = rule.message.format(value=value, threshold=check.threshold, site=device.site,
                                   device=device.slug, title=rule.title)
     _trigger(plan, opened, Alert(device, rule.code, rule.severity, rule.category, rule.title,
-                                 message, float(value), check.threshold, since))
+                                 message, float(value), check.threshold, since,
+                                 raised_at=when))
 
 
 def _flags(plan: Plan, opened: dict[tuple[int, str], Alert], flagged: dict[str, None],
@@ -256,7 +265,7 @@ def _flags(plan: Plan, opened: dict[tuple[int, str], Alert], flagged: dict[str, 
         if (device.id, code) not in opened:
             message = f"{device.slug} at {device.site}: {title}"
             _trigger(plan, opened, Alert(device, code, severity, category, title, message,
-                                         None, None, when))
+                                         None, None, when, raised_at=when))
             flagged[code] = None
 
 
@@ -284,7 +293,8 @@ def _resolve(plan: Plan, opened: dict[tuple[int, str], Alert], alert: Alert,
     plan.resolved.append(Alert(alert.device, alert.code, alert.severity, alert.category,
                                alert.title, alert.message, alert.value, alert.threshold,
                                alert.triggered_at, id=alert.id, status="resolved",
-                               resolved_at=max(when, alert.triggered_at)))
+                               resolved_at=max(when, alert.triggered_at),
+                               raised_at=alert.raised_at, raised_late=alert.raised_late))
 
 
 # --- silence -----------------------------------------------------------------------------
@@ -322,7 +332,7 @@ def plan_offline(state: State, now: datetime, watching_since: datetime,
                    f" (limit {limit:.0f} s)")
         plan.triggered.append(Alert(device, OFFLINE, "warning", "connectivity",
                                     "device offline", message, (now - seen).total_seconds(),
-                                    limit, now))
+                                    limit, now, raised_at=now))
     return plan
 
 
@@ -341,7 +351,11 @@ def apply(state: State, plan: Plan) -> None:
             state.last_seen[device_id] = when
     # Resolutions first: a batch may resolve an alert and raise the same rule
     # again; the new one must stay open.
-    for alert in plan.resolved:
-        state.open.pop((alert.device.id, alert.code), None)
-    for alert in plan.triggered:
+    for alert in (*plan.resolved, *plan.withdrawn,
+                  *(a for a in plan.revised if a.resolved_at is not None)):
+        key = (alert.device.id, alert.code)
+        now_open = state.open.get(key)
+        if now_open is not None and now_open.id == alert.id:
+            del state.open[key]
+    for alert in (*plan.triggered, *(a for a in plan.revised if a.resolved_at is None)):
         state.open[(alert.device.id, alert.code)] = alert

@@ -37,6 +37,15 @@ class Alert:
     id: int | None = None
     status: str = "active"
     resolved_at: datetime | None = None
+    #: The time of the reading that raised it (``triggered_at`` is the reading
+    #: that started its condition, ``for_s`` earlier or more).
+    raised_at: datetime | None = None
+    #: Stored more than ``[alerts] late_after_s`` after that reading was taken.
+    raised_late: bool = False
+
+    @property
+    def raised(self) -> datetime:
+        return self.raised_at or self.triggered_at
 
     def document(self) -> dict[str, Any]:
         """Return the JSON document published on MQTT."""
@@ -47,6 +56,7 @@ class Alert:
             "value": self.value, "threshold": self.threshold,
             "triggered_at": self.triggered_at.isoformat(),
             "resolved_at": self.resolved_at.isoformat() if self.resolved_at else None,
+            "raised_at": self.raised.isoformat(), "raised_late": self.raised_late,
         }
 
 
@@ -60,6 +70,15 @@ class Plan:
     triggered: list[Alert] = field(default_factory=list)
     resolved: list[Alert] = field(default_factory=list)
     raised_and_cleared: list[Alert] = field(default_factory=list)  # within this batch
+    #: Stored alerts that readings arriving late changed (their raise or their
+    #: resolution), and those the readings no longer imply (bmsd/alerts/history.py).
+    revised: list[Alert] = field(default_factory=list)
+    withdrawn: list[Alert] = field(default_factory=list)
+    #: (device, stream) -> its oldest reading of this batch not newer than its
+    #: mark: the history to evaluate again from.
+    late: dict[tuple[int, str], datetime] = field(default_factory=dict)
+    replays: dict[str, int] = field(default_factory=dict)  # histories evaluated again
+    unevaluated: dict[str, int] = field(default_factory=dict)  # readings beyond the window
     marks: dict[tuple[int, str], datetime] = field(default_factory=dict)
     pending: dict[tuple[int, str], Pending] = field(default_factory=dict)
     seen: dict[int, datetime] = field(default_factory=dict)
@@ -68,7 +87,8 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not (self.marks or self.triggered or self.resolved)
+        return not (self.marks or self.triggered or self.resolved or self.revised
+                    or self.withdrawn)
 
 
 @dataclass

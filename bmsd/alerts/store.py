@@ -11,7 +11,7 @@ members of a shared group write with every batch for each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
+from bmsd.alerts.history import Fetched
 from bmsd.alerts.rules import SAFETY_LIMITS
 from bmsd.alerts.state import Alert, DeviceInfo, Plan, State
 from bmsd.errors import DatabaseError
@@ -36,10 +37,31 @@ _LIMITS = f"""
        AND (effective_until IS NULL OR effective_until > now())
      ORDER BY device_id, effective_from DESC
 """
-_OPEN_ALERTS = """
+_ALERT_COLUMNS = """
     SELECT a.id, a.device_id, a.rule_code, a.severity, a.category, a.title, a.message, a.value,
-           a.threshold, a.triggered_at, a.status
-      FROM alerts a WHERE a.status <> 'resolved'
+           a.threshold, a.triggered_at, a.status, a.resolved_at, a.raised_at, a.raised_late
+      FROM alerts a"""
+_OPEN_ALERTS = _ALERT_COLUMNS + " WHERE a.status <> 'resolved'"
+# What a device's history is compared with (bmsd/alerts/history.py).
+_HISTORY_ALERTS = _ALERT_COLUMNS + """
+     WHERE a.device_id = ANY(%s) AND a.rule_code <> 'DEVICE_OFFLINE'
+       AND (a.resolved_at IS NULL OR a.resolved_at >= %s)
+"""
+# Each device's stored readings from back_s before its last reading before
+# start (none since floor: from start), with the fields the rules read.
+_HISTORY_READINGS = """
+    SELECT w.device_id, b.last - make_interval(secs => w.back_s), r.*
+      FROM unnest(%s::integer[], %s::timestamptz[], %s::timestamptz[], %s::float8[])
+           AS w (device_id, start, floor, back_s)
+     CROSS JOIN LATERAL (SELECT (SELECT p.time FROM {table} p
+                                  WHERE p.device_id = w.device_id AND p.time < w.start
+                                    AND p.time >= w.floor
+                                  ORDER BY p.time DESC LIMIT 1) AS last) b
+     CROSS JOIN LATERAL (
+           SELECT t.time, t.device_id{fields} FROM {table} t
+            WHERE t.device_id = w.device_id
+              AND t.time >= coalesce(b.last - make_interval(secs => w.back_s), w.start)
+            ORDER BY t.time) r
 """
 _MARKS = "SELECT device_id, stream, evaluated_until, pending FROM alert_marks"
 _LAST_SEEN = "SELECT id, last_seen_at FROM devices WHERE last_seen_at IS NOT NULL"
@@ -61,15 +83,24 @@ _LAST_SEEN_OF = ("SELECT id, last_seen_at FROM devices"
 _OFFLINE_TURN = "SELECT pg_try_advisory_xact_lock(hashtext('bmsd-offline-check'))"
 _INSERT_ALERT = """
     INSERT INTO alerts (site_id, device_id, rule_code, severity, category, title, message,
-                        value, threshold, triggered_at)
+                        value, threshold, triggered_at, status, resolved_at, raised_at,
+                        raised_late)
     VALUES (%(site_id)s, %(device_id)s, %(code)s, %(severity)s, %(category)s, %(title)s,
-            %(message)s, %(value)s, %(threshold)s, %(at)s)
+            %(message)s, %(value)s, %(threshold)s, %(at)s, %(status)s, %(resolved_at)s,
+            %(raised_at)s, %(raised_late)s)
     RETURNING id
 """
 _RESOLVE_ALERT = """
     UPDATE alerts SET status = 'resolved', resolved_at = %(at)s
-     WHERE device_id = %(device_id)s AND rule_code = %(code)s AND status <> 'resolved'
+     WHERE id = %(id)s AND status <> 'resolved'
 """
+_REVISE_ALERT = """
+    UPDATE alerts SET status = %(status)s, resolved_at = %(resolved_at)s,
+                      raised_at = %(raised_at)s, value = %(value)s,
+                      threshold = %(threshold)s, message = %(message)s
+     WHERE id = %(id)s
+"""
+_WITHDRAW_ALERT = "DELETE FROM alerts WHERE id = %s"
 _EVENT = """
     INSERT INTO events (time, site_id, device_id, kind, message, details)
     VALUES (%(at)s, %(site_id)s, %(device_id)s, %(kind)s, %(message)s, %(details)s)
@@ -145,13 +176,22 @@ class AlertStore:
 
     def _open(self, conn: psycopg.Connection[Any], state: State,
               rows: list[dict[str, Any]]) -> None:
+        for alert in self._alerts(conn, state, rows):
+            state.open[(alert.device.id, alert.code)] = alert
+
+    def _alerts(self, conn: psycopg.Connection[Any], state: State,
+                rows: list[dict[str, Any]]) -> list[Alert]:
         self.remember_devices(conn, state, {int(r["device_id"]) for r in rows})
-        for r in rows:
-            device = state.devices[r["device_id"]]
-            state.open[(device.id, r["rule_code"])] = Alert(
-                device, r["rule_code"], r["severity"], r["category"],
-                r["title"] or r["rule_code"], r["message"], r["value"], r["threshold"],
-                r["triggered_at"], id=r["id"], status=r["status"])
+        return [Alert(state.devices[r["device_id"]], r["rule_code"], r["severity"],
+                      r["category"], r["title"] or r["rule_code"], r["message"], r["value"],
+                      r["threshold"], r["triggered_at"], id=r["id"], status=r["status"],
+                      resolved_at=r["resolved_at"], raised_at=r["raised_at"],
+                      raised_late=r["raised_late"]) for r in rows]
+
+    def history(self, conn: psycopg.Connection[Any], state: State) -> StoredHistory:
+        """Return the stored history as bmsd/alerts/history.py reads it, in the caller's
+        transaction (which sees the batch's own readings)."""
+        return StoredHistory(self, conn, state)
 
     def safety_limits(self, conn: psycopg.Connection[Any]) -> dict[int, dict[str, float]]:
         """Return the active per-device safety limits."""
@@ -174,16 +214,26 @@ class AlertStore:
         """Write *plan* in the caller's transaction; new alerts get their ids. *marks*:
         the (device, stream) marks and pending conditions to store (default: all
         the plan's)."""
-        # Resolutions first: a batch may clear an alert and raise the same rule
-        # again, and at most one unresolved alert per device and rule may exist.
+        # What ends an unresolved alert first (at most one unresolved alert per
+        # device and rule may exist): a batch may clear an alert and raise the
+        # same rule again, a late reading replace one alert by another.
+        for alert in plan.withdrawn:
+            conn.execute(_WITHDRAW_ALERT, (alert.id,))
+            self._event(conn, alert, "alert_withdrawn", alert.triggered_at, alert.document())
+        ending = [a for a in plan.revised if a.resolved_at is not None]
+        for alert in ending:
+            self._revise(conn, alert)
         for alert in plan.resolved:
-            if alert.id is None:  # raised and cleared within this batch
+            if alert.id is None:  # raised and cleared within this batch, or its history
                 self._insert(conn, alert)
-            conn.execute(_RESOLVE_ALERT, {"device_id": alert.device.id, "code": alert.code,
-                                          "at": alert.resolved_at})
+            else:
+                conn.execute(_RESOLVE_ALERT, {"id": alert.id, "at": alert.resolved_at})
             self._event(conn, alert, "alert_resolved", alert.resolved_at or alert.triggered_at)
         for alert in plan.triggered:
             self._insert(conn, alert)
+        for alert in plan.revised:
+            if alert.resolved_at is None:
+                self._revise(conn, alert)
         keys = list(plan.marks if marks is None else marks)
         if keys:
             conn.execute(_UPSERT_MARKS, (
@@ -197,20 +247,61 @@ class AlertStore:
             "site_id": alert.device.site_id, "device_id": alert.device.id,
             "code": alert.code, "severity": alert.severity, "category": alert.category,
             "title": alert.title, "message": alert.message, "value": alert.value,
-            "threshold": alert.threshold, "at": alert.triggered_at}).fetchone()
+            "threshold": alert.threshold, "at": alert.triggered_at, "status": alert.status,
+            "resolved_at": alert.resolved_at, "raised_at": alert.raised,
+            "raised_late": alert.raised_late}).fetchone()
         if row is None:  # INSERT ... RETURNING always returns its row
             raise DatabaseError(f"inserting alert {alert.code} returned no id")
         alert.id = int(row[0])
-        self._event(conn, alert, "alert_triggered", alert.triggered_at)
+        self._event(conn, alert, "alert_triggered", alert.raised)
+
+    def _revise(self, conn: psycopg.Connection[Any], alert: Alert) -> None:
+        conn.execute(_REVISE_ALERT, {
+            "id": alert.id, "status": alert.status, "resolved_at": alert.resolved_at,
+            "raised_at": alert.raised, "value": alert.value, "threshold": alert.threshold,
+            "message": alert.message})
+        self._event(conn, alert, "alert_revised", alert.resolved_at or alert.raised,
+                    alert.document())
 
     def _event(self, conn: psycopg.Connection[Any], alert: Alert, kind: str,
-               at: datetime) -> None:
-        verb = "raised" if kind == "alert_triggered" else "resolved"
+               at: datetime, document: dict[str, Any] | None = None) -> None:
+        verb = kind.removeprefix("alert_").replace("triggered", "raised")
+        details: dict[str, Any] = {"alert_id": alert.id, "rule_code": alert.code,
+                   "severity": alert.severity, "value": alert.value}
+        if document is not None:
+            details["alert"] = document
         conn.execute(_EVENT, {
             "at": at, "site_id": alert.device.site_id, "device_id": alert.device.id,
             "kind": kind, "message": f"{alert.code} {verb}: {alert.message}",
-            "details": Jsonb({"alert_id": alert.id, "rule_code": alert.code,
-                              "severity": alert.severity, "value": alert.value})})
+            "details": Jsonb(details)})
+
+
+class StoredHistory:
+    """The stored readings and alerts a device's history is evaluated again from
+    (the `Source` of bmsd/alerts/history.py)."""
+
+    def __init__(self, store: AlertStore, conn: psycopg.Connection[Any], state: State) -> None:
+        self._store, self._conn, self._state = store, conn, state
+
+    def readings(self, stream: str, fields: Sequence[str],
+                 wanted: Mapping[int, tuple[datetime, datetime, float]]) -> dict[int, Fetched]:
+        query = sql.SQL(_HISTORY_READINGS).format(
+            table=sql.Identifier(stream),
+            fields=sql.SQL("").join(sql.SQL(", t.") + sql.Identifier(f) for f in fields))
+        ids = list(wanted)
+        out: dict[int, tuple[list[Any], datetime | None]] = {i: ([], None) for i in ids}
+        with self._conn.cursor() as cur:
+            for device_id, since, *row in cur.execute(query, (
+                    ids, [wanted[i][0] for i in ids], [wanted[i][1] for i in ids],
+                    [wanted[i][2] for i in ids])):
+                out[device_id] = (out[device_id][0], since)
+                out[device_id][0].append(row)
+        return {i: Fetched(rows, since) for i, (rows, since) in out.items()}
+
+    def alerts(self, device_ids: Sequence[int], since: datetime) -> list[Alert]:
+        with self._conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            rows = cur.execute(_HISTORY_ALERTS, (list(device_ids), since)).fetchall()
+        return self._store._alerts(self._conn, self._state, rows)
 
 
 def _raise_mark(state: State, key: tuple[int, str], mark: datetime) -> None:

@@ -325,7 +325,9 @@ def _alert_engine(config: Config, metrics: Metrics,
     return AlertEngine(load_rules(config.alerts.rules_file), metrics, publish=publish,
                        topic_prefix=config.alerts.mqtt_prefix or None,
                        offline_after_s={r.stream: r.offline_after_s for r in config.routes},
-                       shared=config.mqtt.shared_group is not None)
+                       shared=config.mqtt.shared_group is not None,
+                       reevaluate_window_s=config.alerts.reevaluate_window_s,
+                       late_after_s=config.alerts.late_after_s)
 
 
 def _notices(config: Config, metrics: Metrics) -> MqttPublisher | None:

@@ -103,6 +103,8 @@ class Ingestor:
         Also reads each hypertable's retention, which caps the reading age.
         """
         self._writer.prepare(conn)
+        if self._alerts is not None:
+            self._alerts.stored_as(self._writer.tables)
         with conn.transaction():
             kept = dict(conn.execute(_RETENTION, (list(self._writer.tables.values()),)).fetchall())
         self._bounds = {stream: self._stream_bounds(kept.get(table))
