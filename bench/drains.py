@@ -147,8 +147,8 @@ def bmsd_drain(stack: Stack, messages: int, per_message: int, extra_config: str 
     rss = max(daemon.usage()[1] for daemon in daemons)
     # The alert engine's own time (evaluate and write, in the batch's
     # transaction), steadier than the difference of two noisy rates.
-    alert_s, alert_batches = map(sum, zip(*(daemon.alert_seconds() for daemon in daemons),
-                                          strict=True))
+    alert_s, alert_batches, replays = map(sum, zip(
+        *(daemon.alert_seconds() for daemon in daemons), strict=True))
     for daemon in daemons:
         daemon.stop(forget=True)
     final = stored(url, table)
@@ -159,7 +159,8 @@ def bmsd_drain(stack: Stack, messages: int, per_message: int, extra_config: str 
     return {"messages_per_s": rate / per_message, "rows_per_s": rate,
             "cpu_s_per_1000": sum(cpu) / expected * 1000,
             "cpu_s_per_instance": sum(cpu) / instances, "peak_rss_mb": rss,
-            "alert_ms_per_batch": alert_s / alert_batches * 1000 if alert_batches else 0.0}
+            "alert_ms_per_batch": alert_s / alert_batches * 1000 if alert_batches else 0.0,
+            "history_replays": replays}
 
 
 def bmsd_latency(stack: Stack, rate: float, seconds: float,

@@ -252,15 +252,20 @@ class Bmsd:
         self.argv = [sys.executable, "-m", "bmsd", "run", "--config", str(config)]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def alert_seconds(self) -> tuple[float, float]:
-        """Return the seconds bmsd spent on alerts, and the batches, from its /metrics."""
+    def alert_seconds(self) -> tuple[float, float, float]:
+        """Return the seconds bmsd spent on alerts, the batches, and the device histories
+        evaluated again (readings out of order), from its /metrics."""
         addr = self.env["BMSD_METRICS_ADDR"]
         text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
-        sums = {name: float(value) for name, _, value in
-                (line.partition(" ") for line in text.splitlines())
-                if name.startswith("bmsd_alert_evaluation_seconds_")}
+        sums: dict[str, float] = {}
+        for name, _, value in (line.partition(" ") for line in text.splitlines()):
+            if name.startswith(("bmsd_alert_evaluation_seconds_",
+                                "bmsd_alert_history_replays_total")):
+                key = name.partition("{")[0]
+                sums[key] = sums.get(key, 0.0) + float(value)
         return (sums.get("bmsd_alert_evaluation_seconds_sum", 0.0),
-                sums.get("bmsd_alert_evaluation_seconds_count", 0.0))
+                sums.get("bmsd_alert_evaluation_seconds_count", 0.0),
+                sums.get("bmsd_alert_history_replays_total", 0.0))
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self.env,

@@ -104,6 +104,15 @@ class Batch:
     late: set[tuple[str, date]] = field(default_factory=set)  # (hypertable, UTC day)
     duplicates: Counter[str] = field(default_factory=Counter)
     largest: int = 0  # rows in the fullest hypertable
+    #: Sparkplug B (bmsd/ingest/sparkplug.py): metrics no map names a field for,
+    #: as sparkplug_metrics rows; edge nodes' and devices' births and deaths, as
+    #: sparkplug_nodes rows by (group, edge node, device); devices their gateway
+    #: declared dead (DEVICE_OFFLINE at once), and those whose gateway tells
+    #: their liveness (no offline-by-silence).
+    metrics: list[tuple[Any, ...]] = field(default_factory=list)
+    nodes: dict[tuple[str, str, str], tuple[Any, ...]] = field(default_factory=dict)
+    gone: dict[int, datetime] = field(default_factory=dict)
+    managed: set[int] = field(default_factory=set)
     #: Per stream and device, sorted disjoint [first, last] times that every
     #: reading offered lies in; each bound is a reading's time.
     _spans: dict[str, dict[int, list[list[datetime]]]] = field(

@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from bmsd.logs import LogFormat
-from bmsd.streams import SPECS, Stream
+from bmsd.streams import BY_NAME, SPECS, Stream
 
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/bmsd"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
@@ -241,6 +241,54 @@ DEFAULT_ROUTES: tuple[RouteConfig, ...] = tuple(
     for spec in SPECS)
 
 
+class SparkplugField(_Frozen):
+    """Where a Sparkplug metric goes: a field of the stream, its value times *scale*."""
+
+    field: str
+    scale: float = 1.0
+
+
+class SparkplugMap(_Frozen):
+    """Which Sparkplug edge nodes and devices are which bmsd sites and devices, and which
+    of their metrics are which fields (docs/sparkplug.md). Patterns are shell-style;
+    templates name {group}, {edge_node} and {device} (the edge node's own metrics
+    have device "")."""
+
+    group: str = "*"
+    edge_node: str = "*"
+    device: str = "*"
+    site: str = "{edge_node}"
+    name: str = "{device}"  # the device's slug; the edge node's own: its name
+    stream: Stream | None = None
+    device_kind: str = "sparkplug"
+    metrics: dict[str, str | SparkplugField] = {}
+
+    @model_validator(mode="after")
+    def _fields(self) -> SparkplugMap:
+        if self.metrics and self.stream is None:
+            raise ValueError("metrics map to fields of a stream: name it (stream = ...)")
+        if self.stream is not None:
+            columns = BY_NAME[self.stream].model.columns
+            for metric, to in self.metrics.items():
+                name = to if isinstance(to, str) else to.field
+                if name not in columns:
+                    raise ValueError(f"metric {metric!r}: {self.stream} has no field {name!r};"
+                                     f" its fields: {', '.join(columns)}")
+        return self
+
+
+class SparkplugConfig(_Frozen):
+    """bmsd as a Sparkplug B host application (off unless enabled)."""
+
+    enabled: bool = False
+    groups: tuple[Annotated[str, Field(pattern=r"^[^/+#]+$")], ...] = ()  # () : every group
+    host_id: Annotated[str, Field(pattern=r"^[^/+#]+$")] = "bmsd"
+    primary_host: bool = True
+    reorder_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    rebirth_min_interval_s: Annotated[float, Field(ge=0)] = 10.0
+    map: tuple[SparkplugMap, ...] = ()
+
+
 class Config(_Frozen):
     """The whole configuration of one bmsd process."""
 
@@ -251,6 +299,7 @@ class Config(_Frozen):
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
     routes: tuple[RouteConfig, ...] = DEFAULT_ROUTES
+    sparkplug: SparkplugConfig = SparkplugConfig()
     # One of several instances on a host (bmsd@N.service sets BMSD_INSTANCE=N):
     # client id <client_id>-N, metrics port <addr's port>+N.
     instance: Annotated[int, Field(ge=1, le=99)] | None = None

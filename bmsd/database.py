@@ -166,7 +166,8 @@ class Database:
 
     def __init__(self, config: DatabaseConfig, metrics: Metrics,
                  sleep: Callable[[float], None] = time.sleep,
-                 application_name: str = "bmsd") -> None:
+                 application_name: str = "bmsd",
+                 on_change: Callable[[bool], None] | None = None) -> None:
         self.config = config
         self._metrics = metrics
         self._sleep = sleep
@@ -175,6 +176,7 @@ class Database:
         self.deadline = Deadline(config.operation_timeout_s)
         self.up = False
         self.last_ok = 0.0  # time.monotonic() of the last success
+        self._on_change = on_change  # told when the database stops or starts answering
 
     def run(self, action: Callable[[psycopg.Connection[Any]], T]) -> T:
         """Run *action* on the connection; retry transient failures with backoff.
@@ -196,6 +198,8 @@ class Database:
                 self._drop()
                 self._metrics.db_errors.labels(type(exc).__name__).inc()
                 self._metrics.db_up.set(0)
+                if self.up and self._on_change is not None:
+                    self._on_change(False)
                 self.up = False
                 log.warning("db_unavailable", error=first_line(exc), retry_in_s=round(backoff, 2),
                             meaning="nothing is acknowledged meanwhile; the broker keeps it")
@@ -210,6 +214,8 @@ class Database:
             if not self.up:
                 self._metrics.db_up.set(1)
                 self.up = True
+                if self._on_change is not None:
+                    self._on_change(True)
             return result
 
     def close(self) -> None:

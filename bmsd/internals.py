@@ -32,7 +32,10 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import psycopg
+import structlog
 from prometheus_client import Histogram
+
+log = structlog.get_logger("bmsd.ingest.daemon")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,14 @@ def use(*, disabled: Sequence[str]) -> None:
     """Check again with *disabled* paths off (tests only: the slow paths must work)."""
     FAST_PATHS.clear()
     FAST_PATHS.update(check(disabled))
+
+
+def log_missing() -> None:
+    """Log each fast path whose library internals are missing (at start)."""
+    for path in FAST_PATHS.values():
+        if not path.on:  # a library upgrade took what it needs: slower, not wrong
+            log.warning("fast_path_off", name=path.name, needs=path.needs,
+                        missing=list(path.missing), meaning=path.without)
 
 
 def on(name: str) -> bool:

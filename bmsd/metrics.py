@@ -83,6 +83,20 @@ _TABLE: tuple[tuple[str, type, str, str, tuple[str, ...], tuple[float, ...]], ..
      "Alert notifications published and not yet acknowledged by the broker", (), ()),
     ("alert_seconds", _H, "bmsd_alert_evaluation_seconds",
      "Time to evaluate and write one batch's alerts", (), _LATENCY_BUCKETS),
+    ("sparkplug_births", _C, "bmsd_sparkplug_births",
+     "Sparkplug B births received (NBIRTH: node, DBIRTH: device)", ("kind",), ()),
+    ("sparkplug_deaths", _C, "bmsd_sparkplug_deaths",
+     "Sparkplug B deaths of the current session (NDEATH: node, DDEATH: device)", ("kind",), ()),
+    ("sparkplug_rebirths", _C, "bmsd_sparkplug_rebirth_requests",
+     "Rebirth requests sent to edge nodes (NCMD Node Control/Rebirth)", (), ()),
+    ("sparkplug_seq_gaps", _C, "bmsd_sparkplug_seq_gaps",
+     "Sequence gaps not filled within [sparkplug] reorder_timeout_s", (), ()),
+    ("sparkplug_unknown_aliases", _C, "bmsd_sparkplug_unknown_aliases",
+     "Metrics whose alias or name their birth did not give", (), ()),
+    ("sparkplug_historical", _C, "bmsd_sparkplug_historical_metrics",
+     "Metrics edge nodes sent as historical (store and forward), stored", (), ()),
+    ("sparkplug_online", _G, "bmsd_sparkplug_host_online",
+     "1 while bmsd's STATE says online (primary host: it can store), else 0", (), ()),
     ("fast_path", _G, "bmsd_fast_path",
      "1 while a fast path's library internals are there, 0 when bmsd runs without it"
      " (bmsd/internals.py)", ("name",), ()),
@@ -116,6 +130,13 @@ class Metrics:
     readings_not_evaluated: Counter
     notifications_pending: Gauge
     alert_seconds: Histogram
+    sparkplug_births: Counter
+    sparkplug_deaths: Counter
+    sparkplug_rebirths: Counter
+    sparkplug_seq_gaps: Counter
+    sparkplug_unknown_aliases: Counter
+    sparkplug_historical: Counter
+    sparkplug_online: Gauge
     fast_path: Gauge
 
     def __init__(self, registry: CollectorRegistry) -> None:

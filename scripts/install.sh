@@ -122,4 +122,17 @@ if ! "$repo/.venv/bin/python" -c 'import bmsd, pytest, testcontainers, hypothesi
     "$repo/.venv/bin/python" -m pip install -q -e "$repo[test]"
     touch "$repo/.venv/.bmsd-installed"
 fi
+# A Sparkplug B edge node that is not ours (tests/test_sparkplug.py): pysparkplug
+# needs paho-mqtt 1 where bmsd needs 2, so it has a virtualenv of its own.
+edge_requirements="$repo/tests/edge/requirements.txt"
+if [ ! -x "$repo/.venv-edge/bin/python" ]; then
+    say "creating $repo/.venv-edge"
+    "$python" -m venv "$repo/.venv-edge"
+fi
+if ! "$repo/.venv-edge/bin/python" -c 'import pysparkplug' 2>/dev/null \
+   || [ "$edge_requirements" -nt "$repo/.venv-edge/.installed" ]; then
+    say "installing the test edge node (pysparkplug) into .venv-edge"
+    "$repo/.venv-edge/bin/python" -m pip install -q -r "$edge_requirements"
+    touch "$repo/.venv-edge/.installed"
+fi
 say "ready"

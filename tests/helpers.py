@@ -57,7 +57,8 @@ def pause_refresh_policies(db: psycopg.Connection[Any]) -> None:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """Write *data* as TOML: scalars, tables of scalars, arrays of such tables."""
+    """Write *data* as TOML: scalars, tables of scalars, arrays of such tables (deeper
+    tables inline)."""
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -65,6 +66,8 @@ def dump_toml(data: dict[str, Any]) -> str:
             return repr(v)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # an inline table
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
         return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
     lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict | list)

@@ -25,7 +25,7 @@ def test_the_daemon_imports_none_of_the_tools() -> None:
 LAYERS = [
     {"bmsd.__main__", "bmsd.cli"},
     {"bmsd.ingest", "bmsd.simulate"},
-    {"bmsd.alerts", "bmsd.schema"},
+    {"bmsd.alerts", "bmsd.schema", "bmsd.sparkplug"},
     {"bmsd.batch", "bmsd.database", "bmsd.config_load"},
     {"bmsd.config", "bmsd.config_text"},
     {"bmsd.streams", "bmsd.models", "bmsd.metrics", "bmsd.errors", "bmsd.logs",

@@ -91,10 +91,13 @@ class AlertEngine:
         readings, devices = self.readings(batch)
         if self._shared:
             self._store.refresh(conn, self.state, devices)
-        self._store.remember_devices(conn, self.state, devices)
+        self._store.remember_devices(conn, self.state, devices | set(batch.gone))
         plan = history.decide(self.state, self._by_stream, readings, batch.seen,
                               self._store.history(conn, self.state), datetime.now(UTC),
                               self._window_s, self._late_after_s)
+        if batch.gone:
+            evaluate.declared_gone(plan, self.state, batch.gone)
+        self.state.managed |= batch.managed
         # Marks are read again at start from the stored readings: only changed
         # `for_s` conditions need storing, except in a shared group, whose
         # members read each other's marks with every batch (store.py).

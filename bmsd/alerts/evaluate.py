@@ -312,6 +312,21 @@ def offline_limit_s(state: State, device_id: int,
     return 300.0 if interval is None else max(60.0, 10 * interval)
 
 
+def declared_gone(plan: Plan, state: State, devices: Mapping[int, datetime]) -> None:
+    """Raise DEVICE_OFFLINE at once for *devices* their gateway declared dead (a
+    Sparkplug NDEATH or DDEATH, at bmsd's receive time)."""
+    raised = {(a.device.id, a.code) for a in plan.triggered}
+    for device_id, at in devices.items():
+        key = (device_id, OFFLINE)
+        if key in state.open or key in raised or device_id not in state.devices:
+            continue
+        device = state.devices[device_id]
+        plan.triggered.append(Alert(
+            device, OFFLINE, "warning", "connectivity", "device offline",
+            f"{device.slug} at {device.site}: its gateway declared it offline"
+            " (Sparkplug death)", None, None, at, raised_at=at))
+
+
 def plan_offline(state: State, now: datetime, watching_since: datetime,
                  offline_after: Mapping[str, int | None]) -> Plan:
     """Raise DEVICE_OFFLINE for devices silent longer than their limit.
@@ -321,7 +336,8 @@ def plan_offline(state: State, now: datetime, watching_since: datetime,
     """
     plan = Plan()
     for device_id, seen in state.last_seen.items():
-        if (device_id, OFFLINE) in state.open or device_id not in state.devices:
+        if ((device_id, OFFLINE) in state.open or device_id not in state.devices
+                or device_id in state.managed):
             continue
         limit = offline_limit_s(state, device_id, offline_after)
         silent_since = max(seen, watching_since)

@@ -23,7 +23,6 @@ bmsd/ingest/mqtt.py draws which thread may wait on which.
 from __future__ import annotations
 
 import gc
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +49,8 @@ from bmsd.ingest.notify import Notifier
 from bmsd.ingest.periodic import Periodic, run_due
 from bmsd.ingest.policies import PolicyHealth
 from bmsd.ingest.progress import Progress
-from bmsd.ingest.signals import Signals, watch
+from bmsd.ingest.signals import Signals, start_watching
+from bmsd.ingest.sparkplug_link import SparkplugLink
 from bmsd.metrics import Metrics
 from bmsd.schema.migrate import require_current_schema
 
@@ -83,11 +83,16 @@ class Daemon:
         self._deadline: float | None = None
         self._inbox = Inbox(max_messages=config.ingest.max_waiting_messages)
         self._alerts = _alert_engine(config, self.metrics, self._publish)
-        self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts)
+        # Sparkplug B ([sparkplug] enabled): a connection of its own into the same inbox.
+        self._sparkplug = None if not config.sparkplug.enabled else SparkplugLink(
+            config.mqtt, config.sparkplug, self._inbox.put, self.metrics)
+        self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts,
+                                command=self._sparkplug.send if self._sparkplug else None)
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
                                   self.metrics)
         self._notices = _notices(config, self.metrics) if self._alerts is not None else None
-        self._db = Database(config.database, self.metrics, sleep=self._sleep)
+        self._db = Database(config.database, self.metrics, sleep=self._sleep,
+                            on_change=self._sparkplug.online if self._sparkplug else None)
         self._policies = PolicyHealth(config.database)
         self.metrics.registry.register(self._policies)
         self.metrics.instance.info({"client_id": config.mqtt.client_id,
@@ -136,13 +141,8 @@ class Daemon:
                  broker=redact_url(self.config.mqtt.url), client_id=self.config.mqtt.client_id,
                  shared_group=self.config.mqtt.shared_group,
                  metrics=f"http://{self.config.metrics.addr}/metrics")
-        for path in internals.FAST_PATHS.values():
-            if not path.on:  # a library upgrade took what it needs: slower, not wrong
-                log.warning("fast_path_off", name=path.name, needs=path.needs,
-                            missing=list(path.missing), meaning=path.without)
-        watcher = threading.Thread(target=self._watch_signals, name="bmsd-signals",
-                                   daemon=True)
-        watcher.start()
+        internals.log_missing()
+        start_watching(self.signals, self._begin_shutdown, self._intake.in_hand)
         try:
             self._start_up()
             self._loop()
@@ -163,6 +163,8 @@ class Daemon:
             # (what it held stays unacknowledged) and close() can join it.
             self._inbox.close()
             self._source.close()
+            if self._sparkplug is not None:
+                self._sparkplug.close()
             if self._notices is not None:
                 self._notices.wait_sent(_NOTICES_AT_EXIT_S)
                 self._notices.close()
@@ -192,6 +194,9 @@ class Daemon:
         if self._housekeeping is not None:
             self._housekeeping.republish()
         self._source.start()
+        if self._sparkplug is not None:  # STATE online: the database answered
+            self._sparkplug.online(True)
+            self._sparkplug.start()
 
     def _check_subscribed(self) -> None:
         """Send READY=1 once the subscription is acknowledged; until then say what we wait
@@ -229,20 +234,6 @@ class Daemon:
             raise _GaveUp
         self._progress.set_waiting(what)
 
-    def _watch_signals(self) -> None:
-        """The first stop signal starts the drain; a second exits at once."""
-        def force() -> None:
-            log.warning("bmsd_forced_exit", unacknowledged=self._intake.in_hand(),
-                        meaning="unacknowledged messages will be redelivered by the broker")
-            os._exit(1)
-
-        def stop() -> None:
-            log.info("bmsd_stopping", meaning="committing what is in hand; a second"
-                                              " signal exits at once")
-            self._begin_shutdown()
-
-        watch(self.signals, stop, force)
-
     def _begin_shutdown(self) -> None:
         """Stop the loop, and bound by the shutdown deadline whatever it is waiting on."""
         if self._deadline is None:
@@ -258,6 +249,8 @@ class Daemon:
             source = self._source
             jobs += self._housekeeping.jobs(source.subscribed.is_set,
                                             lambda: source.subscribed_at)
+        if self._ingest.sparkplug is not None:  # rebirths for seq gaps past the timeout
+            jobs.append(Periodic("sparkplug", 0.25, self._ingest.sparkplug.tick))
         return [*jobs, Periodic("status", lambda: _STATUS_EVERY_S if self._progress.ready
                                 else _STARTING_STATUS_EVERY_S, self._status_tick)]
 
@@ -292,6 +285,9 @@ class Daemon:
         """Commit and acknowledge what is in hand, within the shutdown deadline."""
         self.notifier.stopping()
         self._source.stop_intake()
+        if self._sparkplug is not None:  # edge nodes buffer from now on
+            self._sparkplug.online(False)
+            self._sparkplug.stop_intake()
         self._begin_shutdown()
         committed = self._intake.drain()
         if committed:

@@ -32,10 +32,14 @@ from bmsd.ingest.mqtt import Message
 from bmsd.ingest.payloads import ReadingBounds, parse_message
 from bmsd.ingest.registry import Registry, Unresolved
 from bmsd.ingest.routing import Router
+from bmsd.ingest.sparkplug import ROUTE as SPARKPLUG_ROUTE
+from bmsd.ingest.sparkplug import SparkplugIntake
 from bmsd.ingest.writer import Outcome, Writer
 from bmsd.metrics import Metrics, observe_many
+from bmsd.sparkplug.host import NAMESPACE
 from bmsd.streams import NAMES
 
+SPARKPLUG_PREFIX = NAMESPACE + "/"
 #: Payload bytes held before a flush is forced, whatever the other limits.
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 #: StreamRows older than this lie before the refresh policies' windows (sql/110).
@@ -54,7 +58,8 @@ class Ingestor:
     def __init__(self, config: Config, metrics: Metrics,
                  ack: Callable[[list[Message]], int],
                  alerts: AlertEngine | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 command: Callable[[str, bytes], None] | None = None) -> None:
         ingest = config.ingest
         self._ingest = ingest
         self._bounds = {stream: self._stream_bounds(None) for stream in NAMES}
@@ -78,6 +83,10 @@ class Ingestor:
         self._first_at: float | None = None
         self._lag_times: list[datetime] = []
         self._received: dict[str, Any] = {}  # messages_received by route, labelled once
+        #: Sparkplug B messages ([sparkplug] enabled); *command* sends its rebirth requests.
+        self.sparkplug = None if not config.sparkplug.enabled else SparkplugIntake(
+            config.sparkplug, self._registry, metrics, self.add_rows,
+            command or (lambda topic, payload: None), self._writer.abandon)
 
     @property
     def filters(self) -> list[str]:
@@ -112,6 +121,11 @@ class Ingestor:
 
     def accept(self, conn: psycopg.Connection[Any], message: Message) -> None:
         """Add *message* to the batch; database errors leave the batch unchanged."""
+        if self.sparkplug is not None and message.topic.startswith(SPARKPLUG_PREFIX):
+            self._counted(SPARKPLUG_ROUTE).inc()
+            self._hold(message, self.sparkplug.accept(conn, message, self._batch,
+                                                      self._bounds))
+            return
         match = self._router.match(message.topic)
         if isinstance(match, str):
             origin = Origin(message.topic, None, message.payload, None, message.received_at,
@@ -119,11 +133,7 @@ class Ingestor:
             self._hold(message, [DeadLetter(origin, "no_route", match)])
             return
         route = match.route
-        received = self._received.get(route.template)
-        if received is None:
-            received = self._received[route.template] = \
-                self._metrics.messages_received.labels(route.template)
-        received.inc()
+        self._counted(route.template).inc()
         parsed = parse_message(route.stream, message.payload, message.received_at,
                                self._bounds[route.stream])
         dead = [DeadLetter(Origin(message.topic, route.template, r.payload, r.index,
@@ -141,23 +151,35 @@ class Ingestor:
         if isinstance(device, Unresolved):
             self._hold(message, [*dead, DeadLetter(origin, device.category, device.reason)])
             return
-        stream = route.stream
         rows = [Row((r.time, device, *r.values, r.extra), origin, r.index)
                 for r in parsed.readings]
-        self._batch.add_message(stream, rows,  # may raise: as above
-                         lambda fresh: self._writer.send(conn, stream, fresh))
-        times = [r.time for r in parsed.readings]
-        latest, late_before = max(times), message.received_at - LATE_AFTER
-        if min(times) < late_before:
-            self._batch.late.update((stream, t.astimezone(UTC).date()) for t in times
-                                    if t < late_before)
+        latest = self.add_rows(conn, route.stream, rows, message.received_at)  # may raise
         undated = sum(not r.timestamped for r in parsed.readings)
         if undated:
             self._metrics.readings_without_time.labels(route.template).inc(undated)
         else:
             self._lag_times.append(latest)
-        self._batch.note_seen(device, latest, message.received_at)
         self._hold(message, dead)
+
+    def add_rows(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
+                 received_at: datetime) -> datetime:
+        """Add one device's rows of *stream*, of one message, to the batch; return the
+        newest reading's time. Database errors leave the batch unchanged."""
+        self._batch.add_message(stream, rows, lambda fresh: self._writer.send(conn, stream, fresh))
+        times: list[datetime] = [row.values[0] for row in rows]
+        latest, late_before = max(times), received_at - LATE_AFTER
+        if min(times) < late_before:
+            self._batch.late.update((stream, t.astimezone(UTC).date()) for t in times
+                                    if t < late_before)
+        self._batch.note_seen(rows[0].values[1], latest, received_at)
+        return latest
+
+    def _counted(self, route: str) -> Any:
+        """Return the messages_received counter of *route* (labelled once)."""
+        received = self._received.get(route)
+        if received is None:
+            received = self._received[route] = self._metrics.messages_received.labels(route)
+        return received
 
     def release(self) -> None:
         """Free the connection for a statement of another kind than the batch's

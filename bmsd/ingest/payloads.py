@@ -289,6 +289,14 @@ def _refuse_constant(name: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
+def parse_fields(spec: StreamSpec, fields: Mapping[str, Any], when: datetime,
+                 received_at: datetime, bounds: ReadingBounds) -> Reading | tuple[str, str]:
+    """Validate one reading given as fields and a time (a Sparkplug B message's, mapped:
+    bmsd/ingest/sparkplug.py) as a JSON reading is; or return (category, reason)."""
+    return _parse_reading(spec, {**fields, "timestamp": when.isoformat()}, spec.label, None,
+                          received_at, bounds)
+
+
 def _whole(payload: bytes, category: str, reason: str) -> Parsed:
     return Parsed([], [Reject(category, reason, payload)])
 

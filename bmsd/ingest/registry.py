@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 from bmsd.config import IngestConfig
 from bmsd.errors import DatabaseError
 from bmsd.ingest.routing import Match
+from bmsd.streams import BY_NAME
 
 _FIND_DEVICE = """
     SELECT d.id FROM devices d JOIN sites s ON s.id = d.site_id
@@ -97,8 +98,9 @@ class Registry:
             device_id = self._ids[key] = found
         stream_key = (device_id, match.route.stream)
         if stream_key not in self._streams:
-            with conn.transaction():
-                conn.execute(_ADD_DEVICE_STREAM, stream_key)
+            if match.route.stream in BY_NAME:  # else: Sparkplug metrics of no stream
+                with conn.transaction():
+                    conn.execute(_ADD_DEVICE_STREAM, stream_key)
             self._streams.add(stream_key)
         return device_id
 

@@ -39,7 +39,8 @@ class Route:
     @property
     def site_kind(self) -> str:
         """Return the kind of site this route's devices belong to."""
-        return BY_NAME[self.stream].site_kind
+        spec = BY_NAME.get(self.stream)
+        return spec.site_kind if spec is not None else "factory"  # a Sparkplug gateway's
 
 
 @dataclass(frozen=True, slots=True)

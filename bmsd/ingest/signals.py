@@ -7,10 +7,16 @@ attribute writes cannot. `watch` acts on them outside the handlers.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+
+import structlog
+
+log = structlog.get_logger("bmsd.ingest.daemon")
 
 
 class Signals:
@@ -48,3 +54,21 @@ def watch(signals: Signals, stop: Callable[[], None], force: Callable[[], None])
             continue
         seen = stops
         (stop if stops == 1 else force)()
+
+
+def start_watching(signals: Signals, begin_shutdown: Callable[[], None],
+                   in_hand: Callable[[], int]) -> None:
+    """Watch *signals* from a thread of their own: the first stop signal begins the
+    shutdown (the drain), a second exits at once (*in_hand* messages are redelivered)."""
+    def force() -> None:
+        log.warning("bmsd_forced_exit", unacknowledged=in_hand(),
+                    meaning="unacknowledged messages will be redelivered by the broker")
+        os._exit(1)
+
+    def stop() -> None:
+        log.info("bmsd_stopping", meaning="committing what is in hand; a second"
+                                          " signal exits at once")
+        begin_shutdown()
+
+    threading.Thread(target=watch, args=(signals, stop, force), name="bmsd-signals",
+                     daemon=True).start()

@@ -65,6 +65,27 @@ _BACKLOG = """
     ON CONFLICT (hypertable, day)
     DO UPDATE SET version = aggregate_backlog.version + 1, noted_at = now()
 """
+# Sparkplug B (bmsd/ingest/sparkplug.py): metrics no map names, and births and
+# deaths of edge nodes and devices.
+_SPARKPLUG_METRICS = """
+    INSERT INTO sparkplug_metrics (time, device_id, name, datatype, unit, value, value_text,
+                                   value_json, historical)
+    SELECT * FROM unnest(%s::timestamptz[], %s::integer[], %s::text[], %s::text[], %s::text[],
+                         %s::float8[], %s::text[], %s::jsonb[], %s::boolean[])
+    ON CONFLICT DO NOTHING
+"""
+_SPARKPLUG_NODES = """
+    INSERT INTO sparkplug_nodes AS n (group_id, edge_node, device, device_id, online, bdseq,
+                                      last_birth_at, last_death_at)
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::integer[], %s::boolean[],
+                         %s::bigint[], %s::timestamptz[], %s::timestamptz[])
+    ON CONFLICT (group_id, edge_node, device) DO UPDATE
+       SET device_id = excluded.device_id, online = excluded.online, bdseq = excluded.bdseq,
+           last_birth_at = coalesce(excluded.last_birth_at, n.last_birth_at),
+           last_death_at = coalesce(excluded.last_death_at, n.last_death_at)
+"""
+
+
 @dataclass
 class Outcome:
     """What a committed batch did."""
@@ -202,6 +223,12 @@ class Writer:
             store(conn, dead, retry=retry, redelivered_within=self.redelivered_within)
         if batch.seen:
             conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
+        if batch.metrics:
+            conn.execute(_SPARKPLUG_METRICS, [list(c) for c in zip(*batch.metrics, strict=True)])
+        if batch.nodes:
+            keys = sorted(batch.nodes)  # one lock order for every writer
+            conn.execute(_SPARKPLUG_NODES, [list(c) for c in zip(
+                *[(*key, *batch.nodes[key]) for key in keys], strict=True)])
         if batch.late and self._backlog:
             late = sorted(batch.late)  # one lock order for every writer
             conn.execute(_BACKLOG, ([t for t, _ in late], [d for _, d in late]))

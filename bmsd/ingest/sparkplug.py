@@ -1,0 +1,179 @@
+"""A Sparkplug B message into the batch: the host's outcome (bmsd/sparkplug/host.py)
+stored in the batch's transaction, like any other message's rows.
+
+- mapped metrics become readings of their stream, validated as JSON readings
+  are (bmsd/ingest/payloads.py), on the device their map names (registered
+  on first sight, like a route's);
+- other metrics go to ``sparkplug_metrics`` with their datatype and unit;
+- births and deaths update ``sparkplug_nodes``; a death declares its devices
+  offline at once (DEVICE_OFFLINE, bmsd/alerts/engine.py), and devices of an
+  edge node are not declared offline by silence (report by exception);
+- what cannot be used is dead-lettered with its reason; rebirth requests are
+  returned to be sent (bmsd/ingest/sparkplug_link.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from bmsd.batch import Batch, DeadLetter, Origin, Row
+from bmsd.config import SparkplugConfig
+from bmsd.ingest.mqtt import Message
+from bmsd.ingest.payloads import Reading, ReadingBounds, parse_fields
+from bmsd.ingest.registry import Registry, Unresolved
+from bmsd.ingest.routing import Match, Route
+from bmsd.metrics import Metrics
+from bmsd.sparkplug.host import Host, Outcome, Target, Unmapped
+from bmsd.sparkplug.payload import rebirth_request
+from bmsd.streams import BY_NAME
+
+ROUTE = "sparkplug"  # the route label of Sparkplug messages in metrics and dead letters
+_EXACT = 2 ** 53  # integers a double holds exactly
+#: Add a device's rows of one stream to the batch: (conn, stream, rows, received at).
+AddRows = Callable[[psycopg.Connection[Any], str, list[Row], datetime], datetime]
+
+
+class SparkplugIntake:
+    """Sparkplug messages into the batch."""
+
+    def __init__(self, config: SparkplugConfig, registry: Registry, metrics: Metrics,
+                 add_rows: AddRows, send: Callable[[str, bytes], None],
+                 release: Callable[[], None]) -> None:
+        self.host = Host(config)
+        self._release = release  # frees the connection of the batch's early COPY
+        self._registry = registry
+        self._metrics = metrics
+        self._add_rows = add_rows
+        self._send = send
+        self._routes: dict[Target, Route] = {}
+
+    def accept(self, conn: psycopg.Connection[Any], message: Message, batch: Batch,
+               bounds: Mapping[str, ReadingBounds]) -> list[DeadLetter]:
+        """Add what *message* means to *batch*; return its dead letters. Database errors
+        propagate before anything is added (the caller retries the message)."""
+        out = self.host.receive(message.topic, message.payload, message.received_at)
+        origin = Origin(message.topic, ROUTE, message.payload, None, message.received_at,
+                        message.dup)
+        targets = {r.target for r in out.readings} | {u.target for u in out.unmapped} | {
+            c.target for c in out.changes}
+        ids: dict[Target, int] = {}
+        dead = [DeadLetter(origin, category, reason) for category, reason in out.problems]
+        for target in sorted(targets, key=lambda t: (t.site, t.name)):
+            found = self._device(conn, target)
+            if isinstance(found, Unresolved):
+                dead.append(DeadLetter(origin, found.category, found.reason))
+            else:
+                ids[target] = found
+        self._readings(conn, out, ids, origin, bounds, dead, message.received_at)
+        self._unmapped(out.unmapped, ids, batch)
+        self._changes(out, ids, batch)
+        self._count(out)
+        batch.managed.update(ids.values())
+        for topic in out.rebirths:
+            self.request_rebirth(topic)
+        return dead
+
+    def tick(self) -> None:
+        """Ask for a rebirth where a sequence gap outlived the reorder timeout."""
+        gaps = self.host.seq_gaps
+        for topic in self.host.due():
+            self.request_rebirth(topic)
+        if self.host.seq_gaps > gaps:
+            self._metrics.sparkplug_seq_gaps.inc(self.host.seq_gaps - gaps)
+
+    def request_rebirth(self, topic: str) -> None:
+        self._metrics.sparkplug_rebirths.inc()
+        self._send(topic, rebirth_request())
+
+    def _device(self, conn: psycopg.Connection[Any], target: Target) -> int | Unresolved:
+        route = self._routes.get(target)
+        if route is None:
+            route = self._routes[target] = Route(
+                f"spBv1.0/{target.group}/{target.edge_node}/{target.device}",
+                target.stream or "sparkplug_metrics", target.kind, (), 0, 0)
+        match = Match(route, target.site, target.name)
+        found = self._registry.cached(match)
+        if found is not None:
+            return found
+        self._release()  # the lookup needs the connection
+        return self._registry.resolve(conn, match)
+
+    def _readings(self, conn: psycopg.Connection[Any], out: Outcome, ids: dict[Target, int],
+                  origin: Origin, bounds: Mapping[str, ReadingBounds],
+                  dead: list[DeadLetter], received_at: datetime) -> None:
+        groups: dict[tuple[str, int], list[Reading]] = {}
+        for reading in out.readings:
+            device = ids.get(reading.target)
+            stream = reading.target.stream
+            if device is None or stream is None:
+                continue
+            parsed = parse_fields(BY_NAME[stream], reading.fields, reading.time, received_at,
+                                  bounds[stream])
+            if isinstance(parsed, Reading):
+                groups.setdefault((stream, device), []).append(parsed)
+            else:
+                dead.append(DeadLetter(origin, *parsed))
+        for (stream, device), readings in groups.items():
+            readings.sort(key=lambda r: r.time)
+            self._add_rows(conn, stream, [Row((r.time, device, *r.values, r.extra), origin, None)
+                                          for r in readings], received_at)
+
+    def _unmapped(self, unmapped: list[Unmapped], ids: dict[Target, int], batch: Batch) -> None:
+        for metric in unmapped:
+            device = ids.get(metric.target)
+            if device is not None:
+                batch.metrics.append((metric.time, device, metric.name, metric.datatype,
+                                      metric.unit, *_columns(metric.value), metric.historical))
+
+    def _changes(self, out: Outcome, ids: dict[Target, int], batch: Batch) -> None:
+        for change in out.changes:
+            target = change.target
+            device = ids.get(target)
+            batch.nodes[(target.group, target.edge_node, target.device)] = (
+                device, change.online, change.bdseq, change.at if change.online else None,
+                None if change.online else change.at)
+            kind = "node" if not target.device else "device"
+            if change.online:
+                self._metrics.sparkplug_births.labels(kind).inc()
+                if device is not None:
+                    batch.gone.pop(device, None)
+            else:
+                self._metrics.sparkplug_deaths.labels(kind).inc()
+                if device is not None:
+                    batch.gone[device] = change.at
+
+    def _count(self, out: Outcome) -> None:
+        if out.unknown_aliases:
+            self._metrics.sparkplug_unknown_aliases.inc(out.unknown_aliases)
+        if out.historical:
+            self._metrics.sparkplug_historical.inc(out.historical)
+
+
+def _columns(value: Any) -> tuple[float | None, str | None, Jsonb | None]:
+    """Return (value, value_text, value_json) of a metric's value: the column it fits."""
+    if value is None:
+        return None, None, None
+    if isinstance(value, bool):
+        return float(value), None, None
+    if isinstance(value, int):
+        return (float(value), None, None) if abs(value) <= _EXACT else (
+            None, None, Jsonb(value))
+    if isinstance(value, float):
+        return (value, None, None) if math.isfinite(value) else (None, str(value), None)
+    if isinstance(value, str):
+        return None, value, None
+    if isinstance(value, datetime):
+        return None, value.isoformat(), None
+    return None, None, Jsonb(value, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=lambda v: v.isoformat() if isinstance(v, datetime)
+                      else str(v))

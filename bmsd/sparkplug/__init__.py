@@ -1,0 +1,1 @@
+"""Sparkplug B: bmsd as a host application of industrial edge nodes (docs/sparkplug.md)."""

@@ -1,0 +1,351 @@
+"""The Sparkplug B host's state machine: pure, no broker, no database.
+
+`Host.receive` takes one message (topic, payload, arrival time) and returns
+what it means (`Outcome`): readings for bmsd's streams, metrics nobody
+mapped, edge nodes and devices born or dead, rebirth requests to send, and
+what could not be used, with the reason. `Host.due` returns the rebirth
+requests whose reorder timeout ran out. The ingestor stores an outcome in
+the batch's transaction (bmsd/ingest/sparkplug.py).
+
+Per edge node, as the specification asks of a host application:
+
+- an NBIRTH starts a session: its ``bdSeq``, its metrics' names, aliases,
+  datatypes and units (DBIRTHs add their devices'); a data message names
+  metrics by alias, resolved against them;
+- ``seq`` (0-255, wrapping) runs over every message of the session but
+  NDEATH; a message ahead of the next expected one opens a gap, which the
+  missing messages close if they arrive within ``reorder_timeout_s``, else a
+  rebirth is requested. Messages are not held back meanwhile: each reading
+  carries its own time, and its alerts do not depend on arrival order
+  (bmsd/alerts/history.py);
+- data before a birth, or an alias the birth did not give, asks for a
+  rebirth; requests to one edge node are at most one per
+  ``rebirth_min_interval_s``;
+- an NDEATH whose ``bdSeq`` is the session's ends it: the node and its
+  devices are offline, at bmsd's receive time; a DDEATH, its device. An
+  NDEATH of an earlier session (a stale will) changes nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bmsd.config import SparkplugConfig, SparkplugMap
+from bmsd.sparkplug.payload import DATATYPES, NUMERIC, Metric, PayloadError, decode, value_of
+
+NAMESPACE = "spBv1.0"
+#: Metrics of the protocol itself, not data.
+_PROTOCOL = ("bdSeq", "Node Control/", "Device Control/")
+_UNIT_KEYS = ("engUnit", "EngUnit", "engUnits", "unit", "Unit", "units")
+_SEQ_SPAN = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A Sparkplug edge node or device as bmsd stores it."""
+
+    group: str
+    edge_node: str
+    device: str  # "" for the edge node itself
+    site: str
+    name: str  # the device's slug at the site
+    kind: str
+    stream: str | None
+    #: metric name -> (field, scale)
+    fields: dict[str, tuple[str, float]] = field(hash=False, compare=False)
+
+
+@dataclass(slots=True)
+class Reading:
+    """The mapped metrics of one target at one time: a reading of its stream."""
+
+    target: Target
+    time: datetime
+    fields: dict[str, Any]
+    historical: bool
+
+
+@dataclass(slots=True)
+class Unmapped:
+    """A metric no map names a field for: stored as it is (sparkplug_metrics)."""
+
+    target: Target
+    time: datetime
+    name: str
+    datatype: str
+    unit: str | None
+    value: Any
+    historical: bool
+
+
+@dataclass(slots=True)
+class Change:
+    """A birth or a death of an edge node or a device."""
+
+    target: Target
+    online: bool
+    at: datetime  # bmsd's receive time
+    bdseq: int | None
+
+
+@dataclass
+class Outcome:
+    """What one message means."""
+
+    readings: list[Reading] = field(default_factory=list)
+    unmapped: list[Unmapped] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    rebirths: list[str] = field(default_factory=list)  # NCMD topics
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (category, reason)
+    kind: str = ""  # the message type (NBIRTH, DDATA, ...), "" if not Sparkplug
+    unknown_aliases: int = 0
+    historical: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A metric as its birth described it."""
+
+    name: str
+    datatype: int
+    unit: str | None
+    device: str
+
+
+@dataclass
+class _Node:
+    born: bool = False
+    bdseq: int | None = None
+    seq: int | None = None
+    aliases: dict[int, _Known] = field(default_factory=dict)
+    names: dict[tuple[str, str], _Known] = field(default_factory=dict)  # (device, name)
+    devices: set[str] = field(default_factory=set)  # online
+    missing: dict[int, float] = field(default_factory=dict)  # seq -> since (monotonic)
+    asked_at: float | None = None  # the last rebirth request
+
+
+class Host:
+    """The births, aliases and sequences of every edge node heard from."""
+
+    def __init__(self, config: SparkplugConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self._nodes: dict[tuple[str, str], _Node] = {}
+        self._targets: dict[tuple[str, str, str], Target] = {}
+        self.seq_gaps = 0
+
+    def nodes(self) -> Iterable[tuple[str, str, bool]]:
+        """Return (group, edge node, online) of every edge node heard from."""
+        return [(g, e, n.born) for (g, e), n in self._nodes.items()]
+
+    def target(self, group: str, edge_node: str, device: str) -> Target:
+        """Return where *device* of *edge_node* (or the node itself, "") is stored."""
+        key = (group, edge_node, device)
+        found = self._targets.get(key)
+        if found is None:
+            found = self._targets[key] = _target(self._config.map, group, edge_node, device)
+        return found
+
+    def receive(self, topic: str, payload: bytes, received_at: datetime) -> Outcome:
+        out = Outcome()
+        parts = topic.split("/")
+        if len(parts) not in (4, 5) or parts[0] != NAMESPACE:
+            out.problems.append(("bad_topic", f"{topic!r} is not a Sparkplug B topic"
+                                 f" ({NAMESPACE}/group/type/edge_node[/device])"))
+            return out
+        group, kind, edge = parts[1], parts[2], parts[3]
+        device = parts[4] if len(parts) == 5 else ""
+        out.kind = kind
+        if kind in ("NCMD", "DCMD"):
+            return out  # commands of other hosts
+        try:
+            message = decode(payload)
+        except PayloadError as exc:
+            out.problems.append(("not_sparkplug", str(exc)))
+            return out
+        node = self._nodes.setdefault((group, edge), _Node())
+        if kind == "NBIRTH":
+            self._birth(out, node, group, edge, message.seq, message.metrics, received_at,
+                        message.timestamp)
+        elif kind == "NDEATH":
+            self._death(out, node, group, edge, message.metrics, received_at)
+        elif kind in ("DBIRTH", "DDEATH", "NDATA", "DDATA"):
+            self._session(out, node, group, edge, device, kind, message, received_at)
+        else:
+            out.problems.append(("bad_topic", f"{topic!r}: unknown message type {kind!r}"))
+        return out
+
+    def due(self) -> list[str]:
+        """Return the rebirth requests of edge nodes whose sequence gap outlived the reorder
+        timeout (counted in ``seq_gaps``)."""
+        now = self._clock()
+        topics = []
+        for (group, edge), node in self._nodes.items():
+            if node.missing and now - min(node.missing.values()) >= \
+                    self._config.reorder_timeout_s:
+                node.missing.clear()
+                self.seq_gaps += 1
+                topics += self._ask(node, group, edge)
+        return topics
+
+    # --- messages ------------------------------------------------------------------
+
+    def _birth(self, out: Outcome, node: _Node, group: str, edge: str, seq: int | None,
+               metrics: list[Metric], received_at: datetime, sent: datetime | None) -> None:
+        bdseq = next((value_of(m.datatype, m) for m in metrics if m.name == "bdSeq"), None)
+        node.born, node.bdseq, node.seq = True, bdseq, seq
+        node.aliases.clear()
+        node.names.clear()
+        node.devices.clear()
+        node.missing.clear()
+        self._learn(node, "", metrics)
+        out.changes.append(Change(self.target(group, edge, ""), True, received_at, bdseq))
+        self._data(out, node, group, edge, "", metrics, received_at, sent)
+
+    def _death(self, out: Outcome, node: _Node, group: str, edge: str,
+               metrics: list[Metric], received_at: datetime) -> None:
+        bdseq = next((value_of(m.datatype, m) for m in metrics if m.name == "bdSeq"), None)
+        if not node.born or (bdseq is not None and bdseq != node.bdseq):
+            return  # an earlier session's will
+        node.born = False
+        node.aliases.clear()  # the next session's birth gives them again
+        node.names.clear()
+        for device in sorted(node.devices):
+            out.changes.append(Change(self.target(group, edge, device), False, received_at,
+                                      bdseq))
+        node.devices.clear()
+        node.missing.clear()
+        out.changes.append(Change(self.target(group, edge, ""), False, received_at, bdseq))
+
+    def _session(self, out: Outcome, node: _Node, group: str, edge: str, device: str,
+                 kind: str, message: Any, received_at: datetime) -> None:
+        if not node.born:
+            # Metrics that carry their name and datatype are stored all the same;
+            # those by alias alone wait for the rebirth asked for.
+            out.rebirths += self._ask(node, group, edge)
+            if kind in ("NDATA", "DDATA"):
+                self._data(out, node, group, edge, device, message.metrics, received_at,
+                           message.timestamp, before_birth=True)
+            return
+        self._sequence(node, message.seq)
+        if kind == "DBIRTH":
+            self._learn(node, device, message.metrics)
+            node.devices.add(device)
+            out.changes.append(Change(self.target(group, edge, device), True, received_at,
+                                      node.bdseq))
+        elif kind == "DDEATH":
+            node.devices.discard(device)
+            out.changes.append(Change(self.target(group, edge, device), False, received_at,
+                                      node.bdseq))
+            return
+        self._data(out, node, group, edge, device, message.metrics, received_at,
+                   message.timestamp)
+
+    def _learn(self, node: _Node, device: str, metrics: list[Metric]) -> None:
+        for metric in metrics:
+            if metric.name is None:
+                continue
+            unit = next((str(metric.properties[k]) for k in _UNIT_KEYS
+                         if metric.properties.get(k) is not None), None)
+            known = _Known(metric.name, metric.datatype or 0, unit, device)
+            node.names[(device, metric.name)] = known
+            if metric.alias is not None:
+                node.aliases[metric.alias] = known
+
+    def _data(self, out: Outcome, node: _Node, group: str, edge: str, device: str,
+              metrics: list[Metric], received_at: datetime, sent: datetime | None,
+              before_birth: bool = False) -> None:
+        target = self.target(group, edge, device)
+        rows: dict[tuple[datetime, bool], dict[str, Any]] = {}
+        for metric in metrics:
+            known = _known(node, device, metric)
+            if known is None:
+                out.unknown_aliases += not before_birth
+                out.rebirths += self._ask(node, group, edge)
+                what = f"metric {metric.name or f'alias {metric.alias}'} of {group}/{edge}" + (
+                    f"/{device}" if device else "")
+                out.problems.append(("before_birth", (
+                    f"{what} came before its edge node's NBIRTH, by alias or without a"
+                    " datatype: it cannot be named; a rebirth was requested")) if before_birth
+                    else ("unknown_alias", f"{what} is not in its birth; a rebirth was"
+                                           " requested"))
+                continue
+            if known.name.startswith(_PROTOCOL):
+                continue
+            try:
+                value = value_of(known.datatype, metric)
+            except PayloadError as exc:
+                out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
+                continue
+            at = metric.timestamp or sent or received_at
+            out.historical += metric.historical
+            mapped = target.fields.get(known.name)
+            if mapped is not None and (value is None or known.datatype in NUMERIC):
+                field_name, scale = mapped
+                row = rows.setdefault((at, metric.historical), {})
+                row[field_name] = value if value is None or scale == 1 else value * scale
+            else:
+                out.unmapped.append(Unmapped(target, at, known.name,
+                                             DATATYPES.get(known.datatype, "Unknown"),
+                                             known.unit, value, metric.historical))
+        out.readings += [Reading(target, at, fields, historical)
+                         for (at, historical), fields in rows.items()]
+
+    def _sequence(self, node: _Node, seq: int | None) -> None:
+        if seq is None:
+            return
+        if node.seq is None:
+            node.seq = seq
+            return
+        expected = (node.seq + 1) % _SEQ_SPAN
+        if seq == expected:
+            node.seq = seq
+        elif seq in node.missing:
+            del node.missing[seq]
+        else:
+            ahead = (seq - expected) % _SEQ_SPAN
+            if ahead < _SEQ_SPAN // 2:  # later than expected: the ones between are missing
+                now = self._clock()
+                for k in range(ahead):
+                    node.missing.setdefault((expected + k) % _SEQ_SPAN, now)
+                node.seq = seq
+
+    def _ask(self, node: _Node, group: str, edge: str) -> list[str]:
+        now = self._clock()
+        if node.asked_at is not None and now - node.asked_at < \
+                self._config.rebirth_min_interval_s:
+            return []
+        node.asked_at = now
+        return [f"{NAMESPACE}/{group}/NCMD/{edge}"]
+
+
+def _known(node: _Node, device: str, metric: Metric) -> _Known | None:
+    """Return what the birth said of *metric*; for one it did not name, what the metric
+    says of itself (its name and datatype), if it does."""
+    if metric.name is None:
+        return node.aliases.get(metric.alias) if metric.alias is not None else None
+    known = node.names.get((device, metric.name))
+    if known is None and metric.datatype:
+        known = _Known(metric.name, metric.datatype, None, device)
+    return known
+
+
+def _target(maps: Iterable[SparkplugMap], group: str, edge: str, device: str) -> Target:
+    chosen = next((m for m in maps if fnmatch.fnmatchcase(group, m.group)
+                   and fnmatch.fnmatchcase(edge, m.edge_node)
+                   and fnmatch.fnmatchcase(device, m.device)), None)
+    if chosen is None:
+        chosen = SparkplugMap()
+    names = {"group": group, "edge_node": edge, "device": device}
+    name = chosen.name.format(**names) or edge
+    fields = {metric: ((to, 1.0) if isinstance(to, str) else (to.field, to.scale))
+              for metric, to in chosen.metrics.items()}
+    return Target(group, edge, device, chosen.site.format(**names), name, chosen.device_kind,
+                  chosen.stream, fields)
+

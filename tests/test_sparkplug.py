@@ -1,0 +1,205 @@
+"""bmsd as a Sparkplug B primary host, on the real stack, fed by an edge node that is not
+ours: pysparkplug (tests/edge/edge_node.py, in .venv-edge).
+
+Births, data by name and by alias, seq wrapping, deaths; a rebirth asked for
+and answered; store and forward through a database outage and a kill -9, the
+edge node's readings counted against what is stored. tests/test_sparkplug_host.py
+checks the state machine alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.fix_daemon import DaemonFactory, DaemonProcess, wait_until
+from tests.fix_mqtt import USERS, Broker
+from tests.fix_proxy import ProxyFactory
+
+EDGE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-edge" / "bin" / "python"
+EDGE = Path(__file__).resolve().parent / "edge" / "edge_node.py"
+_ids = itertools.count()
+
+pytestmark = pytest.mark.skipif(
+    not EDGE_PYTHON.exists(),
+    reason=".venv-edge (the pysparkplug edge node) is missing: run scripts/install.sh")
+
+
+def config(group: str, host: str, extra: str = "") -> str:
+    return f"""
+[sparkplug]
+enabled = true
+groups = ["{group}"]
+host_id = "{host}"
+reorder_timeout_s = 1.0
+rebirth_min_interval_s = 1.0
+
+[[sparkplug.map]]
+device = "bms-*"
+stream = "battery_telemetry"
+device_kind = "battery_pack"
+[sparkplug.map.metrics]
+"Battery/SOC" = "soc"
+"Battery/Voltage" = {{ field = "voltage", scale = 0.001 }}
+{extra}"""
+
+
+def names() -> tuple[str, str]:
+    n = next(_ids)
+    return f"plant-{os.getpid()}-{n}", f"bmsd-{os.getpid()}-{n}"
+
+
+def edge(broker: Broker, group: str, *args: str) -> subprocess.Popen[str]:
+    port = broker.local.port if broker.local is not None else 1883
+    return subprocess.Popen(
+        [str(EDGE_PYTHON), str(EDGE), "--port", str(port), "--group", group,
+         "--user", "tester", "--password", USERS["tester"], *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process: subprocess.Popen[str], timeout_s: float = 120) -> dict[str, Any]:
+    out, err = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, err
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def one(db_url: str, query: str, *params: Any) -> Any:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
+def readings(db_url: str, group_site: str) -> int:
+    return int(one(db_url, "SELECT count(*) FROM battery_telemetry t JOIN devices d"
+                           " ON d.id = t.device_id JOIN sites s ON s.id = d.site_id"
+                           " WHERE s.slug = %s", group_site))
+
+
+def test_births_data_and_deaths_of_an_edge_node_land_where_the_map_says(
+    bmsd_daemon: DaemonFactory, mqtt_broker: Broker, db_url: str,
+) -> None:
+    group, host = names()
+    daemon = bmsd_daemon(config(group, host))
+    # 2 devices x 150 rounds: 300 DDATA after 3 births, so seq wraps past 255.
+    counts = finished(edge(mqtt_broker, group, "--edge", "edge-a", "--readings", "150",
+                           "--death"))
+    assert counts["published"] == 300
+    # Each DBIRTH carries a reading too.
+    wait_until(lambda: readings(db_url, "edge-a") == 302, what="every reading stored")
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT d.slug, d.kind, min(t.soc), max(t.soc), min(t.voltage), max(t.voltage)"
+            "  FROM battery_telemetry t JOIN devices d ON d.id = t.device_id"
+            " GROUP BY 1, 2 ORDER BY 1").fetchall()
+        assert [r[:2] for r in rows] == [("bms-0", "battery_pack"), ("bms-1", "battery_pack")]
+        assert rows[0][2:] == (50.0, 89.0, 52.0, 52.149)  # mV scaled to V
+        unmapped = conn.execute(
+            "SELECT name, datatype, count(*), count(value), count(value_text)"
+            "  FROM sparkplug_metrics GROUP BY 1, 2 ORDER BY 1").fetchall()
+        assert unmapped == [("Cabinet/Door", "Boolean", 302, 302, 0),
+                            ("Serial", "String", 302, 0, 302), ("Uptime", "Int64", 1, 1, 0)]
+        wait_until(lambda: conn.execute(
+            "SELECT count(*) FILTER (WHERE NOT online), count(*) FROM sparkplug_nodes"
+            " WHERE group_id = %s", (group,)).fetchone() == (3, 3), what="all offline")
+        # The NDEATH took the node and its devices offline at once.
+        offline = conn.execute(
+            "SELECT d.slug FROM alerts a JOIN devices d ON d.id = a.device_id"
+            " WHERE a.rule_code = 'DEVICE_OFFLINE' AND a.status = 'active' ORDER BY 1").fetchall()
+        assert offline == [("bms-0",), ("bms-1",), ("edge-a",)]
+    assert daemon.metric("bmsd_sparkplug_births_total", kind="device") == 2
+    assert daemon.metric("bmsd_sparkplug_deaths_total", kind="node") == 1
+    assert daemon.metric("bmsd_sparkplug_seq_gaps_total") == 0
+    assert daemon.metric("bmsd_messages_rejected_total") == 0
+
+
+def test_data_by_alias_before_a_birth_asks_for_a_rebirth_and_then_is_stored(
+    bmsd_daemon: DaemonFactory, mqtt_broker: Broker, db_url: str,
+) -> None:
+    # The edge node births before bmsd listens (as after a host restart): its
+    # data names metrics by alias only, which bmsd cannot resolve until it
+    # asks for, and gets, a rebirth. Nothing is dropped silently: what came
+    # before the rebirth is dead-lettered with the reason.
+    group, host = names()
+    node = edge(mqtt_broker, group, "--edge", "edge-b", "--aliases", "--readings", "60",
+                "--interval", "0.1", "--settle", "0.5")
+    time.sleep(1.5)
+    daemon = bmsd_daemon(config(group, host))
+    counts = finished(node)
+    assert counts["rebirths"] >= 1
+    stored = 0
+
+    def settled() -> bool:
+        nonlocal stored
+        stored = readings(db_url, "edge-b")
+        refused = one(db_url, "SELECT count(*) FROM ingest_rejects WHERE route = 'sparkplug'"
+                              " AND reason LIKE '%%before its NBIRTH%%'")
+        # What bmsd heard: every DDATA after it subscribed, as a reading or a
+        # dead letter; the rebirth's DBIRTHs add one reading per device.
+        return stored > 0 and stored - 2 * counts["rebirths"] + int(refused) >= 2 * 40
+    wait_until(settled, what="the data after the rebirth")
+    assert daemon.metric("bmsd_sparkplug_rebirth_requests_total") >= 1
+    assert one(db_url, "SELECT count(*) FROM sparkplug_metrics WHERE name = 'Serial'") > 0
+
+
+def test_store_and_forward_through_a_database_outage_and_a_kill_loses_nothing_but_flight(
+    bmsd_daemon: DaemonFactory, mqtt_broker: Broker, db_url: str, tcp_proxy: ProxyFactory,
+    tmp_path: Path,
+) -> None:
+    # An edge node that buffers while bmsd's STATE says offline. The database
+    # goes away for 4 s: bmsd says offline, the edge node buffers, bmsd says
+    # online, the buffer comes as historical data: nothing lost. Then bmsd is
+    # killed: the broker sends its will (offline); what was in flight (in
+    # bmsd's hands, uncommitted, or sent before the edge node saw the will)
+    # is lost, as Sparkplug's QoS 0 allows; everything else is stored.
+    group, host = names()
+    database = tcp_proxy(db_url)
+    text = config(group, host, "\n[database]\nconnect_timeout_s = 2\nstatement_timeout_ms ="
+                               " 2000\noperation_timeout_s = 3.0\nretry_max_backoff_s = 0.5\n")
+    daemon: DaemonProcess = bmsd_daemon(text, database_url=database.url(db_url))
+    produced_log = tmp_path / "produced"
+    node = edge(mqtt_broker, group, "--edge", "edge-c", "--host-id", host, "--readings",
+                "300", "--interval", "0.1", "--linger", "30", "--produced", str(produced_log))
+    wait_until(lambda: readings(db_url, "edge-c") > 40, what="live readings")
+    database.refuse()
+    database.cut()
+    wait_until(lambda: daemon.metric("bmsd_sparkplug_host_online") == 0, timeout_s=20,
+               what="STATE offline while the database is down")
+    time.sleep(4)
+    database.heal()
+    wait_until(lambda: daemon.metric("bmsd_sparkplug_host_online") == 1, timeout_s=20,
+               what="STATE online again")
+    time.sleep(3)
+    killed_at = time.time()
+    daemon.kill()  # the broker publishes our will: STATE offline
+    time.sleep(4)
+    bmsd_daemon(text, database_url=database.url(db_url), client_id=daemon.client_id)
+    counts = finished(node)
+    assert counts["historical"] > 0, counts
+    assert counts["buffered"] == 0, counts
+    produced = {(f"bms-{d}", int(ms)) for d, ms in
+                (line.split() for line in produced_log.read_text().splitlines())}
+    assert len(produced) == counts["produced"] == 600
+
+    def missing() -> list[tuple[str, int]]:
+        with psycopg.connect(db_url) as conn:
+            stored = {(slug, round(t.timestamp() * 1000)) for slug, t in conn.execute(
+                "SELECT d.slug, t.time FROM battery_telemetry t JOIN devices d"
+                " ON d.id = t.device_id JOIN sites s ON s.id = d.site_id"
+                " WHERE s.slug = 'edge-c'")}
+        return sorted(produced - stored)
+
+    wait_until(lambda: len(missing()) < 30, timeout_s=30, what="the buffer stored")
+    time.sleep(2)
+    lost = missing()
+    # Only readings produced within a second of the kill may be lost.
+    assert all(abs(ms / 1000 - killed_at) < 1.0 for _, ms in lost), lost
+    assert len(lost) <= 20, lost
+    print(f"store and forward: {len(produced)} produced, {len(lost)} lost at the kill")
