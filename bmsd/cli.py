@@ -156,7 +156,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         per_message=args.per_message, qos=args.qos, seed=args.seed,
         start=datetime.fromisoformat(args.start) if args.start else None,
         malformed=args.malformed, duplicates=args.duplicates, out_of_order=args.out_of_order,
-        late=args.late, alerts=args.alerts, backfill_s=args.backfill_s)
+        late=args.late, alerts=args.alerts, backfill_s=args.backfill_s,
+        sparkplug=args.sparkplug)
     url = args.mqtt_url
     if url is None:
         mqtt = _config(args, "mqtt").mqtt
@@ -303,6 +304,10 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.Namespace], int], tuple[_Argu
         (("--start",), {"help": "first timestamp (ISO 8601); default: the run ends now"}),
         *(((f"--{name}",), {"type": float, "default": 0.0, "metavar": "SHARE",
                             "help": f"share (0-1) of {what}"}) for name, what in _SHARES),
+        (("--sparkplug",), {"type": float, "nargs": "?", "const": 1.0, "default": 0.0,
+                            "metavar": "SHARE",
+                            "help": "the battery sites (a share 0-1 of them; alone: all) are"
+                                    " Sparkplug B edge nodes of group demo (docs/sparkplug.md)"}),
         (("--summary-json",), {"type": Path, "help": "also write the summary here as JSON"}),
         (("--progress",), {"action": "store_true",
                            "help": "progress line even without a TTY"}),

@@ -49,11 +49,21 @@ def describe(config: BaseModel) -> str:
 def _toml_line(key: str, value: object) -> str:
     if value is None:
         return f"# {key} is not set"
+    return f"{key} = {_toml_value(value)}"
+
+
+def _toml_value(value: object) -> str:
+    """Return *value* as TOML: arrays and tables inline ([sparkplug] map)."""
     if isinstance(value, bool):
-        return f"{key} = {'true' if value else 'false'}"
+        return "true" if value else "false"
     if isinstance(value, int | float):
-        return f"{key} = {value}"
-    return f"{key} = " + '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}"
+                               for k, v in value.items() if v is not None) + "}"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def read_toml(path: Path, missing: str) -> dict[str, Any]:

@@ -207,12 +207,14 @@ def test_every_panel_shows_rows_on_the_demo_data_as_first_opened(
     from bmsd.schema.migrate import load_demo_data
     from bmsd.simulate.plan import Options
     from bmsd.simulate.publish import run
+    from tools.demo import SPARKPLUG_DEMO
 
     load_demo_data(db_url)
-    daemon = bmsd_daemon()
+    daemon = bmsd_daemon(SPARKPLUG_DEMO)  # as scripts/demo runs it
     summary = run(mqtt_broker.url_as("simulator"),
                   Options(sites=4, devices_per_site=8, messages=6000, malformed=0.01,
-                          alerts=0.02, seed=7), client_id="bmsd-test-demo", progress=None)
+                          alerts=0.02, seed=7, sparkplug=0.5), client_id="bmsd-test-demo",
+                  progress=None)
     assert summary.errors == 0
     wait_until(lambda: daemon.metric("bmsd_messages_received_total") >= summary.messages,
                timeout_s=120, what="every simulated message received")

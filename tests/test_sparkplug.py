@@ -203,3 +203,43 @@ def test_store_and_forward_through_a_database_outage_and_a_kill_loses_nothing_bu
     assert all(abs(ms / 1000 - killed_at) < 1.0 for _, ms in lost), lost
     assert len(lost) <= 20, lost
     print(f"store and forward: {len(produced)} produced, {len(lost)} lost at the kill")
+
+
+def test_the_simulator_s_edge_nodes_are_stored_as_battery_packs_with_their_alerts(
+    bmsd_daemon: DaemonFactory, mqtt_broker: Broker, db_url: str,
+) -> None:
+    # bmsd simulate --sparkplug, as scripts/demo and the compose demo profile run
+    # it, against the map they ship.
+    from bmsd.simulate.plan import Options
+    from bmsd.simulate.publish import run
+    from tools.demo import SPARKPLUG_DEMO
+
+    daemon = bmsd_daemon(SPARKPLUG_DEMO)
+    summary = run(mqtt_broker.url_as("simulator"),
+                  Options(sites=1, devices_per_site=4, messages=800, alerts=0.05, seed=3,
+                          sparkplug=1.0), client_id="bmsd-test-sparkplug-sim", progress=None)
+    assert summary.errors == 0
+    wait_until(lambda: daemon.metric("bmsd_messages_received_total") >= summary.messages,
+               what="every message received")
+    wait_until(lambda: daemon.metric("bmsd_inflight_messages") == 0, what="all committed")
+    with psycopg.connect(db_url) as conn:
+        packs = conn.execute(
+            "SELECT d.kind, count(DISTINCT d.id), count(*), count(t.cell_voltages)"
+            "  FROM battery_telemetry t JOIN devices d ON d.id = t.device_id"
+            " GROUP BY 1").fetchall()
+        kept = conn.execute("SELECT DISTINCT name, datatype FROM sparkplug_metrics"
+                            " ORDER BY 1").fetchall()
+        nodes = conn.execute("SELECT count(*) FILTER (WHERE online), count(*)"
+                             " FROM sparkplug_nodes").fetchone()
+        alerts = conn.execute("SELECT count(*) FROM alerts a JOIN devices d"
+                              " ON d.id = a.device_id WHERE d.kind = 'battery_pack'").fetchone()
+    [(kind, devices, rows, with_cells)] = packs
+    assert (kind, rows, with_cells) == ("battery_pack", rows, rows)
+    assert devices >= 2
+    assert rows >= summary.messages * 0.5  # birth and data messages: most are readings
+    assert kept == [("Cabinet/DoorOpen", "Boolean"), ("Firmware", "String")]
+    assert nodes is not None
+    assert nodes[0] == nodes[1] == devices + 1
+    assert alerts is not None
+    assert alerts[0] > 0
+    assert daemon.metric("bmsd_messages_rejected_total") == 0

@@ -395,6 +395,16 @@ INGEST = Dashboard("bmsd-ingest", "bmsd / Ingest health", time_from="now-6h", pa
           " ORDER BY behind_s > allowed_s DESC, behind_s DESC, object, policy",
           "Each compression, retention, refresh and late-data policy: how far behind it is"
           " (s), what its schedule allows (s), overdue first (view policy_health).", width=12),
+    table("Sparkplug edge nodes",
+          "SELECT group_id, edge_node, bool_or(online) FILTER (WHERE device = '') AS online,"
+          " count(*) FILTER (WHERE device <> '' AND online) AS devices_online,"
+          " count(*) FILTER (WHERE device <> '') AS devices,"
+          " max(last_birth_at) FILTER (WHERE device = '') AS last_birth,"
+          " max(last_death_at) FILTER (WHERE device = '') AS last_death"
+          " FROM sparkplug_nodes GROUP BY 1, 2 ORDER BY 3, 1, 2",
+          "Each Sparkplug B edge node bmsd heard from: online or not, its devices online,"
+          " its last birth and death (bmsd's receive times; table sparkplug_nodes,"
+          " docs/sparkplug.md). Offline ones first.", width=12),
     prom("Policies behind, past what their schedule allows",
          "max by (object, policy) (bmsd_policy_behind_seconds)"
          " - max by (object, policy) (bmsd_policy_allowed_seconds) > 0 or vector(0)",

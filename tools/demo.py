@@ -24,9 +24,17 @@ from bmsd.errors import LocalStackError
 from bmsd.schema.migrate import load_demo_data, migrate
 from bmsd.simulate.plan import Options
 from bmsd.simulate.publish import run
+from bmsd.simulate.sparkplug import DEMO_MAP
 from tools.localstack import LocalMosquitto, LocalPostgres, free_port
 
 DEMO_DATABASE = "bmsd"
+# The defaults, and the map of the simulator's Sparkplug B edge nodes (half the
+# battery sites; compose/bmsd.toml has the same).
+SPARKPLUG_DEMO = (
+    '[sparkplug]\nenabled = true\ngroups = ["demo"]\n\n[[sparkplug.map]]\n'
+    + "".join(f'{k} = "{DEMO_MAP[k]}"\n' for k in ("group", "device", "stream", "device_kind"))
+    + "[sparkplug.map.metrics]\n"
+    + "".join(f'"{name}" = "{field}"\n' for name, field in DEMO_MAP["metrics"].items()))
 # The demo runs from a clone (scripts/demo): the broker's mosquitto.conf and
 # ACL are the repository's, not package data.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +90,9 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None
             print(line)
         loaded = load_demo_data(database_url)
         print(f"loaded demo data: {', '.join(loaded)}")
+        if config_path is None:  # the defaults, and the simulator's Sparkplug edge nodes
+            config_path = state_dir / "bmsd.toml"
+            config_path.write_text(SPARKPLUG_DEMO)
         metrics_addr = load_config(config_path).metrics.addr
         daemon = _start_daemon(state_dir, config_path, database_url, broker.url)
         try:
@@ -93,7 +104,7 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None
             print(f"  psql     : psql '{database_url}'")
             print(f"  broker   : {broker.url_as('simulator')}  (publish to e.g."
                   " site/<site>/<device>/battery; bmsd logs in as user bmsd)")
-            print(f"  config   : {config_path or 'built-in defaults'}")
+            print(f"  config   : {config_path}")
             print("\nbmsd is running on the local stack, fed by `bmsd simulate --realtime`"
                   " (4 sites); Ctrl-C stops everything\n", flush=True)
             simulator = _start_simulator(broker.url_as("simulator"), stop)
@@ -114,7 +125,8 @@ def run_demo(state_dir: Path, duration_s: float | None, config_path: Path | None
 def _start_simulator(broker_url: str, stop: threading.Event) -> threading.Thread:
     # Two hours of history first, so every dashboard has something to show at once.
     options = Options(sites=4, devices_per_site=8, realtime=True, duration_s=7 * 86400,
-                      malformed=0.01, alerts=0.02, seed=int(time.time()), backfill_s=7200)
+                      malformed=0.01, alerts=0.02, seed=int(time.time()), backfill_s=7200,
+                      sparkplug=0.5)
 
     def publish() -> None:
         run(broker_url, options, client_id="bmsd-demo-simulator", progress=None, stop=stop)

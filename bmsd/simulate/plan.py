@@ -40,6 +40,7 @@ class Options:
     late: float = 0.0  # share of messages followed by a reading one hour old
     alerts: float = 0.0  # share of readings pushed past an alert threshold
     backfill_s: float = 0.0  # with realtime: first this much history, as fast as it goes
+    sparkplug: float = 0.0  # share of battery sites that are Sparkplug B edge nodes
 
 
 @dataclass

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 from bmsd.errors import BrokerError
 from bmsd.simulate.plan import Options, plan
+from bmsd.simulate.sparkplug import edge_nodes
 
 
 @dataclass
@@ -47,7 +48,10 @@ def run(url: str, options: Options, client_id: str = "bmsd-simulator",
     last_report = started
     pending = []
     try:
-        for message in plan(options):
+        messages = plan(options)
+        if options.sparkplug:
+            messages = edge_nodes(messages, options.sparkplug)
+        for message in messages:
             now = time.monotonic()
             if options.duration_s is not None and now - started >= options.duration_s:
                 break

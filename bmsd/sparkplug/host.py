@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from bmsd.config import SparkplugConfig, SparkplugMap
-from bmsd.sparkplug.payload import DATATYPES, NUMERIC, Metric, PayloadError, decode, value_of
+from bmsd.sparkplug.payload import DATATYPES, WHOLE, Metric, PayloadError, decode, value_of
 
 NAMESPACE = "spBv1.0"
 #: Metrics of the protocol itself, not data.
@@ -286,7 +286,7 @@ class Host:
             at = metric.timestamp or sent or received_at
             out.historical += metric.historical
             mapped = target.fields.get(known.name)
-            if mapped is not None and (value is None or known.datatype in NUMERIC):
+            if mapped is not None and known.datatype not in WHOLE:
                 field_name, scale = mapped
                 row = rows.setdefault((at, metric.historical), {})
                 row[field_name] = value if value is None or scale == 1 else value * scale

@@ -133,8 +133,9 @@ DATATYPES = {
     27: "UInt16Array", 28: "UInt32Array", 29: "UInt64Array", 30: "FloatArray",
     31: "DoubleArray", 32: "BooleanArray", 33: "StringArray", 34: "DateTimeArray"}
 BY_NAME = {name: number for number, name in DATATYPES.items()}
-#: Datatypes whose value fits a number column.
-NUMERIC = frozenset(range(1, 12))
+#: Datatypes kept whole (as JSON), never mapped to a field: DataSet, Template,
+#: PropertySet, PropertySetList.
+WHOLE = frozenset((16, 19, 20, 21))
 
 
 class PayloadError(ValueError):
