@@ -164,6 +164,18 @@ _ALERTS = """
      WHERE d.kind = 'battery_pack' AND d.slug = 'pack-1'
        AND NOT EXISTS (SELECT 1 FROM alerts x WHERE x.device_id = d.id AND x.rule_code = a.code)
 """
+# Every battery site's controller as a Sparkplug B edge node, its packs as its
+# devices: one edge node offline (its death an hour ago), the others online.
+_SPARKPLUG_NODES = """
+    INSERT INTO sparkplug_nodes (group_id, edge_node, device, device_id, online, bdseq,
+                                 last_birth_at, last_death_at)
+    SELECT 'fleet', s.slug, CASE WHEN d.kind = 'battery_pack' THEN d.slug ELSE '' END, d.id,
+           s.slug <> min(s.slug) OVER (), 0, %(end)s - interval '2 days',
+           CASE WHEN s.slug = min(s.slug) OVER () THEN %(end)s - interval '1 hour' END
+      FROM devices d JOIN sites s ON s.id = d.site_id
+     WHERE d.kind IN ('battery_pack', 'site_controller')
+    ON CONFLICT DO NOTHING
+"""
 _EVENTS = """
     INSERT INTO events (time, site_id, device_id, kind, message)
     SELECT triggered_at, site_id, device_id, 'alert_triggered', message FROM alerts
@@ -196,7 +208,7 @@ def load_fleet(conn: psycopg.Connection[Any], fleet: Fleet, refresh: bool = True
     row = conn.execute(_ORG).fetchone()
     params["org"] = row[0] if row else None
     for statement in (_SITES, _DEVICES, _STREAMS, _TARIFFS, _CARBON, _SITE_TELEMETRY,
-                      _BATTERY, _ENERGY, _PRODUCTION, _ENVIRONMENT, _ALERTS):
+                      _BATTERY, _ENERGY, _PRODUCTION, _ENVIRONMENT, _ALERTS, _SPARKPLUG_NODES):
         conn.execute(statement, params)
     if not conn.execute("SELECT 1 FROM events LIMIT 1").fetchone():
         conn.execute(_EVENTS)

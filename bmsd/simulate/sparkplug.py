@@ -38,7 +38,7 @@ METRICS: dict[str, tuple[str, str, str | None]] = {
 #: Metrics no map names: stored in sparkplug_metrics with their datatype and unit.
 UNMAPPED = {"Firmware": "String", "Cabinet/DoorOpen": "Boolean"}
 #: The [[sparkplug.map]] that stores these edge nodes' packs (compose/bmsd.toml).
-DEMO_MAP = {"group": GROUP, "device": "pack-*", "stream": "battery_telemetry",
+DEMO_MAP: dict[str, Any] = {"group": GROUP, "device": "pack-*", "stream": "battery_telemetry",
             "device_kind": "battery_pack",
             "metrics": {name: spec[0] for name, spec in METRICS.items()}}
 _ALIASES = {name: n for n, name in enumerate([*METRICS, *UNMAPPED], start=1)}

@@ -6,10 +6,10 @@ DDATA per device, every INTERVAL seconds; each device's metrics: Battery/SOC
 (Float), Battery/Voltage (Double, in mV), Cabinet/Door (Boolean), Serial
 (String). With --aliases the data names metrics by alias only. With --host-id
 it is a store-and-forward edge node: while that host's STATE says offline (or
-was never seen) it buffers its readings, and sends them, marked historical,
-once the STATE says online. A rebirth request (NCMD Node Control/Rebirth) is
-answered with NBIRTH and DBIRTHs. At the end it prints one JSON line: what it
-produced and published.
+was never seen), or while its own connection is down, it buffers its
+readings, and sends them, marked historical, once the STATE says online. A
+rebirth request (NCMD Node Control/Rebirth) is answered with NBIRTH and DBIRTHs.
+At the end it prints one JSON line: what it produced and published.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pysparkplug import (
     Message,
     MessageType,
     Metric,
+    MQTTError,
     NBirth,
     QoS,
     Topic,
@@ -102,10 +103,15 @@ class Edge:
                 self.flush()
 
     def flush(self) -> None:
-        for device, n, ts in self.buffer:
-            self.publish(device, n, ts, historical=True)
+        while self.buffer:
+            device, n, ts = self.buffer[0]
+            try:
+                self.publish(device, n, ts, historical=True)
+            except MQTTError:  # down again: the rest waits for the next online
+                self.online = False
+                return
+            self.buffer.pop(0)
             self.counts["historical"] += 1
-        self.buffer.clear()
 
     def publish(self, device: int, n: int, ts: int, historical: bool = False) -> None:
         node, aliases = self.node, self.args.aliases
@@ -127,15 +133,20 @@ class Edge:
         self.node.connect("127.0.0.1", port=args.port, blocking=False)
         time.sleep(args.settle)
         log = open(args.produced, "w") if args.produced else None  # noqa: SIM115
+        ts = 0
         for n in range(args.readings):
-            ts = get_current_timestamp()  # the reading's time: now
+            ts = max(get_current_timestamp(), ts + 1)  # the reading's time: now, one per ms
             for device in range(args.devices):
                 with self.lock:
                     self.counts["produced"] += 1
                     if log is not None:
                         log.write(f"{device} {ts}\n")
                     if self.online:
-                        self.publish(device, n, ts)
+                        try:
+                            self.publish(device, n, ts)
+                        except MQTTError:  # the connection is down: keep it for later
+                            self.online = False
+                            self.buffer.append((device, n, ts))
                     else:
                         self.buffer.append((device, n, ts))
             time.sleep(args.interval)
@@ -147,6 +158,10 @@ class Edge:
             time.sleep(0.1)
         if log is not None:
             log.close()
+        # QoS 0 messages leave from paho's queue on its own thread: let it empty.
+        deadline = time.monotonic() + 15
+        while self.client._client._out_packet and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(0.5)
         print(json.dumps({**self.counts, "buffered": len(self.buffer)}), flush=True)
         if args.death:
