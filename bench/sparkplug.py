@@ -165,19 +165,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", choices=["json", "sparkplug"], help="one path (profiling)")
     args = parser.parse_args()
     stack = Stack()
     runs: dict[str, list[dict[str, float]]] = {"json": [], "sparkplug": []}
     try:
         for rep in range(args.repeat):
             order = ("json", "sparkplug") if rep % 2 == 0 else ("sparkplug", "json")
-            for kind in order:
+            for kind in [k for k in order if args.only in (None, k)]:
                 result = drain(stack, kind, args.messages)
                 runs[kind].append(result)
                 print(f"run {rep + 1} {kind:9} " + " ".join(
                     f"{k}={v:,.3f}" for k, v in result.items()), flush=True)
     finally:
         stack.close()
+    if args.only:
+        return
     med = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
            for kind, rs in runs.items()}
     pairs = [s["readings_per_s"] / j["readings_per_s"]

@@ -293,8 +293,21 @@ def parse_fields(spec: StreamSpec, fields: Mapping[str, Any], when: datetime,
                  received_at: datetime, bounds: ReadingBounds) -> Reading | tuple[str, str]:
     """Validate one reading given as fields and a time (a Sparkplug B message's, mapped:
     bmsd/ingest/sparkplug.py) as a JSON reading is; or return (category, reason)."""
-    return _parse_reading(spec, {**fields, "timestamp": when.isoformat()}, spec.label, None,
-                          received_at, bounds)
+    adapters = _ADAPTERS[spec.name]
+    if not adapters.as_dicts and received_at - bounds.max_reading_age <= when <= \
+            received_at + bounds.max_future:
+        # The one-pass validator, as for a JSON message (_parse_valid); anything it
+        # does not take as it stands is decided and explained below.
+        try:
+            reading = adapters.one.validate_python(fields)
+        except ValidationError:
+            reading = None
+        if reading is not None and len(reading) == len(adapters.declared) and not (
+                spec.pack and _cell_arrays_mismatch(reading)):
+            values = _ITEMS[spec.name](reading)
+            if values.count(None) != len(values):
+                return Reading(when, values, None, True, None)
+    return _checked(spec, fields, spec.label, None, when, True, received_at, bounds, False)
 
 
 def _whole(payload: bytes, category: str, reason: str) -> Parsed:
@@ -317,6 +330,13 @@ def _parse_reading(spec: StreamSpec, item: object, where: str, index: int | None
     if isinstance(timing, str):
         return "invalid", f"{where}: {timing}"
     when, timestamped = timing
+    return _checked(spec, item, where, index, when, timestamped, received_at, bounds, nested)
+
+
+def _checked(spec: StreamSpec, item: Mapping[str, Any], where: str, index: int | None,
+             when: datetime, timestamped: bool, received_at: datetime, bounds: ReadingBounds,
+             nested: bool) -> Reading | tuple[str, str]:
+    """Check a reading's time against *bounds*, then validate its fields."""
     age = received_at - when
     if age > bounds.max_reading_age:
         return "too_old", (

@@ -53,6 +53,7 @@ class SparkplugIntake:
         self._add_rows = add_rows
         self._send = send
         self._routes: dict[Target, Route] = {}
+        self._ids: dict[Target, int] = {}  # devices found or registered
 
     def accept(self, conn: psycopg.Connection[Any], message: Message, batch: Batch,
                bounds: Mapping[str, ReadingBounds]) -> list[DeadLetter]:
@@ -61,16 +62,8 @@ class SparkplugIntake:
         out = self.host.receive(message.topic, message.payload, message.received_at)
         origin = Origin(message.topic, ROUTE, message.payload, None, message.received_at,
                         message.dup)
-        targets = {r.target for r in out.readings} | {u.target for u in out.unmapped} | {
-            c.target for c in out.changes}
-        ids: dict[Target, int] = {}
         dead = [DeadLetter(origin, category, reason) for category, reason in out.problems]
-        for target in sorted(targets, key=lambda t: (t.site, t.name)):
-            found = self._device(conn, target)
-            if isinstance(found, Unresolved):
-                dead.append(DeadLetter(origin, found.category, found.reason))
-            else:
-                ids[target] = found
+        ids = self._devices(conn, out, origin, dead)
         self._readings(conn, out, ids, origin, bounds, dead, message.received_at)
         self._unmapped(out.unmapped, ids, batch)
         self._changes(out, ids, batch)
@@ -91,6 +84,26 @@ class SparkplugIntake:
     def request_rebirth(self, topic: str) -> None:
         self._metrics.sparkplug_rebirths.inc()
         self._send(topic, rebirth_request())
+
+    def _devices(self, conn: psycopg.Connection[Any], out: Outcome, origin: Origin,
+                 dead: list[DeadLetter]) -> dict[Target, int]:
+        """Return the device ids of the targets of *out* (registering new ones); those
+        that cannot be had are dead-lettered."""
+        known = self._ids
+        targets = dict.fromkeys([*(r.target for r in out.readings),
+                                 *(u.target for u in out.unmapped),
+                                 *(c.target for c in out.changes)])
+        ids: dict[Target, int] = {}
+        for target in targets:
+            found = known.get(target)
+            if found is None:
+                resolved = self._device(conn, target)
+                if isinstance(resolved, Unresolved):
+                    dead.append(DeadLetter(origin, resolved.category, resolved.reason))
+                    continue
+                found = known[target] = resolved
+            ids[target] = found
+        return ids
 
     def _device(self, conn: psycopg.Connection[Any], target: Target) -> int | Unresolved:
         route = self._routes.get(target)

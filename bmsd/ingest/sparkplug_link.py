@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bmsd.config import MqttConfig, SparkplugConfig
+from bmsd.ingest.buffered_client import client_class
 from bmsd.ingest.mqtt import Message, address, jitter_backoff, log_in
 from bmsd.metrics import Metrics
 from bmsd.sparkplug.host import NAMESPACE
@@ -59,7 +60,7 @@ class SparkplugLink:
         self._intake = True
         self._host, self._port = address(mqtt)
         v5 = mqtt.protocol == "5"
-        client = paho.Client(CallbackAPIVersion.VERSION2,
+        client = client_class()(CallbackAPIVersion.VERSION2,
                              client_id=f"{mqtt.client_id}-sparkplug",
                              protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
                              clean_session=None if v5 else True)

@@ -30,15 +30,29 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from bmsd.config import SparkplugConfig, SparkplugMap
-from bmsd.sparkplug.payload import DATATYPES, WHOLE, Metric, PayloadError, decode, value_of
+from bmsd.sparkplug.payload import (
+    AS_SENT,
+    DATATYPES,
+    WHOLE,
+    Metric,
+    PayloadError,
+    alias_of,
+    array_of,
+    decode,
+    name_of,
+    properties_of,
+    value_of,
+    when,
+)
 
 NAMESPACE = "spBv1.0"
+_ARRAY_TYPES = frozenset(range(22, 35))
 #: Metrics of the protocol itself, not data.
 _PROTOCOL = ("bdSeq", "Node Control/", "Device Control/")
 _UNIT_KEYS = ("engUnit", "EngUnit", "engUnits", "unit", "Unit", "units")
@@ -109,12 +123,23 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class _Known:
-    """A metric as its birth described it."""
+    """A metric as its birth described it, and where its values go."""
 
     name: str
     datatype: int
     unit: str | None
     device: str
+    mapped: tuple[str, float] | None  # (field, scale), or None: sparkplug_metrics
+    skip: bool  # a metric of the protocol (bdSeq, Node Control/...), not data
+    type_name: str
+
+    @classmethod
+    def of(cls, name: str, datatype: int, unit: str | None, device: str,
+           target: Target) -> _Known:
+        mapped = target.fields.get(name)
+        return cls(name, datatype, unit, device,
+                   None if datatype in WHOLE else mapped, name.startswith(_PROTOCOL),
+                   DATATYPES.get(datatype, "Unknown"))
 
 
 @dataclass
@@ -197,20 +222,20 @@ class Host:
     # --- messages ------------------------------------------------------------------
 
     def _birth(self, out: Outcome, node: _Node, group: str, edge: str, seq: int | None,
-               metrics: list[Metric], received_at: datetime, sent: datetime | None) -> None:
-        bdseq = next((value_of(m.datatype, m) for m in metrics if m.name == "bdSeq"), None)
+               metrics: Sequence[Metric], received_at: datetime, sent: datetime | None) -> None:
+        bdseq = _bdseq(metrics)
         node.born, node.bdseq, node.seq = True, bdseq, seq
         node.aliases.clear()
         node.names.clear()
         node.devices.clear()
         node.missing.clear()
-        self._learn(node, "", metrics)
+        self._learn(node, group, edge, "", metrics)
         out.changes.append(Change(self.target(group, edge, ""), True, received_at, bdseq))
         self._data(out, node, group, edge, "", metrics, received_at, sent)
 
     def _death(self, out: Outcome, node: _Node, group: str, edge: str,
-               metrics: list[Metric], received_at: datetime) -> None:
-        bdseq = next((value_of(m.datatype, m) for m in metrics if m.name == "bdSeq"), None)
+               metrics: Sequence[Metric], received_at: datetime) -> None:
+        bdseq = _bdseq(metrics)
         if not node.born or (bdseq is not None and bdseq != node.bdseq):
             return  # an earlier session's will
         node.born = False
@@ -235,7 +260,7 @@ class Host:
             return
         self._sequence(node, message.seq)
         if kind == "DBIRTH":
-            self._learn(node, device, message.metrics)
+            self._learn(node, group, edge, device, message.metrics)
             node.devices.add(device)
             out.changes.append(Change(self.target(group, edge, device), True, received_at,
                                       node.bdseq))
@@ -247,55 +272,86 @@ class Host:
         self._data(out, node, group, edge, device, message.metrics, received_at,
                    message.timestamp)
 
-    def _learn(self, node: _Node, device: str, metrics: list[Metric]) -> None:
+    def _learn(self, node: _Node, group: str, edge: str, device: str,
+               metrics: Sequence[Metric]) -> None:
+        target = self.target(group, edge, device)
         for metric in metrics:
-            if metric.name is None:
+            name = name_of(metric)
+            if name is None:
                 continue
-            unit = next((str(metric.properties[k]) for k in _UNIT_KEYS
-                         if metric.properties.get(k) is not None), None)
-            known = _Known(metric.name, metric.datatype or 0, unit, device)
-            node.names[(device, metric.name)] = known
-            if metric.alias is not None:
-                node.aliases[metric.alias] = known
+            properties = properties_of(metric)
+            unit = next((str(properties[k]) for k in _UNIT_KEYS
+                         if properties.get(k) is not None), None)
+            known = _Known.of(name, metric.datatype, unit, device, target)
+            node.names[(device, name)] = known
+            alias = alias_of(metric)
+            if alias is not None:
+                node.aliases[alias] = known
 
     def _data(self, out: Outcome, node: _Node, group: str, edge: str, device: str,
-              metrics: list[Metric], received_at: datetime, sent: datetime | None,
+              metrics: Sequence[Metric], received_at: datetime, sent: datetime | None,
               before_birth: bool = False) -> None:
         target = self.target(group, edge, device)
         rows: dict[tuple[datetime, bool], dict[str, Any]] = {}
+        stamps: dict[int, datetime] = {}  # a message's metrics mostly share one time
+        aliases, names = node.aliases, node.names
         for metric in metrics:
-            known = _known(node, device, metric)
-            if known is None:
-                out.unknown_aliases += not before_birth
-                out.rebirths += self._ask(node, group, edge)
-                what = f"metric {metric.name or f'alias {metric.alias}'} of {group}/{edge}" + (
-                    f"/{device}" if device else "")
-                out.problems.append(("before_birth", (
-                    f"{what} came before its edge node's NBIRTH, by alias or without a"
-                    " datatype: it cannot be named; a rebirth was requested")) if before_birth
-                    else ("unknown_alias", f"{what} is not in its birth; a rebirth was"
-                                           " requested"))
-                continue
-            if known.name.startswith(_PROTOCOL):
-                continue
-            try:
-                value = value_of(known.datatype, metric)
-            except PayloadError as exc:
-                out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
-                continue
-            at = metric.timestamp or sent or received_at
-            out.historical += metric.historical
-            mapped = target.fields.get(known.name)
-            if mapped is not None and known.datatype not in WHOLE:
-                field_name, scale = mapped
-                row = rows.setdefault((at, metric.historical), {})
-                row[field_name] = value if value is None or scale == 1 else value * scale
+            name = metric.name
+            if name:
+                known = names.get((device, name))
+                if known is None and metric.datatype:  # it says what it is
+                    known = _Known.of(name, metric.datatype, None, device, target)
             else:
-                out.unmapped.append(Unmapped(target, at, known.name,
-                                             DATATYPES.get(known.datatype, "Unknown"),
-                                             known.unit, value, metric.historical))
-        out.readings += [Reading(target, at, fields, historical)
-                         for (at, historical), fields in rows.items()]
+                alias = metric.alias
+                known = aliases.get(alias) if alias or metric.HasField("alias") else None
+            if known is None:
+                self._unknown(out, node, group, edge, device, metric, before_birth)
+                continue
+            if known.skip:
+                continue
+            kind = metric.WhichOneof("value")
+            if kind in AS_SENT:  # (a null metric has no value set)
+                value = getattr(metric, kind)
+            elif kind == "bytes_value" and known.datatype in _ARRAY_TYPES:
+                try:
+                    value = array_of(known.datatype, metric.bytes_value)
+                except PayloadError as exc:
+                    out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
+                    continue
+            else:
+                try:
+                    value = value_of(known.datatype, metric)
+                except PayloadError as exc:
+                    out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
+                    continue
+            ms = metric.timestamp
+            at = (stamps.get(ms) or stamps.setdefault(ms, when(ms))) if ms else (
+                sent or received_at)
+            historical = metric.is_historical
+            mapped = known.mapped
+            if mapped is not None:
+                row = rows.get((at, historical))
+                if row is None:
+                    row = rows[(at, historical)] = {}
+                row[mapped[0]] = value if value is None or mapped[1] == 1 else value * mapped[1]
+            else:
+                out.unmapped.append(Unmapped(target, at, known.name, known.type_name,
+                                             known.unit, value, historical))
+            if historical:
+                out.historical += 1
+        out.readings += [Reading(target, at, values, historical)
+                         for (at, historical), values in rows.items()]
+
+    def _unknown(self, out: Outcome, node: _Node, group: str, edge: str, device: str,
+                 metric: Metric, before_birth: bool) -> None:
+        out.unknown_aliases += not before_birth
+        out.rebirths += self._ask(node, group, edge)
+        what = f"metric {name_of(metric) or f'alias {alias_of(metric)}'} of {group}/{edge}" + (
+            f"/{device}" if device else "")
+        out.problems.append(("before_birth", (
+            f"{what} came before its edge node's NBIRTH, by alias or without a datatype: it"
+            " cannot be named; a rebirth was requested")) if before_birth
+            else ("unknown_alias", f"{what} is not in its birth; a rebirth was requested"))
 
     def _sequence(self, node: _Node, seq: int | None) -> None:
         if seq is None:
@@ -325,15 +381,8 @@ class Host:
         return [f"{NAMESPACE}/{group}/NCMD/{edge}"]
 
 
-def _known(node: _Node, device: str, metric: Metric) -> _Known | None:
-    """Return what the birth said of *metric*; for one it did not name, what the metric
-    says of itself (its name and datatype), if it does."""
-    if metric.name is None:
-        return node.aliases.get(metric.alias) if metric.alias is not None else None
-    known = node.names.get((device, metric.name))
-    if known is None and metric.datatype:
-        known = _Known(metric.name, metric.datatype, None, device)
-    return known
+def _bdseq(metrics: Sequence[Metric]) -> Any:
+    return next((value_of(m.datatype, m) for m in metrics if m.name == "bdSeq"), None)
 
 
 def _target(maps: Iterable[SparkplugMap], group: str, edge: str, device: str) -> Target:

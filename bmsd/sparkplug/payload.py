@@ -14,9 +14,10 @@ message may leave out: the host takes it from the birth, host.py).
 from __future__ import annotations
 
 import base64
+import functools
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -142,27 +143,18 @@ class PayloadError(ValueError):
     """A payload that cannot be decoded, with the reason."""
 
 
-@dataclass(slots=True)
-class Metric:
-    """One metric of a payload, its value as sent (`value_of` converts it)."""
-
-    name: str | None
-    alias: int | None
-    timestamp: datetime | None
-    datatype: int | None
-    historical: bool
-    transient: bool
-    null: bool
-    raw: Any  # the protobuf value: a scalar, bytes, or a DataSet / Template message
-    kind: str | None  # which value field was set
-    properties: dict[str, Any]
+#: A decoded metric: the protobuf message itself (fields name, alias, timestamp,
+#: datatype, is_historical, is_null, properties, and the value oneof). Read
+#: through `name_of`, `alias_of`, `properties_of` and `value_of`: a data
+#: message's metrics are read field by field, no object built per metric.
+Metric = Any
 
 
 @dataclass(slots=True)
 class Payload:
     timestamp: datetime | None
     seq: int | None
-    metrics: list[Metric]
+    metrics: Sequence[Metric]
 
 
 def when(ms: int) -> datetime:
@@ -177,17 +169,20 @@ def decode(data: bytes) -> Payload:
         message.ParseFromString(data)
     except DecodeError as exc:
         raise PayloadError(f"not a Sparkplug B payload (protobuf: {exc})") from exc
-    metrics = []
-    for m in message.metrics:
-        kind = m.WhichOneof("value")
-        metrics.append(Metric(
-            m.name if m.HasField("name") else None, m.alias if m.HasField("alias") else None,
-            when(m.timestamp) if m.HasField("timestamp") else None,
-            m.datatype if m.HasField("datatype") else None, m.is_historical, m.is_transient,
-            m.is_null, getattr(m, kind) if kind else None, kind,
-            _properties(m.properties) if m.HasField("properties") else {}))
     return Payload(when(message.timestamp) if message.HasField("timestamp") else None,
-                   message.seq if message.HasField("seq") else None, metrics)
+                   message.seq if message.HasField("seq") else None, message.metrics)
+
+
+def name_of(metric: Metric) -> str | None:
+    return metric.name or None  # "" is proto2's default: not sent
+
+
+def alias_of(metric: Metric) -> int | None:
+    return int(metric.alias) if metric.HasField("alias") else None
+
+
+def properties_of(metric: Metric) -> dict[str, Any]:
+    return _properties(metric.properties) if metric.HasField("properties") else {}
 
 
 def _properties(properties: Any) -> dict[str, Any]:
@@ -205,14 +200,25 @@ def _properties(properties: Any) -> dict[str, Any]:
     return out
 
 
+def array_of(datatype: int, raw: bytes) -> Any:
+    """Return an array datatype's bytes as a list (bytes and files: base64 text)."""
+    return _array(datatype, raw)
+
+
 def value_of(datatype: int | None, metric: Metric) -> Any:
     """Return *metric*'s value as Python, by *datatype* (the birth's, when the metric
     carries none): numbers, text, datetimes, lists; a DataSet or Template as a
     dict; bytes as base64 text. None for a null value."""
-    if metric.null or metric.kind is None:
+    kind = metric.WhichOneof("value")
+    if kind is None or metric.is_null:
         return None
-    return _typed(datatype if datatype is not None else metric.datatype or 0, metric.raw,
-                  metric.kind)
+    if kind in AS_SENT:
+        return getattr(metric, kind)
+    return _typed(datatype or metric.datatype, getattr(metric, kind), kind)
+
+
+#: Values that are what they were sent as, whatever the datatype.
+AS_SENT = frozenset(("float_value", "double_value", "boolean_value", "string_value"))
 
 
 def _signed(bits: int) -> Callable[[int], int]:
@@ -246,6 +252,11 @@ def _typed(datatype: int, raw: Any, kind: str) -> Any:
     return raw
 
 
+@functools.lru_cache(maxsize=256)
+def _unpacker(code: str, count: int) -> Callable[[bytes], tuple[Any, ...]]:
+    return struct.Struct(f"<{count}{code}").unpack
+
+
 def _array(datatype: int, raw: bytes) -> Any:
     code = _ARRAYS.get(datatype)
     if code is not None:
@@ -253,7 +264,7 @@ def _array(datatype: int, raw: bytes) -> Any:
         if len(raw) % size:
             raise PayloadError(f"{DATATYPES[datatype]} of {len(raw)} bytes is not a whole"
                                f" number of {size}-byte values")
-        values = list(struct.unpack(f"<{len(raw) // size}{code}", raw))
+        values = list(_unpacker(code, len(raw) // size)(raw))
         return [when(v) for v in values] if datatype == 34 else values
     if datatype == 32:  # BooleanArray: a 4-byte count, then the bits, first in the high bit
         if len(raw) < 4:
