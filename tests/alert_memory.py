@@ -86,6 +86,10 @@ class Memory:
         for alert in self.alerts.values():
             if alert.device.id in ids and alert.status != "resolved":
                 state.open[(alert.device.id, alert.code)] = replace(alert)
+            if alert.device.id in ids:
+                changed = max(alert.raised, alert.resolved_at or alert.raised)
+                if changed > state.changed.get(alert.device.id, changed - timedelta(1)):
+                    state.changed[alert.device.id] = changed
         for key, (mark, pending) in self.marks.items():
             if key[0] in ids:
                 if key not in state.marks or mark > state.marks[key]:

@@ -119,7 +119,9 @@ def test_a_gateway_buffer_flushed_after_live_readings_raises_its_alerts_late() -
     assert (hot.triggered_at, hot.raised, hot.resolved_at, hot.raised_late) == (
         T0 + timedelta(seconds=100), T0 + timedelta(seconds=160),
         T0 + timedelta(seconds=190), True)
-    assert [p.replays for p in plans] == [{"site_telemetry": 1}] * len(plans)
+    # Only the chunk with the hot spell is replayed: the quiet ones cannot change
+    # the history (no alert open, none changed since, no condition under way).
+    assert [sum(p.replays.values()) for p in plans] == [0, 1] + [0] * (len(plans) - 2)
 
 
 def test_an_alert_the_readings_no_longer_imply_is_withdrawn_and_kept() -> None:
@@ -168,3 +170,16 @@ def test_a_for_s_condition_begun_before_the_readings_first_fetched_is_found() ->
     assert table_of(memory) == in_time_order(readings)
     assert {(a.code, a.triggered_at) for a in memory.alerts.values()} == {
         ("HOT_FOR_A_MINUTE", T0), ("HOT_SOON", T0)}
+
+
+def test_a_quiet_late_reading_inside_a_for_s_condition_under_way_restarts_it() -> None:
+    # Hot at 0 and 10 s (HOT_SOON needs 20 s); a cool reading of 5 s arrives
+    # late, then hot at 25 s. In time order the condition restarts at 10 s and
+    # has held 15 s at 25 s: no alert, though the late reading alone is quiet.
+    readings = [("site_telemetry", CTRL.id, T0 + timedelta(seconds=s), {"battery_temperature": t})
+                for s, t in ((0, 50.0), (10, 50.0), (5, 40.0), (25, 50.0))]
+    memory = Memory()
+    member = Member(memory, DEVICES, RULES, shared=False, now=NOW)
+    for reading in readings:
+        member.commit([reading])
+    assert table_of(memory) == in_time_order(readings) == []

@@ -89,8 +89,41 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]],
         live = _new_series(plan, opened, state, stream, table)
         _evaluate_stream(plan, opened, flagged_open, state, rules.get(stream, ()), stream,
                          table, live)
+        _keep_unchanged_histories(plan, state, rules.get(stream, ()), stream, table)
     plan.seen.update(seen)
     return plan
+
+
+def _keep_unchanged_histories(plan: Plan, state: State, rules: tuple[Rule, ...], stream: str,
+                              table: StreamRows) -> None:
+    """Drop from ``plan.late`` the devices whose late readings cannot change their history:
+    all quiet (no rule breached at the device's thresholds, no flag), while the device
+    had no open alert, no ``for_s`` condition under way at its mark, and no alert raised
+    or resolved since the oldest of them. Such a reading neither clears an alert, nor
+    breaks a condition that went on to raise one, nor starts one: evaluated in time
+    order, it changes nothing (tests/test_history.py checks it against that)."""
+    late = [(device_id, oldest) for (device_id, s), oldest in plan.late.items() if s == stream]
+    if not late:
+        return
+    checks = [prepared(rule) for rule in rules]
+    flags_at = [i for name in FLAG_FIELDS if (i := table.fields.get(name)) is not None
+                ] if stream in FLAGGED_STREAMS else []
+    busy = {device_id for device_id, code in state.open if code != OFFLINE}
+    rows: dict[int, list[Sequence[Any]]] = {}
+    for row in table.rows:
+        rows.setdefault(row[table.device], []).append(row)
+    for device_id, oldest in late:
+        if (device_id in busy or state.pending.get((device_id, stream))
+                or state.changed.get(device_id, _EPOCH) >= oldest):
+            continue
+        device = state.devices[device_id]
+        series = rows[device_id]
+        own = device_checks(checks, device, state.safety_limits.get(device_id))
+        facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
+        if breaches(own, series, table.fields, facts) or any(
+                any(map(itemgetter(i), series)) for i in flags_at):
+            continue
+        del plan.late[(device_id, stream)]
 
 
 _Series = list[tuple[DeviceInfo, list[Sequence[Any]]]]  # devices with their new readings
@@ -375,3 +408,8 @@ def apply(state: State, plan: Plan) -> None:
             del state.open[key]
     for alert in (*plan.triggered, *(a for a in plan.revised if a.resolved_at is None)):
         state.open[(alert.device.id, alert.code)] = alert
+    for alert in (*plan.triggered, *plan.resolved, *plan.revised, *plan.withdrawn):
+        if alert.code != OFFLINE:
+            changed = max(alert.raised, alert.resolved_at or alert.raised)
+            if changed > state.changed.get(alert.device.id, _EPOCH):
+                state.changed[alert.device.id] = changed

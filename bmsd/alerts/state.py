@@ -103,6 +103,9 @@ class State:
     last_seen: dict[int, datetime] = field(default_factory=dict)
     interval: dict[int, float] = field(default_factory=dict)
     streams_of: dict[int, set[str]] = field(default_factory=dict)
+    #: Each device's latest alert change (raise or resolution time, but
+    #: DEVICE_OFFLINE's): a late reading before it may change its history.
+    changed: dict[int, datetime] = field(default_factory=dict)
     #: Devices whose gateway tells when they are offline (Sparkplug): none is
     #: declared offline by silence.
     managed: set[int] = field(default_factory=set)

@@ -64,6 +64,12 @@ _HISTORY_READINGS = """
             ORDER BY t.time) r
 """
 _MARKS = "SELECT device_id, stream, evaluated_until, pending FROM alert_marks"
+# Each device's latest alert change (bmsd/alerts/evaluate.py: a late reading before
+# it may change the device's history).
+_CHANGED = """
+    SELECT device_id, max(greatest(coalesce(raised_at, triggered_at), resolved_at))
+      FROM alerts WHERE rule_code <> 'DEVICE_OFFLINE'{only} GROUP BY device_id
+"""
 _LAST_SEEN = "SELECT id, last_seen_at FROM devices WHERE last_seen_at IS NOT NULL"
 # Each device's newest stored reading of a stream: one backward index scan of
 # the newest chunk that has the device (as the latest_* views, sql/050).
@@ -123,6 +129,7 @@ class AlertStore:
             state.safety_limits = self.safety_limits(conn)
             self._read(conn, state, _OPEN_ALERTS, _MARKS, ())
             state.last_seen = dict(conn.execute(_LAST_SEEN).fetchall())
+            state.changed = dict(conn.execute(_CHANGED.format(only="")).fetchall())
             for spec in SPECS:
                 query = sql.SQL(_NEWEST).format(table=sql.Identifier(spec.name))
                 for device_id, newest in conn.execute(query, (spec.name,)):
@@ -150,6 +157,8 @@ class AlertStore:
         for key, mark in known.items():
             _raise_mark(state, key, mark)
         state.last_seen.update(conn.execute(_LAST_SEEN_OF, (wanted,)).fetchall())
+        state.changed.update(conn.execute(_CHANGED.format(only=" AND device_id = ANY(%s)"),
+                                          (wanted,)).fetchall())
 
     def offline_turn(self, conn: psycopg.Connection[Any], state: State) -> bool:
         """Return whether this member runs the offline check now, and if so read
