@@ -86,44 +86,39 @@ def evaluate(state: State, rules: Mapping[str, tuple[Rule, ...]],
         if not needs_fields(stream, rules):
             _move_marks(plan, opened, state, stream, table)
             continue
-        live = _new_series(plan, opened, state, stream, table)
+        late: _Series = []
+        live = _new_series(plan, opened, state, stream, table, late)
         _evaluate_stream(plan, opened, flagged_open, state, rules.get(stream, ()), stream,
                          table, live)
-        _keep_unchanged_histories(plan, state, rules.get(stream, ()), stream, table)
+        if late:
+            _keep_unchanged_histories(plan, state, rules.get(stream, ()), stream, table, late)
     plan.seen.update(seen)
     return plan
 
 
 def _keep_unchanged_histories(plan: Plan, state: State, rules: tuple[Rule, ...], stream: str,
-                              table: StreamRows) -> None:
+                              table: StreamRows, late: _Series) -> None:
     """Drop from ``plan.late`` the devices whose late readings cannot change their history:
     all quiet (no rule breached at the device's thresholds, no flag), while the device
     had no open alert, no ``for_s`` condition under way at its mark, and no alert raised
     or resolved since the oldest of them. Such a reading neither clears an alert, nor
     breaks a condition that went on to raise one, nor starts one: evaluated in time
     order, it changes nothing (tests/test_history.py checks it against that)."""
-    late = [(device_id, oldest) for (device_id, s), oldest in plan.late.items() if s == stream]
-    if not late:
+    busy = {device_id for device_id, code in state.open if code != OFFLINE}
+    at = table.time
+    calm = [(device, series) for device, series in late
+            if device.id not in busy and not state.pending.get((device.id, stream))
+            and state.changed.get(device.id, _EPOCH) < series[0][at]]
+    if not calm:
         return
     checks = [prepared(rule) for rule in rules]
     flags_at = [i for name in FLAG_FIELDS if (i := table.fields.get(name)) is not None
                 ] if stream in FLAGGED_STREAMS else []
-    busy = {device_id for device_id, code in state.open if code != OFFLINE}
-    rows: dict[int, list[Sequence[Any]]] = {}
-    for row in table.rows:
-        rows.setdefault(row[table.device], []).append(row)
-    for device_id, oldest in late:
-        if (device_id in busy or state.pending.get((device_id, stream))
-                or state.changed.get(device_id, _EPOCH) >= oldest):
-            continue
-        device = state.devices[device_id]
-        series = rows[device_id]
-        own = device_checks(checks, device, state.safety_limits.get(device_id))
-        facts = {"nominal_grid_frequency_hz": device.nominal_grid_frequency_hz}
-        if breaches(own, series, table.fields, facts) or any(
-                any(map(itemgetter(i), series)) for i in flags_at):
-            continue
-        del plan.late[(device_id, stream)]
+    limits = state.safety_limits
+    if not quiet(checks, calm, limits, table.fields, flags_at):  # then device by device
+        calm = [item for item in calm if quiet(checks, [item], limits, table.fields, flags_at)]
+    for device, _ in calm:
+        del plan.late[(device.id, stream)]
 
 
 _Series = list[tuple[DeviceInfo, list[Sequence[Any]]]]  # devices with their new readings
@@ -158,11 +153,11 @@ def _move_marks(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
 
 
 def _new_series(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
-                stream: str, table: StreamRows) -> _Series:
+                stream: str, table: StreamRows, late: _Series) -> _Series:
     """Return each device's readings newer than its mark, moving the marks and the
     devices' intervals. A device with a reading not newer than its mark (late, or
-    redelivered) is left out and noted in ``plan.late``: its history is evaluated
-    again from that reading (bmsd/alerts/history.py)."""
+    redelivered) is left out, noted in ``plan.late`` and in *late*: its history is
+    evaluated again from that reading (bmsd/alerts/history.py)."""
     at = table.time
     live: _Series = []
     for device_id, series in _series(table):
@@ -172,6 +167,7 @@ def _new_series(plan: Plan, opened: dict[tuple[int, str], Alert], state: State,
         if mark is not None:
             if series[0][at] <= mark:
                 plan.late[key] = series[0][at]
+                late.append((device, series))
                 plan.marks[key] = max(mark, series[-1][at])
                 plan.pending[key] = dict(state.pending.get(key, {}))
                 _offline_resolves(plan, opened, device, series[-1][at])
