@@ -131,7 +131,7 @@ def test_data_by_alias_before_a_birth_asks_for_a_rebirth_and_then_is_stored(
     # asks for, and gets, a rebirth. Nothing is dropped silently: what came
     # before the rebirth is dead-lettered with the reason.
     group, host = names()
-    node = edge(mqtt_broker, group, "--edge", "edge-b", "--aliases", "--readings", "60",
+    node = edge(mqtt_broker, group, "--edge", "edge-b", "--aliases", "--readings", "150",
                 "--interval", "0.1", "--settle", "0.5")
     time.sleep(1.5)
     daemon = bmsd_daemon(config(group, host))

@@ -17,9 +17,10 @@ import psycopg
 import structlog
 
 from bmsd.alerts import evaluate, history
+from bmsd.alerts.evaluate import OFFLINE
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
-from bmsd.alerts.state import Plan, State, StreamRows
+from bmsd.alerts.state import Alert, Plan, State, StreamRows
 from bmsd.alerts.store import AlertStore
 from bmsd.batch import Batch, Row
 from bmsd.metrics import Metrics
@@ -96,7 +97,7 @@ class AlertEngine:
                               self._store.history(conn, self.state), datetime.now(UTC),
                               self._window_s, self._late_after_s)
         if batch.gone:
-            evaluate.declared_gone(plan, self.state, batch.gone)
+            _declared_gone(plan, self.state, batch.gone)
         self.state.managed |= batch.managed
         # Marks are read again at start from the stored readings: only changed
         # `for_s` conditions need storing, except in a shared group, whose
@@ -162,3 +163,18 @@ def _rounded(values: Sequence[Any], rounding: tuple[tuple[int, int], ...]) -> li
         if value is not None and value == value:
             out[i] = round(value * factor) / factor
     return out
+
+
+def _declared_gone(plan: Plan, state: State, devices: Mapping[int, datetime]) -> None:
+    """Raise DEVICE_OFFLINE at once for *devices* their gateway declared dead (a
+    Sparkplug NDEATH or DDEATH, at bmsd's receive time)."""
+    raised = {(a.device.id, a.code) for a in plan.triggered}
+    for device_id, at in devices.items():
+        key = (device_id, OFFLINE)
+        if key in state.open or key in raised or device_id not in state.devices:
+            continue
+        device = state.devices[device_id]
+        plan.triggered.append(Alert(
+            device, OFFLINE, "warning", "connectivity", "device offline",
+            f"{device.slug} at {device.site}: its gateway declared it offline"
+            " (Sparkplug death)", None, None, at, raised_at=at))

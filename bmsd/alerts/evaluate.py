@@ -341,21 +341,6 @@ def offline_limit_s(state: State, device_id: int,
     return 300.0 if interval is None else max(60.0, 10 * interval)
 
 
-def declared_gone(plan: Plan, state: State, devices: Mapping[int, datetime]) -> None:
-    """Raise DEVICE_OFFLINE at once for *devices* their gateway declared dead (a
-    Sparkplug NDEATH or DDEATH, at bmsd's receive time)."""
-    raised = {(a.device.id, a.code) for a in plan.triggered}
-    for device_id, at in devices.items():
-        key = (device_id, OFFLINE)
-        if key in state.open or key in raised or device_id not in state.devices:
-            continue
-        device = state.devices[device_id]
-        plan.triggered.append(Alert(
-            device, OFFLINE, "warning", "connectivity", "device offline",
-            f"{device.slug} at {device.site}: its gateway declared it offline"
-            " (Sparkplug death)", None, None, at, raised_at=at))
-
-
 def plan_offline(state: State, now: datetime, watching_since: datetime,
                  offline_after: Mapping[str, int | None]) -> Plan:
     """Raise DEVICE_OFFLINE for devices silent longer than their limit.
