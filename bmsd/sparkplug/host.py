@@ -59,7 +59,7 @@ _UNIT_KEYS = ("engUnit", "EngUnit", "engUnits", "unit", "Unit", "units")
 _SEQ_SPAN = 256
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # one per key (Host.target): by identity
 class Target:
     """A Sparkplug edge node or device as bmsd stores it."""
 
@@ -70,8 +70,7 @@ class Target:
     name: str  # the device's slug at the site
     kind: str
     stream: str | None
-    #: metric name -> (field, scale)
-    fields: dict[str, tuple[str, float]] = field(hash=False, compare=False)
+    fields: dict[str, tuple[str, float]]  # metric name -> (field, scale)
 
 
 @dataclass(slots=True)
