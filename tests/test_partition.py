@@ -13,6 +13,7 @@ only the server's own keepalives can free the dead sessions.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,7 @@ class Namespace:
 @pytest.fixture
 def namespace() -> Iterator[Namespace]:
     require(NETNS, probe_netns)
+    _remove_stale()
     ns = Namespace(f"bmsdp{os.getpid() % 100000}")
     veth = f"vbp{os.getpid() % 100000}"
     sh("ip", "netns", "add", ns.name)
@@ -87,6 +89,18 @@ def namespace() -> Iterator[Namespace]:
     finally:
         subprocess.run(["ip", "link", "del", veth], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", ns.name], check=False, capture_output=True)
+
+
+def _remove_stale() -> None:
+    """Remove the link and namespace a killed test run left (its process is gone): the
+    link holds HOST_IP, and a second link with it would take this test's traffic."""
+    names = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                           check=False).stdout
+    for pid in {int(m) for m in re.findall(r"\bvbp(\d+)@", names)}:
+        if not Path(f"/proc/{pid}").exists():
+            subprocess.run(["ip", "link", "del", f"vbp{pid}"], check=False, capture_output=True)
+            subprocess.run(["ip", "netns", "del", f"bmsdp{pid}"], check=False,
+                           capture_output=True)
 
 
 @pytest.fixture
