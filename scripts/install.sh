@@ -111,28 +111,26 @@ fi
 python=${BMSD_PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "bmsd needs Python 3.11 or newer; $($python --version) found"
-if [ ! -x "$repo/.venv/bin/python" ]; then
-    say "creating $repo/.venv"
-    "$python" -m venv "$repo/.venv"
-fi
-if ! "$repo/.venv/bin/python" -c 'import bmsd, pytest, testcontainers, hypothesis' 2>/dev/null \
-   || [ "$repo/pyproject.toml" -nt "$repo/.venv/.bmsd-installed" ]; then
-    say "installing bmsd and its test tools into .venv"
-    "$repo/.venv/bin/python" -m pip install -q --upgrade pip
-    "$repo/.venv/bin/python" -m pip install -q -e "$repo[test]"
-    touch "$repo/.venv/.bmsd-installed"
-fi
+# venv DIR IMPORTS SOURCE WHAT PIP-ARGS...: make the virtualenv DIR, and install into
+# it with PIP-ARGS when IMPORTS fail or SOURCE changed since the last install.
+venv() {
+    local dir=$1 imports=$2 source=$3 what=$4
+    shift 4
+    if [ ! -x "$dir/bin/python" ]; then
+        say "creating $dir"
+        "$python" -m venv "$dir"
+    fi
+    if ! "$dir/bin/python" -c "import $imports" 2>/dev/null || [ "$source" -nt "$dir/.installed" ]; then
+        say "installing $what into $(basename "$dir")"
+        "$dir/bin/python" -m pip install -q --upgrade pip
+        "$dir/bin/python" -m pip install -q "$@"
+        touch "$dir/.installed"
+    fi
+}
+venv "$repo/.venv" "bmsd, pytest, testcontainers, hypothesis" "$repo/pyproject.toml" \
+    "bmsd and its test tools" -e "$repo[test]"
 # A Sparkplug B edge node that is not ours (tests/test_sparkplug.py): pysparkplug
 # needs paho-mqtt 1 where bmsd needs 2, so it has a virtualenv of its own.
-edge_requirements="$repo/tests/edge/requirements.txt"
-if [ ! -x "$repo/.venv-edge/bin/python" ]; then
-    say "creating $repo/.venv-edge"
-    "$python" -m venv "$repo/.venv-edge"
-fi
-if ! "$repo/.venv-edge/bin/python" -c 'import pysparkplug' 2>/dev/null \
-   || [ "$edge_requirements" -nt "$repo/.venv-edge/.installed" ]; then
-    say "installing the test edge node (pysparkplug) into .venv-edge"
-    "$repo/.venv-edge/bin/python" -m pip install -q -r "$edge_requirements"
-    touch "$repo/.venv-edge/.installed"
-fi
+venv "$repo/.venv-edge" pysparkplug "$repo/tests/edge/requirements.txt" \
+    "the test edge node (pysparkplug)" -r "$repo/tests/edge/requirements.txt"
 say "ready"
