@@ -136,6 +136,29 @@ def log_in(client: paho.Client, config: MqttConfig) -> tuple[str | None, bool]:
     return user, tls
 
 
+_EVENTS = ("connect", "connect_fail", "disconnect", "subscribe", "message", "pre_connect")
+
+
+def new_client(config: MqttConfig, client_id: str, owner: object, clean: bool,
+               manual_ack: bool = False) -> tuple[paho.Client, str | None, bool]:
+    """Return a buffered paho client for *config*'s broker (its credentials, TLS and
+    protocol; a clean session or not), whose callbacks are *owner*'s ``_on_<event>``
+    methods; and the user it logs in as, and whether it uses TLS."""
+    v5 = config.protocol == "5"
+    client = client_class()(
+        CallbackAPIVersion.VERSION2, client_id=client_id,
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        clean_session=None if v5 else clean, manual_ack=manual_ack,
+    )
+    user, tls = log_in(client, config)
+    jitter_backoff(client, config.reconnect_max_backoff_s)
+    for event in _EVENTS:
+        handler = getattr(owner, f"_on_{event}", None)
+        if handler is not None:
+            setattr(client, f"on_{event}", handler)
+    return client, user, tls
+
+
 class MqttSource:
     """Receive the routes' topics over a persistent session; ack on request."""
 
@@ -156,21 +179,9 @@ class MqttSource:
         self.refused: str | None = None  # why the broker refused the last attempt
         self.subscribed_at = datetime.now(UTC)
         self._host, self._port = address(config)
-        v5 = config.protocol == "5"
-        client = client_class()(
-            CallbackAPIVersion.VERSION2, client_id=config.client_id,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else False, manual_ack=True,
-        )
-        self._user, self._tls = log_in(client, config)
-        jitter_backoff(client, config.reconnect_max_backoff_s)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self._client = client
-        self._v5 = v5
+        self._v5 = config.protocol == "5"
+        self._client, self._user, self._tls = new_client(config, config.client_id, self,
+                                                         clean=False, manual_ack=True)
 
     # --- life cycle ---------------------------------------------------------
 

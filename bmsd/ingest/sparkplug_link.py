@@ -27,14 +27,12 @@ from datetime import UTC, datetime
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bmsd.config import MqttConfig, SparkplugConfig
-from bmsd.ingest.buffered_client import client_class
-from bmsd.ingest.mqtt import Message, address, jitter_backoff, log_in
+from bmsd.ingest.mqtt import Message, address, jitter_backoff, new_client
 from bmsd.metrics import Metrics
 from bmsd.sparkplug.host import NAMESPACE
 
@@ -59,20 +57,8 @@ class SparkplugLink:
         self._generation = 0
         self._intake = True
         self._host, self._port = address(mqtt)
-        v5 = mqtt.protocol == "5"
-        client = client_class()(CallbackAPIVersion.VERSION2,
-                             client_id=f"{mqtt.client_id}-sparkplug",
-                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-                             clean_session=None if v5 else True)
-        log_in(client, mqtt)
-        jitter_backoff(client, mqtt.reconnect_max_backoff_s)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        client.on_pre_connect = self._on_pre_connect
-        self._client = client
-        self._v5 = v5
+        self._v5 = mqtt.protocol == "5"
+        self._client, _, _ = new_client(mqtt, f"{mqtt.client_id}-sparkplug", self, clean=True)
 
     def start(self) -> None:
         properties = None
