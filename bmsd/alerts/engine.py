@@ -41,7 +41,6 @@ class AlertEngine:
         self.set_rules(rules)
         self._window_s = reevaluate_window_s
         self._late_after_s = late_after_s
-        self._metrics = metrics
         # A member of a shared group: other members change the same devices.
         self._shared = shared
         self.state = State()

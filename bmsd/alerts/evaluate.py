@@ -65,6 +65,12 @@ def fields_read(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> tuple[str
     return tuple(names)
 
 
+def flag_positions(stream: str, fields: Mapping[str, int]) -> list[int]:
+    """Return where in *stream*'s rows (*fields*: name -> position) its flags sit."""
+    return [i for name in FLAG_FIELDS if (i := fields.get(name)) is not None
+            ] if stream in FLAGGED_STREAMS else []
+
+
 def needs_fields(stream: str, rules: Mapping[str, tuple[Rule, ...]]) -> bool:
     """Return whether evaluating *stream* reads its readings' fields, not just their times."""
     return bool(rules.get(stream)) or stream in FLAGGED_STREAMS
@@ -112,8 +118,7 @@ def _keep_unchanged_histories(plan: Plan, state: State, rules: tuple[Rule, ...],
     if not calm:
         return
     checks = [prepared(rule) for rule in rules]
-    flags_at = [i for name in FLAG_FIELDS if (i := table.fields.get(name)) is not None
-                ] if stream in FLAGGED_STREAMS else []
+    flags_at = flag_positions(stream, table.fields)
     limits = state.safety_limits
     if not quiet(checks, calm, limits, table.fields, flags_at):  # then device by device
         calm = [item for item in calm if quiet(checks, [item], limits, table.fields, flags_at)]
@@ -189,8 +194,7 @@ def _evaluate_stream(plan: Plan, opened: dict[tuple[int, str], Alert],
                      live: _Series) -> None:
     """Apply *rules* (and the readings' flags) to each device's new readings."""
     flagged = stream in FLAGGED_STREAMS
-    flags_at = [i for name in FLAG_FIELDS
-                if (i := table.fields.get(name)) is not None] if flagged else []
+    flags_at = flag_positions(stream, table.fields)
     checks = [prepared(rule) for rule in rules]
     # The common case: a device with nothing open or pending, none of whose
     # readings breaches a rule or carries a flag: nothing changes. Decided

@@ -170,8 +170,7 @@ def replay(device: DeviceInfo, stream: str, checks: list[Check], fields: Sequenc
     sub = Plan()
     series = [row for row in table.rows if row[0] >= start]
     if series:
-        flags_at = [i for name in evaluate.FLAG_FIELDS
-                    if (i := table.fields.get(name)) is not None] if flagged else []
+        flags_at = evaluate.flag_positions(stream, table.fields)
         evaluate.evaluate_device(sub, opened, pending, device, series, table, checks,
                                  own_flags, flags_at)
     implied = {(a.code, a.triggered_at): a for a in (*sub.resolved, *opened.values())}
