@@ -141,6 +141,26 @@ def test_what_cannot_be_decoded_is_refused_with_its_reason() -> None:
     assert out.problems[0][0] == "bad_topic"
 
 
+def test_a_data_message_off_its_birth_is_read_as_sent_or_refused_metric_by_metric() -> None:
+    host = Host(CONFIG, Clock())
+    host.receive("spBv1.0/plant/NBIRTH/edge-4", payload(
+        0, {"name": "bdSeq", "datatype": "Int64", "long_value": 0},
+        {"name": "cells", "alias": 1, "datatype": "DoubleArray", "bytes_value": b""},
+        {"name": "flags", "alias": 2, "datatype": "StringArray", "bytes_value": b""},
+        {"name": "temp", "alias": 3, "datatype": "Double", "double_value": 0.0},
+        {"name": "count", "alias": 4, "datatype": "Int16", "int_value": 0}), T0)
+    out = host.receive("spBv1.0/plant/NDATA/edge-4", payload(
+        1, {"alias": 1, "bytes_value": b"\x00" * 7},  # not whole 8-byte values
+        {"alias": 2, "bytes_value": b"\xff\x00"},  # not UTF-8
+        {"alias": 3, "float_value": 1.5},  # another value field than the birth's
+        {"alias": 4, "is_null": True}, {"alias": 4, "int_value": 2**16 - 3}), T0)
+    assert [reason for _, reason in out.problems] == [
+        "metric cells: DoubleArray of 7 bytes is not a whole number of 8-byte values",
+        "metric flags: StringArray is not UTF-8 (invalid start byte)"]
+    assert [(u.name, u.value) for u in out.unmapped] == [
+        ("temp", 1.5), ("count", None), ("count", -3)]
+
+
 def test_data_before_a_birth_or_an_unknown_alias_asks_for_a_rebirth_at_most_so_often() -> None:
     clock = Clock()
     host = Host(CONFIG, clock)

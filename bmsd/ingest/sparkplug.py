@@ -30,7 +30,8 @@ from bmsd.ingest.payloads import Reading, ReadingBounds, parse_fields
 from bmsd.ingest.registry import Registry, Unresolved
 from bmsd.ingest.routing import Match, Route
 from bmsd.metrics import Metrics
-from bmsd.sparkplug.host import Host, Outcome, Target, Unmapped
+from bmsd.sparkplug.host import Host
+from bmsd.sparkplug.outcome import Outcome, Target, Unmapped
 from bmsd.sparkplug.payload import rebirth_request
 from bmsd.streams import BY_NAME
 
@@ -64,10 +65,14 @@ class SparkplugIntake:
                         message.dup)
         dead = [DeadLetter(origin, category, reason) for category, reason in out.problems]
         ids = self._devices(conn, out, origin, dead)
-        self._readings(conn, out, ids, origin, bounds, dead, message.received_at)
-        self._unmapped(out.unmapped, ids, batch)
-        self._changes(out, ids, batch)
-        self._count(out)
+        if out.readings:
+            self._readings(conn, out, ids, origin, bounds, dead, message.received_at)
+        if out.unmapped:
+            self._unmapped(out.unmapped, ids, batch)
+        if out.changes:
+            self._changes(out, ids, batch)
+        if out.unknown_aliases or out.historical:
+            self._count(out)
         batch.managed.update(ids.values())
         for topic in out.rebirths:
             self.request_rebirth(topic)
@@ -90,9 +95,10 @@ class SparkplugIntake:
         """Return the device ids of the targets of *out* (registering new ones); those
         that cannot be had are dead-lettered."""
         known = self._ids
-        targets = dict.fromkeys([*(r.target for r in out.readings),
-                                 *(u.target for u in out.unmapped),
-                                 *(c.target for c in out.changes)])
+        targets = {r.target: None for r in out.readings}
+        if out.unmapped or out.changes:
+            targets.update(dict.fromkeys([*(u.target for u in out.unmapped),
+                                          *(c.target for c in out.changes)]))
         ids: dict[Target, int] = {}
         for target in targets:
             found = known.get(target)
@@ -121,22 +127,27 @@ class SparkplugIntake:
     def _readings(self, conn: psycopg.Connection[Any], out: Outcome, ids: dict[Target, int],
                   origin: Origin, bounds: Mapping[str, ReadingBounds],
                   dead: list[DeadLetter], received_at: datetime) -> None:
-        groups: dict[tuple[str, int], list[Reading]] = {}
+        groups: dict[tuple[str, int], list[Row]] = {}  # (stream, device): rows
         for reading in out.readings:
-            device = ids.get(reading.target)
-            stream = reading.target.stream
+            target = reading.target
+            device, stream = ids.get(target), target.stream
             if device is None or stream is None:
                 continue
             parsed = parse_fields(BY_NAME[stream], reading.fields, reading.time, received_at,
                                   bounds[stream])
-            if isinstance(parsed, Reading):
-                groups.setdefault((stream, device), []).append(parsed)
-            else:
+            if not isinstance(parsed, Reading):
                 dead.append(DeadLetter(origin, *parsed))
-        for (stream, device), readings in groups.items():
-            readings.sort(key=lambda r: r.time)
-            self._add_rows(conn, stream, [Row((r.time, device, *r.values, r.extra), origin, None)
-                                          for r in readings], received_at)
+                continue
+            row = Row((parsed.time, device, *parsed.values, parsed.extra), origin, None)
+            rows = groups.get((stream, device))
+            if rows is None:
+                groups[(stream, device)] = [row]
+            else:
+                rows.append(row)
+        for (stream, _), rows in groups.items():
+            if len(rows) > 1:
+                rows.sort(key=_time)
+            self._add_rows(conn, stream, rows, received_at)
 
     def _unmapped(self, unmapped: list[Unmapped], ids: dict[Target, int], batch: Batch) -> None:
         for metric in unmapped:
@@ -167,6 +178,10 @@ class SparkplugIntake:
             self._metrics.sparkplug_unknown_aliases.inc(out.unknown_aliases)
         if out.historical:
             self._metrics.sparkplug_historical.inc(out.historical)
+
+
+def _time(row: Row) -> datetime:
+    return row.values[Row.TIME]  # type: ignore[no-any-return]
 
 
 def _columns(value: Any) -> tuple[float | None, str | None, Jsonb | None]:

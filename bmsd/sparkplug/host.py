@@ -36,88 +36,26 @@ from datetime import datetime
 from typing import Any
 
 from bmsd.config import SparkplugConfig, SparkplugMap
+from bmsd.sparkplug.outcome import Change, Outcome, Reading, Target, Unmapped
 from bmsd.sparkplug.payload import (
-    AS_SENT,
     DATATYPES,
     WHOLE,
     Metric,
     PayloadError,
     alias_of,
-    array_of,
     decode,
     name_of,
     properties_of,
+    reader,
     value_of,
     when,
 )
 
 NAMESPACE = "spBv1.0"
-_ARRAY_TYPES = frozenset(range(22, 35))
 #: Metrics of the protocol itself, not data.
 _PROTOCOL = ("bdSeq", "Node Control/", "Device Control/")
 _UNIT_KEYS = ("engUnit", "EngUnit", "engUnits", "unit", "Unit", "units")
 _SEQ_SPAN = 256
-
-
-@dataclass(frozen=True, slots=True, eq=False)  # one per key (Host.target): by identity
-class Target:
-    """A Sparkplug edge node or device as bmsd stores it."""
-
-    group: str
-    edge_node: str
-    device: str  # "" for the edge node itself
-    site: str
-    name: str  # the device's slug at the site
-    kind: str
-    stream: str | None
-    fields: dict[str, tuple[str, float]]  # metric name -> (field, scale)
-
-
-@dataclass(slots=True)
-class Reading:
-    """The mapped metrics of one target at one time: a reading of its stream."""
-
-    target: Target
-    time: datetime
-    fields: dict[str, Any]
-    historical: bool
-
-
-@dataclass(slots=True)
-class Unmapped:
-    """A metric no map names a field for: stored as it is (sparkplug_metrics)."""
-
-    target: Target
-    time: datetime
-    name: str
-    datatype: str
-    unit: str | None
-    value: Any
-    historical: bool
-
-
-@dataclass(slots=True)
-class Change:
-    """A birth or a death of an edge node or a device."""
-
-    target: Target
-    online: bool
-    at: datetime  # bmsd's receive time
-    bdseq: int | None
-
-
-@dataclass
-class Outcome:
-    """What one message means."""
-
-    readings: list[Reading] = field(default_factory=list)
-    unmapped: list[Unmapped] = field(default_factory=list)
-    changes: list[Change] = field(default_factory=list)
-    rebirths: list[str] = field(default_factory=list)  # NCMD topics
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (category, reason)
-    kind: str = ""  # the message type (NBIRTH, DDATA, ...), "" if not Sparkplug
-    unknown_aliases: int = 0
-    historical: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,17 +66,21 @@ class _Known:
     datatype: int
     unit: str | None
     device: str
-    mapped: tuple[str, float] | None  # (field, scale), or None: sparkplug_metrics
+    field: str | None  # the stream's field it fills, or None: sparkplug_metrics
+    scale: float | None  # its values' factor, None: as sent
     skip: bool  # a metric of the protocol (bdSeq, Node Control/...), not data
     type_name: str
+    sent_in: str | None  # the value field of its datatype (payload.reader)
+    convert: Callable[[Any], Any] | None  # that field's value into Python, if not as sent
 
     @classmethod
     def of(cls, name: str, datatype: int, unit: str | None, device: str,
            target: Target) -> _Known:
-        mapped = target.fields.get(name)
-        return cls(name, datatype, unit, device,
-                   None if datatype in WHOLE else mapped, name.startswith(_PROTOCOL),
-                   DATATYPES.get(datatype, "Unknown"))
+        to, scale = target.fields.get(name, (None, 1.0)) if datatype not in WHOLE else (
+            None, 1.0)
+        return cls(name, datatype, unit, device, to, None if scale == 1 else scale,
+                   name.startswith(_PROTOCOL), DATATYPES.get(datatype, "Unknown"),
+                   *reader(datatype))
 
 
 @dataclass
@@ -193,7 +135,9 @@ class Host:
         except PayloadError as exc:
             out.problems.append(("not_sparkplug", str(exc)))
             return out
-        node = self._nodes.setdefault((group, edge), _Node())
+        node = self._nodes.get((group, edge))
+        if node is None:
+            node = self._nodes[(group, edge)] = _Node()
         if kind == "NBIRTH":
             self._birth(out, node, group, edge, message.seq, message.metrics, received_at,
                         message.timestamp)
@@ -221,7 +165,7 @@ class Host:
     # --- messages ------------------------------------------------------------------
 
     def _birth(self, out: Outcome, node: _Node, group: str, edge: str, seq: int | None,
-               metrics: Sequence[Metric], received_at: datetime, sent: datetime | None) -> None:
+               metrics: Sequence[Metric], received_at: datetime, sent: int | None) -> None:
         bdseq = _bdseq(metrics)
         node.born, node.bdseq, node.seq = True, bdseq, seq
         node.aliases.clear()
@@ -288,58 +232,64 @@ class Host:
                 node.aliases[alias] = known
 
     def _data(self, out: Outcome, node: _Node, group: str, edge: str, device: str,
-              metrics: Sequence[Metric], received_at: datetime, sent: datetime | None,
+              metrics: Sequence[Metric], received_at: datetime, sent: int | None,
               before_birth: bool = False) -> None:
+        """Add the values of *metrics* to *out*: by field for mapped metrics, grouped
+        into readings by time; as they are for the others. The usual metric (an alias
+        of the birth, its value in its datatype's field) is read with 5 lookups."""
         target = self.target(group, edge, device)
-        rows: dict[tuple[datetime, bool], dict[str, Any]] = {}
-        stamps: dict[int, datetime] = {}  # a message's metrics mostly share one time
-        aliases, names = node.aliases, node.names
+        rows: dict[tuple[int, bool], dict[str, Any]] = {}  # by (ms, historical)
+        stamps: dict[int | None, datetime] = {}  # ms -> time
+        row: dict[str, Any] = {}
+        aliases, last = node.aliases, None  # a message's metrics mostly share a time
         for metric in metrics:
-            name = metric.name
-            if name:
-                known = names.get((device, name))
-                if known is None and metric.datatype:  # it says what it is
-                    known = _Known.of(name, metric.datatype, None, device, target)
-            else:
-                alias = metric.alias
-                known = aliases.get(alias) if alias or metric.HasField("alias") else None
+            alias = metric.alias  # given, it names the metric (unique in the session)
+            known = aliases.get(alias) if alias else None
             if known is None:
-                self._unknown(out, node, group, edge, device, metric, before_birth)
-                continue
+                known = self._named(node, device, target, metric)
+                if known is None:
+                    self._unknown(out, node, group, edge, device, metric, before_birth)
+                    continue
             if known.skip:
                 continue
             kind = metric.WhichOneof("value")
-            if kind in AS_SENT:  # (a null metric has no value set)
-                value = getattr(metric, kind)
-            elif kind == "bytes_value" and known.datatype in _ARRAY_TYPES:
-                try:
-                    value = array_of(known.datatype, metric.bytes_value)
-                except PayloadError as exc:
-                    out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
-                    continue
-            else:
-                try:
+            try:
+                if kind == known.sent_in:  # (a null metric has no value set)
+                    value = getattr(metric, kind)
+                    if (convert := known.convert) is not None:
+                        value = convert(value)
+                else:
                     value = value_of(known.datatype, metric)
-                except PayloadError as exc:
-                    out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
-                    continue
-            ms = metric.timestamp
-            at = (stamps.get(ms) or stamps.setdefault(ms, when(ms))) if ms else (
-                sent or received_at)
-            historical = metric.is_historical
-            mapped = known.mapped
-            if mapped is not None:
-                row = rows.get((at, historical))
-                if row is None:
-                    row = rows[(at, historical)] = {}
-                row[mapped[0]] = value if value is None or mapped[1] == 1 else value * mapped[1]
-            else:
-                out.unmapped.append(Unmapped(target, at, known.name, known.type_name,
-                                             known.unit, value, historical))
-            if historical:
+            except PayloadError as exc:
+                out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
+                continue
+            key = (metric.timestamp, metric.is_historical)
+            if key != last:
+                last = key
+                if (ms := key[0] or sent) not in stamps:  # 0: not sent, the message's
+                    stamps[ms] = when(ms) if ms else received_at  # time if it has one
+                row = rows.get(key) or rows.setdefault(key, {})
+            if key[1]:
                 out.historical += 1
-        out.readings += [Reading(target, at, values, historical)
-                         for (at, historical), values in rows.items()]
+            if (to := known.field) is not None:
+                row[to] = value if known.scale is None or value is None else value * known.scale
+            else:
+                out.unmapped.append(Unmapped(target, stamps[key[0] or sent], known.name,
+                                             known.type_name, known.unit, value, key[1]))
+        out.readings += [Reading(target, stamps[ms or sent], values, historical)
+                         for (ms, historical), values in rows.items() if values]
+
+    @staticmethod
+    def _named(node: _Node, device: str, target: Target, metric: Metric) -> _Known | None:
+        """Return what a metric is by its name (or alias 0); None if unknown. A metric
+        not in the birth is known if it says what it is (a name and a datatype)."""
+        name = metric.name
+        if name:
+            known = node.names.get((device, name))
+            if known is None and metric.datatype:
+                known = _Known.of(name, metric.datatype, None, device, target)
+            return known
+        return node.aliases.get(metric.alias) if metric.HasField("alias") else None
 
     def _unknown(self, out: Outcome, node: _Node, group: str, edge: str, device: str,
                  metric: Metric, before_birth: bool) -> None:

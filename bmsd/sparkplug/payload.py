@@ -13,9 +13,10 @@ message may leave out: the host takes it from the birth, host.py).
 
 from __future__ import annotations
 
+import array
 import base64
-import functools
 import struct
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ Metric = Any
 
 @dataclass(slots=True)
 class Payload:
-    timestamp: datetime | None
+    timestamp: int | None  # ms since the epoch (`when`)
     seq: int | None
     metrics: Sequence[Metric]
 
@@ -169,8 +170,8 @@ def decode(data: bytes) -> Payload:
         message.ParseFromString(data)
     except DecodeError as exc:
         raise PayloadError(f"not a Sparkplug B payload (protobuf: {exc})") from exc
-    return Payload(when(message.timestamp) if message.HasField("timestamp") else None,
-                   message.seq if message.HasField("seq") else None, message.metrics)
+    return Payload(message.timestamp or None, message.seq if message.HasField("seq") else None,
+                   message.metrics)
 
 
 def name_of(metric: Metric) -> str | None:
@@ -200,11 +201,6 @@ def _properties(properties: Any) -> dict[str, Any]:
     return out
 
 
-def array_of(datatype: int, raw: bytes) -> Any:
-    """Return an array datatype's bytes as a list (bytes and files: base64 text)."""
-    return _array(datatype, raw)
-
-
 def value_of(datatype: int | None, metric: Metric) -> Any:
     """Return *metric*'s value as Python, by *datatype* (the birth's, when the metric
     carries none): numbers, text, datetimes, lists; a DataSet or Template as a
@@ -221,6 +217,28 @@ def value_of(datatype: int | None, metric: Metric) -> Any:
 AS_SENT = frozenset(("float_value", "double_value", "boolean_value", "string_value"))
 
 
+def reader(datatype: int) -> tuple[str | None, Callable[[Any], Any] | None]:
+    """Return the value field a metric of *datatype* is sent in, and what turns that
+    field's value into Python (None: nothing, it is as sent); (None, None) for a
+    datatype without one. A data message's metrics are read with the reader of their
+    birth's datatype (host.py), `value_of` when they are sent otherwise."""
+    kind = _FIELD_OF.get(datatype)
+    if kind == "bytes_value":
+        return kind, _array_reader(datatype)
+    if kind == "dataset_value":
+        return kind, _dataset
+    if kind == "template_value":
+        return kind, _template
+    return kind, _CONVERT.get(datatype)
+
+
+_FIELD_OF = {**dict.fromkeys((1, 2, 3, 5, 6, 7), "int_value"),
+             **dict.fromkeys((4, 8, 13), "long_value"), 9: "float_value", 10: "double_value",
+             11: "boolean_value", **dict.fromkeys((12, 14, 15), "string_value"),
+             16: "dataset_value", 19: "template_value",
+             **dict.fromkeys((17, 18, *range(22, 35)), "bytes_value")}
+
+
 def _signed(bits: int) -> Callable[[int], int]:
     wrap, top = 1 << bits, 1 << (bits - 1)
 
@@ -233,8 +251,10 @@ def _signed(bits: int) -> Callable[[int], int]:
     return signed
 
 
+# array typecodes; "i"/"I" are 4 bytes and "q"/"Q" 8 on every platform CPython runs on
 _ARRAYS = {22: "b", 23: "h", 24: "i", 25: "q", 26: "B", 27: "H", 28: "I", 29: "Q", 30: "f",
            31: "d", 34: "q"}
+_BIG_ENDIAN = sys.byteorder == "big"
 _CONVERT: dict[int, Callable[[Any], Any]] = {
     1: _signed(8), 2: _signed(16), 3: _signed(32), 4: _signed(64), 13: when}
 
@@ -252,20 +272,33 @@ def _typed(datatype: int, raw: Any, kind: str) -> Any:
     return raw
 
 
-@functools.lru_cache(maxsize=256)
-def _unpacker(code: str, count: int) -> Callable[[bytes], tuple[Any, ...]]:
-    return struct.Struct(f"<{count}{code}").unpack
+def _array_reader(datatype: int) -> Callable[[bytes], Any]:
+    code = _ARRAYS.get(datatype)
+    if code is None or datatype == 34 or _BIG_ENDIAN:
+        return lambda raw: _array(datatype, raw)
+
+    def read(raw: bytes) -> list[Any]:  # the usual arrays, at C speed
+        try:
+            values: list[Any] = array.array(code, raw).tolist()
+        except ValueError:
+            _array(datatype, raw)  # raises PayloadError, saying why
+            raise
+        return values
+    return read
 
 
 def _array(datatype: int, raw: bytes) -> Any:
     code = _ARRAYS.get(datatype)
     if code is not None:
-        size = struct.calcsize(code)
-        if len(raw) % size:
+        try:
+            values = array.array(code, raw)
+        except ValueError:
+            size = array.array(code).itemsize
             raise PayloadError(f"{DATATYPES[datatype]} of {len(raw)} bytes is not a whole"
-                               f" number of {size}-byte values")
-        values = list(_unpacker(code, len(raw) // size)(raw))
-        return [when(v) for v in values] if datatype == 34 else values
+                               f" number of {size}-byte values") from None
+        if _BIG_ENDIAN:  # Sparkplug's arrays are little-endian
+            values.byteswap()
+        return [when(v) for v in values] if datatype == 34 else values.tolist()
     if datatype == 32:  # BooleanArray: a 4-byte count, then the bits, first in the high bit
         if len(raw) < 4:
             raise PayloadError("BooleanArray shorter than its 4-byte count")
@@ -275,7 +308,10 @@ def _array(datatype: int, raw: bytes) -> Any:
             raise PayloadError(f"BooleanArray of {count} values has {len(bits)} bytes")
         return [bool(bits[i // 8] & (0x80 >> (i % 8))) for i in range(count)]
     if datatype == 33:  # StringArray: null-terminated UTF-8
-        return [s.decode() for s in raw.split(b"\0")[:-1]]
+        try:
+            return raw.decode().split("\0")[:-1] if raw else []
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"StringArray is not UTF-8 ({exc.reason})") from None
     return base64.b64encode(raw).decode()  # Bytes, File, or unknown
 
 
