@@ -365,12 +365,14 @@ def _checked(spec: StreamSpec, item: Mapping[str, Any], where: str, index: int |
     return Reading(when, values, extra, timestamped, index)
 
 
+_CELL_ARRAYS = ("cell_voltages", "cell_temperatures", "balancing")
+
+
 def _cell_arrays_mismatch(fields: Mapping[str, Any]) -> str | None:
     """Say how a pack reading's cell arrays differ in length (*fields*: its fields by
     name, each present), if they do."""
-    lengths = {name: len(v) for name in ("cell_voltages", "cell_temperatures", "balancing")
-               if (v := fields[name]) is not None}
-    if len(set(lengths.values())) > 1:
-        described = ", ".join(f"{name} has {n}" for name, n in lengths.items())
-        return f"cell arrays: lengths differ ({described}); send one entry per cell in each"
-    return None
+    if len({len(v) for name in _CELL_ARRAYS if (v := fields[name]) is not None}) < 2:
+        return None  # (the usual case, in one pass)
+    described = ", ".join(f"{name} has {len(v)}" for name in _CELL_ARRAYS
+                          if (v := fields[name]) is not None)
+    return f"cell arrays: lengths differ ({described}); send one entry per cell in each"

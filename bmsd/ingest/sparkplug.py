@@ -32,6 +32,7 @@ from bmsd.ingest.routing import Match, Route
 from bmsd.metrics import Metrics
 from bmsd.sparkplug.host import Host
 from bmsd.sparkplug.outcome import Outcome, Target, Unmapped
+from bmsd.sparkplug.outcome import Reading as SparkplugReading
 from bmsd.sparkplug.payload import rebirth_request
 from bmsd.streams import BY_NAME
 
@@ -60,9 +61,21 @@ class SparkplugIntake:
                bounds: Mapping[str, ReadingBounds]) -> list[DeadLetter]:
         """Add what *message* means to *batch*; return its dead letters. Database errors
         propagate before anything is added (the caller retries the message)."""
-        out = self.host.receive(message.topic, message.payload, message.received_at)
-        origin = Origin(message.topic, ROUTE, message.payload, None, message.received_at,
-                        message.dup)
+        received_at = message.received_at
+        origin = Origin(message.topic, ROUTE, message.payload, None, received_at, message.dup)
+        reading = self.host.read(message.topic, message.payload, received_at)
+        if reading is not None:  # the usual data message: one reading, of a known device
+            device = self._ids.get(reading.target)
+            if device is not None:
+                dead: list[DeadLetter] = []
+                row = self._row(reading, device, origin, bounds, dead, received_at)
+                if row is not None:
+                    self._add_rows(conn, row[0], [row[1]], received_at)
+                batch.managed.add(device)
+                return dead
+            out = Outcome(readings=[reading])
+        else:
+            out = self.host.receive(message.topic, message.payload, received_at, shaped=False)
         dead = [DeadLetter(origin, category, reason) for category, reason in out.problems]
         ids = self._devices(conn, out, origin, dead)
         if out.readings:
@@ -95,6 +108,10 @@ class SparkplugIntake:
         """Return the device ids of the targets of *out* (registering new ones); those
         that cannot be had are dead-lettered."""
         known = self._ids
+        if len(out.readings) == 1 and not (out.unmapped or out.changes):  # a data message
+            target = out.readings[0].target
+            if (found := known.get(target)) is not None:
+                return {target: found}
         targets = {r.target: None for r in out.readings}
         if out.unmapped or out.changes:
             targets.update(dict.fromkeys([*(u.target for u in out.unmapped),
@@ -129,25 +146,31 @@ class SparkplugIntake:
                   dead: list[DeadLetter], received_at: datetime) -> None:
         groups: dict[tuple[str, int], list[Row]] = {}  # (stream, device): rows
         for reading in out.readings:
-            target = reading.target
-            device, stream = ids.get(target), target.stream
-            if device is None or stream is None:
+            device = ids.get(reading.target)
+            if device is None:
                 continue
-            parsed = parse_fields(BY_NAME[stream], reading.fields, reading.time, received_at,
-                                  bounds[stream])
-            if not isinstance(parsed, Reading):
-                dead.append(DeadLetter(origin, *parsed))
-                continue
-            row = Row((parsed.time, device, *parsed.values, parsed.extra), origin, None)
-            rows = groups.get((stream, device))
-            if rows is None:
-                groups[(stream, device)] = [row]
-            else:
-                rows.append(row)
+            row = self._row(reading, device, origin, bounds, dead, received_at)
+            if row is not None:
+                groups.setdefault((row[0], device), []).append(row[1])
         for (stream, _), rows in groups.items():
             if len(rows) > 1:
                 rows.sort(key=_time)
             self._add_rows(conn, stream, rows, received_at)
+
+    def _row(self, reading: SparkplugReading, device: int, origin: Origin,
+             bounds: Mapping[str, ReadingBounds], dead: list[DeadLetter],
+             received_at: datetime) -> tuple[str, Row] | None:
+        """Return a reading of *device* validated, as its stream and row; None if it has
+        no stream or is dead-lettered."""
+        stream = reading.target.stream
+        if stream is None:
+            return None
+        parsed = parse_fields(BY_NAME[stream], reading.fields, reading.time, received_at,
+                              bounds[stream])
+        if not isinstance(parsed, Reading):
+            dead.append(DeadLetter(origin, *parsed))
+            return None
+        return stream, Row((parsed.time, device, *parsed.values, parsed.extra), origin, None)
 
     def _unmapped(self, unmapped: list[Unmapped], ids: dict[Target, int], batch: Batch) -> None:
         for metric in unmapped:

@@ -24,18 +24,22 @@ Per edge node, as the specification asks of a host application:
 - an NDEATH whose ``bdSeq`` is the session's ends it: the node and its
   devices are offline, at bmsd's receive time; a DDEATH, its device. An
   NDEATH of an earlier session (a stale will) changes nothing.
+
+A data message laid out as one read before (the same aliases, encodings and
+widths) is read by its shape (shape.py), in C-level calls, not metric by metric
+through protobuf: the same outcome (tests/test_sparkplug_shape.py), a third of
+the time.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from bmsd.config import SparkplugConfig, SparkplugMap
+from bmsd.config import SparkplugConfig
 from bmsd.sparkplug.outcome import Change, Outcome, Reading, Target, Unmapped
 from bmsd.sparkplug.payload import (
     DATATYPES,
@@ -50,12 +54,14 @@ from bmsd.sparkplug.payload import (
     value_of,
     when,
 )
+from bmsd.sparkplug.shape import LIMIT, Shapes, when_of
 
 NAMESPACE = "spBv1.0"
 #: Metrics of the protocol itself, not data.
 _PROTOCOL = ("bdSeq", "Node Control/", "Device Control/")
 _UNIT_KEYS = ("engUnit", "EngUnit", "engUnits", "unit", "Unit", "units")
 _SEQ_SPAN = 256
+_DATA = ("NDATA", "DDATA")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +100,38 @@ class _Node:
     missing: dict[int, float] = field(default_factory=dict)  # seq -> since (monotonic)
     asked_at: float | None = None  # the last rebirth request
 
+    def follow(self, seq: int | None, clock: Callable[[], float]) -> None:
+        """Take a message's *seq*: the next, a missing one come late, or one ahead (those
+        between go missing, since *clock*'s now)."""
+        if seq is None:
+            return
+        if self.seq is None:
+            self.seq = seq
+            return
+        expected = (self.seq + 1) % _SEQ_SPAN
+        if seq == expected:
+            self.seq = seq
+        elif seq in self.missing:
+            del self.missing[seq]
+        else:
+            ahead = (seq - expected) % _SEQ_SPAN
+            if ahead < _SEQ_SPAN // 2:  # later than expected: the ones between are missing
+                now = clock()
+                for k in range(ahead):
+                    self.missing.setdefault((expected + k) % _SEQ_SPAN, now)
+                self.seq = seq
+
 
 class Host:
     """The births, aliases and sequences of every edge node heard from."""
 
-    def __init__(self, config: SparkplugConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: SparkplugConfig, clock: Callable[[], float] = time.monotonic,
+                 max_shapes: int = LIMIT) -> None:
         self._config = config
         self._clock = clock
         self._nodes: dict[tuple[str, str], _Node] = {}
         self._targets: dict[tuple[str, str, str], Target] = {}
+        self._shapes = Shapes(max_shapes)  # of data messages (shape.py)
         self.seq_gaps = 0
 
     def nodes(self) -> Iterable[tuple[str, str, bool]]:
@@ -115,10 +143,24 @@ class Host:
         key = (group, edge_node, device)
         found = self._targets.get(key)
         if found is None:
-            found = self._targets[key] = _target(self._config.map, group, edge_node, device)
+            found = self._targets[key] = Target.of(self._config.map, group, edge_node, device)
         return found
 
-    def receive(self, topic: str, payload: bytes, received_at: datetime) -> Outcome:
+    def read(self, topic: str, payload: bytes, received_at: datetime) -> Reading | None:
+        """Return a data message of a shape read before (shape.py) as its one reading,
+        taken as `receive` takes it; None: `receive` it (shaped=False)."""
+        parts = topic.split("/")
+        if len(parts) not in (4, 5) or parts[2] not in _DATA or parts[0] != NAMESPACE:
+            return None
+        group, edge, device = parts[1], parts[3], parts[4] if len(parts) == 5 else ""
+        node = self._nodes.get((group, edge))
+        if node is None or not node.born:
+            return None
+        return self._by_shape(node, group, edge, device, payload, received_at)
+
+    def receive(self, topic: str, payload: bytes, received_at: datetime,
+                shaped: bool = True) -> Outcome:
+        """Return what a message means; *shaped*: try its shape first (`read`)."""
         out = Outcome()
         parts = topic.split("/")
         if len(parts) not in (4, 5) or parts[0] != NAMESPACE:
@@ -130,21 +172,32 @@ class Host:
         out.kind = kind
         if kind in ("NCMD", "DCMD"):
             return out  # commands of other hosts
+        node = self._nodes.get((group, edge))
+        if node is None:
+            node = self._nodes[(group, edge)] = _Node()
+        elif shaped and kind in _DATA and node.born and (reading := self._by_shape(
+                node, group, edge, device, payload, received_at)) is not None:
+            out.readings.append(reading)
+            return out
         try:
             message = decode(payload)
         except PayloadError as exc:
             out.problems.append(("not_sparkplug", str(exc)))
             return out
-        node = self._nodes.get((group, edge))
-        if node is None:
-            node = self._nodes[(group, edge)] = _Node()
         if kind == "NBIRTH":
             self._birth(out, node, group, edge, message.seq, message.metrics, received_at,
                         message.timestamp)
         elif kind == "NDEATH":
             self._death(out, node, group, edge, message.metrics, received_at)
-        elif kind in ("DBIRTH", "DDEATH", "NDATA", "DDATA"):
+        elif kind in ("DBIRTH", "DDEATH", *_DATA):
+            born = node.born
             self._session(out, node, group, edge, device, kind, message, received_at)
+            if born and kind in _DATA and len(out.readings) == 1 and not (
+                    out.unmapped or out.problems or out.rebirths or out.historical):
+                reading = out.readings[0]
+                self._shapes.learn((group, edge), device, payload, node.aliases, lambda read: (
+                    read.fields == reading.fields
+                    and when_of(read, received_at, when) == reading.time))
         else:
             out.problems.append(("bad_topic", f"{topic!r}: unknown message type {kind!r}"))
         return out
@@ -162,6 +215,22 @@ class Host:
                 topics += self._ask(node, group, edge)
         return topics
 
+    # --- data messages of a known shape (shape.py) ---------------------------------
+
+    def _by_shape(self, node: _Node, group: str, edge: str, device: str, payload: bytes,
+                  received_at: datetime) -> Reading | None:
+        read = self._shapes.read((group, edge), device, payload)
+        if read is None:
+            return None
+        seq = read.seq
+        if node.seq is not None and seq == (node.seq + 1) % _SEQ_SPAN:
+            node.seq = seq  # (the usual case of `_Node.follow`)
+        else:
+            node.follow(seq, self._clock)
+        ms = read.ms or read.sent
+        return Reading(self.target(group, edge, device), when(ms) if ms else received_at,
+                       read.fields, False)
+
     # --- messages ------------------------------------------------------------------
 
     def _birth(self, out: Outcome, node: _Node, group: str, edge: str, seq: int | None,
@@ -170,6 +239,7 @@ class Host:
         node.born, node.bdseq, node.seq = True, bdseq, seq
         node.aliases.clear()
         node.names.clear()
+        self._shapes.forget((group, edge))
         node.devices.clear()
         node.missing.clear()
         self._learn(node, group, edge, "", metrics)
@@ -184,6 +254,7 @@ class Host:
         node.born = False
         node.aliases.clear()  # the next session's birth gives them again
         node.names.clear()
+        self._shapes.forget((group, edge))
         for device in sorted(node.devices):
             out.changes.append(Change(self.target(group, edge, device), False, received_at,
                                       bdseq))
@@ -201,7 +272,7 @@ class Host:
                 self._data(out, node, group, edge, device, message.metrics, received_at,
                            message.timestamp, before_birth=True)
             return
-        self._sequence(node, message.seq)
+        node.follow(message.seq, self._clock)
         if kind == "DBIRTH":
             self._learn(node, group, edge, device, message.metrics)
             node.devices.add(device)
@@ -218,6 +289,7 @@ class Host:
     def _learn(self, node: _Node, group: str, edge: str, device: str,
                metrics: Sequence[Metric]) -> None:
         target = self.target(group, edge, device)
+        self._shapes.forget((group, edge))
         for metric in metrics:
             name = name_of(metric)
             if name is None:
@@ -246,7 +318,7 @@ class Host:
             alias = metric.alias  # given, it names the metric (unique in the session)
             known = aliases.get(alias) if alias else None
             if known is None:
-                known = self._named(node, device, target, metric)
+                known = _named(node, device, target, metric)
                 if known is None:
                     self._unknown(out, node, group, edge, device, metric, before_birth)
                     continue
@@ -279,18 +351,6 @@ class Host:
         out.readings += [Reading(target, stamps[ms or sent], values, historical)
                          for (ms, historical), values in rows.items() if values]
 
-    @staticmethod
-    def _named(node: _Node, device: str, target: Target, metric: Metric) -> _Known | None:
-        """Return what a metric is by its name (or alias 0); None if unknown. A metric
-        not in the birth is known if it says what it is (a name and a datatype)."""
-        name = metric.name
-        if name:
-            known = node.names.get((device, name))
-            if known is None and metric.datatype:
-                known = _Known.of(name, metric.datatype, None, device, target)
-            return known
-        return node.aliases.get(metric.alias) if metric.HasField("alias") else None
-
     def _unknown(self, out: Outcome, node: _Node, group: str, edge: str, device: str,
                  metric: Metric, before_birth: bool) -> None:
         out.unknown_aliases += not before_birth
@@ -302,25 +362,6 @@ class Host:
             " cannot be named; a rebirth was requested")) if before_birth
             else ("unknown_alias", f"{what} is not in its birth; a rebirth was requested"))
 
-    def _sequence(self, node: _Node, seq: int | None) -> None:
-        if seq is None:
-            return
-        if node.seq is None:
-            node.seq = seq
-            return
-        expected = (node.seq + 1) % _SEQ_SPAN
-        if seq == expected:
-            node.seq = seq
-        elif seq in node.missing:
-            del node.missing[seq]
-        else:
-            ahead = (seq - expected) % _SEQ_SPAN
-            if ahead < _SEQ_SPAN // 2:  # later than expected: the ones between are missing
-                now = self._clock()
-                for k in range(ahead):
-                    node.missing.setdefault((expected + k) % _SEQ_SPAN, now)
-                node.seq = seq
-
     def _ask(self, node: _Node, group: str, edge: str) -> list[str]:
         now = self._clock()
         if node.asked_at is not None and now - node.asked_at < \
@@ -330,20 +371,17 @@ class Host:
         return [f"{NAMESPACE}/{group}/NCMD/{edge}"]
 
 
+def _named(node: _Node, device: str, target: Target, metric: Metric) -> _Known | None:
+    """Return what a metric is by its name (or alias 0); None if unknown. A metric
+    not in the birth is known if it says what it is (a name and a datatype)."""
+    name = metric.name
+    if name:
+        known = node.names.get((device, name))
+        if known is None and metric.datatype:
+            known = _Known.of(name, metric.datatype, None, device, target)
+        return known
+    return node.aliases.get(metric.alias) if metric.HasField("alias") else None
+
+
 def _bdseq(metrics: Sequence[Metric]) -> Any:
     return next((value_of(m.datatype, m) for m in metrics if m.name == "bdSeq"), None)
-
-
-def _target(maps: Iterable[SparkplugMap], group: str, edge: str, device: str) -> Target:
-    chosen = next((m for m in maps if fnmatch.fnmatchcase(group, m.group)
-                   and fnmatch.fnmatchcase(edge, m.edge_node)
-                   and fnmatch.fnmatchcase(device, m.device)), None)
-    if chosen is None:
-        chosen = SparkplugMap()
-    names = {"group": group, "edge_node": edge, "device": device}
-    name = chosen.name.format(**names) or edge
-    fields = {metric: ((to, 1.0) if isinstance(to, str) else (to.field, to.scale))
-              for metric, to in chosen.metrics.items()}
-    return Target(group, edge, device, chosen.site.format(**names), name, chosen.device_kind,
-                  chosen.stream, fields)
-

@@ -3,9 +3,13 @@ ingestor to store (bmsd/ingest/sparkplug.py)."""
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from bmsd.config import SparkplugMap
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # one per key (Host.target): by identity
@@ -20,6 +24,21 @@ class Target:
     kind: str
     stream: str | None
     fields: dict[str, tuple[str, float]]  # metric name -> (field, scale)
+
+    @classmethod
+    def of(cls, maps: Iterable[SparkplugMap], group: str, edge: str, device: str) -> Target:
+        """Return where the first of *maps* that matches stores *device* of *edge*."""
+        chosen = next((m for m in maps if fnmatch.fnmatchcase(group, m.group)
+                       and fnmatch.fnmatchcase(edge, m.edge_node)
+                       and fnmatch.fnmatchcase(device, m.device)), None)
+        if chosen is None:
+            chosen = SparkplugMap()
+        names = {"group": group, "edge_node": edge, "device": device}
+        name = chosen.name.format(**names) or edge
+        fields = {metric: ((to, 1.0) if isinstance(to, str) else (to.field, to.scale))
+                  for metric, to in chosen.metrics.items()}
+        return cls(group, edge, device, chosen.site.format(**names), name,
+                   chosen.device_kind, chosen.stream, fields)
 
 
 @dataclass(slots=True)

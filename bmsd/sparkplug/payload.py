@@ -274,6 +274,8 @@ def _typed(datatype: int, raw: Any, kind: str) -> Any:
 
 def _array_reader(datatype: int) -> Callable[[bytes], Any]:
     code = _ARRAYS.get(datatype)
+    if datatype == 33:
+        return _strings
     if code is None or datatype == 34 or _BIG_ENDIAN:
         return lambda raw: _array(datatype, raw)
 
@@ -307,12 +309,17 @@ def _array(datatype: int, raw: bytes) -> Any:
         if len(bits) * 8 < count:
             raise PayloadError(f"BooleanArray of {count} values has {len(bits)} bytes")
         return [bool(bits[i // 8] & (0x80 >> (i % 8))) for i in range(count)]
-    if datatype == 33:  # StringArray: null-terminated UTF-8
-        try:
-            return raw.decode().split("\0")[:-1] if raw else []
-        except UnicodeDecodeError as exc:
-            raise PayloadError(f"StringArray is not UTF-8 ({exc.reason})") from None
+    if datatype == 33:
+        return _strings(raw)
     return base64.b64encode(raw).decode()  # Bytes, File, or unknown
+
+
+def _strings(raw: bytes) -> list[str]:
+    """A StringArray: null-terminated UTF-8."""
+    try:
+        return raw.decode().split("\0")[:-1] if raw else []
+    except UnicodeDecodeError as exc:
+        raise PayloadError(f"StringArray is not UTF-8 ({exc.reason})") from None
 
 
 def _dataset(raw: Any) -> dict[str, Any]:
