@@ -151,3 +151,41 @@ def test_reading_by_shape_gives_what_protobuf_gives(seed: int,
     assert by_shape.due() == by_protobuf.due()
     assert by_shape.seq_gaps == by_protobuf.seq_gaps
     assert reads["shape"] > data // 3, f"only {reads['shape']} of {data} read by shape"
+
+
+def test_shapes_kept_are_bounded_and_forgotten_at_a_birth(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = []
+    read = shape.Shape.read
+    monkeypatch.setattr(shape.Shape, "read", lambda self, payload: reads.append(1) or read(
+        self, payload))
+    host = Host(CONFIG, lambda: 0.0, max_shapes=2)
+    rng = random.Random(7)
+    names = ["d", "i32", "da"]
+
+    def session(seq: int) -> int:
+        birth: Any = PayloadMessage()
+        birth.seq = seq % 256
+        birth.metrics.add(name="bdSeq", datatype=BY_NAME["Int64"], long_value=0)
+        host.receive("spBv1.0/g/NBIRTH/edge", bytes(birth.SerializeToString()), T0)
+        for n in range(4):
+            mine = {name: 10 * n + i for i, name in enumerate(names)}
+            host.receive(f"spBv1.0/g/DBIRTH/edge/dev-{n}",
+                         message(rng, seq + 1 + n, names, mine, True), T0)
+        return seq + 5
+
+    seq = session(0)
+    for _ in range(3):
+        for n in range(4):
+            mine = {name: 10 * n + i for i, name in enumerate(names)}
+            out = host.receive(f"spBv1.0/g/DDATA/edge/dev-{n}",
+                               message(random.Random(1), seq, names, mine, False), T0)
+            assert len(out.readings) == 1
+            seq += 1
+    assert len(reads) == 2 * 2 + 2  # two devices' shapes (the first message learns)
+    seq = session(seq)  # a new session: its aliases may differ, the shapes are forgotten
+    reads.clear()
+    for _ in range(2):  # so the last device, which had none, has one now
+        host.receive("spBv1.0/g/DDATA/edge/dev-3", message(
+            random.Random(1), seq, names, {"d": 30, "i32": 31, "da": 32}, False), T0)
+        seq += 1
+    assert len(reads) == 2  # learned (and read back), then read by shape

@@ -26,9 +26,8 @@ Per edge node, as the specification asks of a host application:
   NDEATH of an earlier session (a stale will) changes nothing.
 
 A data message laid out as one read before (the same aliases, encodings and
-widths) is read by its shape (shape.py), in C-level calls, not metric by metric
-through protobuf: the same outcome (tests/test_sparkplug_shape.py), a third of
-the time.
+widths) is read by its shape (shape.py) with one struct.unpack, not metric by
+metric through protobuf, to the same outcome (tests/test_sparkplug_shape.py).
 """
 
 from __future__ import annotations

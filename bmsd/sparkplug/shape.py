@@ -111,8 +111,9 @@ class Shape:
         return Read(seq, ms or 0, None if sent is None or ms else _varint(sent), fields)
 
 
-#: Shapes kept: lengths per device, and in all (`Shapes`).
-PER_DEVICE, LIMIT = 8, 20_000
+#: Shapes kept: lengths per device, and in all (`Shapes`): about 3 kB each for a
+#: message of 7 metrics, so at most about 12 MB.
+PER_DEVICE, LIMIT = 4, 4_000
 
 
 class Shapes:
