@@ -117,6 +117,18 @@ def test_births_data_and_deaths_of_an_edge_node_land_where_the_map_says(
             "SELECT d.slug FROM alerts a JOIN devices d ON d.id = a.device_id"
             " WHERE a.rule_code = 'DEVICE_OFFLINE' AND a.status = 'active' ORDER BY 1").fetchall()
         assert offline == [("bms-0",), ("bms-1",), ("edge-a",)]
+        # Registered on first sight, saying from where; the site is a battery site,
+        # though the edge node, which has no stream, registered it first.
+        registered = conn.execute(
+            "SELECT d.slug, s.kind, e.message, e.details ->> 'sparkplug' FROM events e"
+            "  JOIN devices d ON d.id = e.device_id JOIN sites s ON s.id = d.site_id"
+            " WHERE e.kind = 'device_registered' AND e.details ? 'sparkplug'"
+            "   AND e.details ->> 'sparkplug' LIKE %s ORDER BY 1", (f"{group}/%",)).fetchall()
+        assert [(slug, kind, path) for slug, kind, _, path in registered] == [
+            ("bms-0", "site", f"{group}/edge-a/bms-0"), ("bms-1", "site", f"{group}/edge-a/bms-1"),
+            ("edge-a", "site", f"{group}/edge-a")]  # (the battery dashboard lists its site)
+        assert registered[0][2] == (f"registered battery_pack 'bms-0' on first sight"
+                                    f" (Sparkplug B {group}/edge-a/bms-0)")
     assert daemon.metric("bmsd_sparkplug_births_total", kind="device") == 2
     assert daemon.metric("bmsd_sparkplug_deaths_total", kind="node") == 1
     assert daemon.metric("bmsd_sparkplug_seq_gaps_total") == 0

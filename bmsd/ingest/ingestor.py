@@ -32,6 +32,7 @@ from bmsd.ingest.mqtt import Message
 from bmsd.ingest.payloads import ReadingBounds, parse_message
 from bmsd.ingest.registry import Registry, Unresolved
 from bmsd.ingest.routing import Router
+from bmsd.ingest.sparkplug import METRICS_TABLE as SPARKPLUG_METRICS_TABLE
 from bmsd.ingest.sparkplug import ROUTE as SPARKPLUG_ROUTE
 from bmsd.ingest.sparkplug import SparkplugIntake
 from bmsd.ingest.writer import Outcome, Writer
@@ -65,7 +66,8 @@ class Ingestor:
         self._bounds = {stream: self._stream_bounds(None) for stream in NAMES}
         self._router = Router(config.routes)
         self._registry = Registry(
-            ingest, on_register=lambda stream: metrics.devices_registered.labels(stream).inc())
+            ingest, on_register=lambda device: metrics.devices_registered.labels(
+                device.stream or SPARKPLUG_METRICS_TABLE).inc())
         self._writer = Writer(redelivered_within=timedelta(seconds=config.mqtt.session_expiry_s))
         self._metrics = metrics
         self._ack = ack

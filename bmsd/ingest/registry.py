@@ -12,15 +12,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from bmsd.config import IngestConfig
 from bmsd.errors import DatabaseError
-from bmsd.ingest.routing import Match
-from bmsd.streams import BY_NAME
 
 _FIND_DEVICE = """
     SELECT d.id FROM devices d JOIN sites s ON s.id = d.site_id
@@ -63,29 +61,49 @@ class Unresolved:
     reason: str
 
 
+class Registrant(Protocol):
+    """A device as a message names it, and what it is registered as on first sight: a
+    topic route's match (bmsd/ingest/routing.py), a Sparkplug device
+    (bmsd/ingest/sparkplug.py)."""
+
+    @property
+    def site(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def stream(self) -> str | None: ...  # its readings' stream; None: it has none
+    @property
+    def device_kind(self) -> str: ...
+    @property
+    def site_kind(self) -> str: ...
+    @property
+    def source(self) -> tuple[str, dict[str, str]]: ...  # how it was seen: said, and as data
+
+
 class Registry:
     """Device ids by (site, device) slug, backed by the database."""
 
     def __init__(self, config: IngestConfig,
-                 on_register: Callable[[str], None] | None = None,
+                 on_register: Callable[[Registrant], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._ids: dict[tuple[str, str], int] = {}
-        self._streams: set[tuple[int, str]] = set()
+        self._streams: set[tuple[int, str | None]] = set()
         self._unknown: dict[tuple[str, str], float] = {}
         self._recent: dict[str, deque[float]] = {}
         self._on_register = on_register
         self._clock = clock
 
-    def cached(self, match: Match) -> int | None:
+    def cached(self, match: Registrant) -> int | None:
         """Return the device id of *match* if `resolve` needs no statement for it."""
         device_id = self._ids.get((match.site, match.device))
-        if device_id is None or (device_id, match.route.stream) not in self._streams:
+        if device_id is None or (device_id, match.stream) not in self._streams:
             return None
         return device_id
 
-    def resolve(self, conn: psycopg.Connection[Any], match: Match) -> int | Unresolved:
-        """Return the device id of *match*, registering it if allowed.
+    def resolve(self, conn: psycopg.Connection[Any], match: Registrant) -> int | Unresolved:
+        """Return the device id of *match*, registering it if allowed, and noting its
+        stream (device_streams).
 
         Database errors propagate: the caller retries the whole message.
         """
@@ -96,16 +114,16 @@ class Registry:
             if isinstance(found, Unresolved):
                 return found
             device_id = self._ids[key] = found
-        stream_key = (device_id, match.route.stream)
+        stream_key = (device_id, match.stream)
         if stream_key not in self._streams:
-            if match.route.stream in BY_NAME:  # else: Sparkplug metrics of no stream
+            if match.stream is not None:
                 with conn.transaction():
                     conn.execute(_ADD_DEVICE_STREAM, stream_key)
             self._streams.add(stream_key)
         return device_id
 
     def _lookup_or_register(self, conn: psycopg.Connection[Any],
-                            match: Match) -> int | Unresolved:
+                            match: Registrant) -> int | Unresolved:
         key = (match.site, match.device)
         now = self._clock()
         if self._unknown.get(key, 0.0) > now:
@@ -122,7 +140,7 @@ class Registry:
             return _unknown(match)
         return self._register(conn, match, now)
 
-    def _register(self, conn: psycopg.Connection[Any], match: Match,
+    def _register(self, conn: psycopg.Connection[Any], match: Registrant,
                   now: float) -> int | Unresolved:
         cap = self._config.max_new_devices_per_site_per_minute
         recent = self._recent.setdefault(match.site, deque())
@@ -135,9 +153,9 @@ class Registry:
                 f" {match.device!r} was not registered, its reading is kept here"))
         params = {
             "org": self._config.default_organization, "site": match.site,
-            "site_kind": match.route.site_kind, "timezone": self._config.default_timezone,
+            "site_kind": match.site_kind, "timezone": self._config.default_timezone,
             "grid_hz": self._config.default_grid_frequency_hz, "device": match.device,
-            "kind": match.route.device_kind,
+            "kind": match.device_kind,
         }
         with conn.transaction():
             if conn.execute(_FIND_SITE, params).fetchone() is None:
@@ -159,19 +177,20 @@ class Registry:
                                         " neither new nor found")
                 return int(row[0])
             device_id, site_id = int(added[0]), int(added[1])
+            said, details = match.source
             conn.execute(_ADD_EVENT, {
                 "site_id": site_id, "device_id": device_id,
-                "message": f"registered {match.route.device_kind} {match.device!r}"
-                           f" on first sight (topic route {match.route.template})",
-                "details": Jsonb({"route": match.route.template}),
+                "message": f"registered {match.device_kind} {match.device!r}"
+                           f" on first sight ({said})",
+                "details": Jsonb(details),
             })
         recent.append(now)
         if self._on_register:
-            self._on_register(match.route.stream)
+            self._on_register(match)
         return device_id
 
 
-def _unknown(match: Match) -> Unresolved:
+def _unknown(match: Registrant) -> Unresolved:
     return Unresolved("unknown_device", (
         f"unknown device {match.device!r} of site {match.site!r}: auto_register is off;"
         " add it to the devices table"))

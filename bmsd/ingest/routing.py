@@ -39,17 +39,33 @@ class Route:
     @property
     def site_kind(self) -> str:
         """Return the kind of site this route's devices belong to."""
-        spec = BY_NAME.get(self.stream)
-        return spec.site_kind if spec is not None else "factory"  # a Sparkplug gateway's
+        return BY_NAME[self.stream].site_kind
 
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """What a topic resolved to."""
+    """What a topic resolved to: a device as the registry takes it (`Registrant`,
+    bmsd/ingest/registry.py)."""
 
     route: Route
     site: str
     device: str
+
+    @property
+    def stream(self) -> str:
+        return self.route.stream
+
+    @property
+    def device_kind(self) -> str:
+        return self.route.device_kind
+
+    @property
+    def site_kind(self) -> str:
+        return self.route.site_kind
+
+    @property
+    def source(self) -> tuple[str, dict[str, str]]:
+        return f"topic route {self.route.template}", {"route": self.route.template}
 
 
 def compile_route(config: RouteConfig) -> Route:

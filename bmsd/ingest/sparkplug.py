@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +29,6 @@ from bmsd.config import SparkplugConfig
 from bmsd.ingest.mqtt import Message
 from bmsd.ingest.payloads import Reading, ReadingBounds, parse_fields
 from bmsd.ingest.registry import Registry, Unresolved
-from bmsd.ingest.routing import Match, Route
 from bmsd.metrics import Metrics
 from bmsd.sparkplug.host import Host
 from bmsd.sparkplug.outcome import Outcome, Target, Unmapped
@@ -37,6 +37,8 @@ from bmsd.sparkplug.payload import rebirth_request
 from bmsd.streams import BY_NAME
 
 ROUTE = "sparkplug"  # the route label of Sparkplug messages in metrics and dead letters
+#: Where metrics no map names go, and the stream label of devices that send only those.
+METRICS_TABLE = "sparkplug_metrics"
 _EXACT = 2 ** 53  # integers a double holds exactly
 #: Add a device's rows of one stream to the batch: (conn, stream, rows, received at).
 AddRows = Callable[[psycopg.Connection[Any], str, list[Row], datetime], datetime]
@@ -54,7 +56,7 @@ class SparkplugIntake:
         self._metrics = metrics
         self._add_rows = add_rows
         self._send = send
-        self._routes: dict[Target, Route] = {}
+        self._registrants: dict[Target, _Registrant] = {}
         self._ids: dict[Target, int] = {}  # devices found or registered
 
     def accept(self, conn: psycopg.Connection[Any], message: Message, batch: Batch,
@@ -129,17 +131,14 @@ class SparkplugIntake:
         return ids
 
     def _device(self, conn: psycopg.Connection[Any], target: Target) -> int | Unresolved:
-        route = self._routes.get(target)
-        if route is None:
-            route = self._routes[target] = Route(
-                f"spBv1.0/{target.group}/{target.edge_node}/{target.device}",
-                target.stream or "sparkplug_metrics", target.kind, (), 0, 0)
-        match = Match(route, target.site, target.name)
-        found = self._registry.cached(match)
+        device = self._registrants.get(target)
+        if device is None:
+            device = self._registrants[target] = _Registrant.of(target)
+        found = self._registry.cached(device)
         if found is not None:
             return found
         self._release()  # the lookup needs the connection
-        return self._registry.resolve(conn, match)
+        return self._registry.resolve(conn, device)
 
     def _readings(self, conn: psycopg.Connection[Any], out: Outcome, ids: dict[Target, int],
                   origin: Origin, bounds: Mapping[str, ReadingBounds],
@@ -201,6 +200,24 @@ class SparkplugIntake:
             self._metrics.sparkplug_unknown_aliases.inc(out.unknown_aliases)
         if out.historical:
             self._metrics.sparkplug_historical.inc(out.historical)
+
+
+@dataclass(frozen=True, slots=True)
+class _Registrant:
+    """A Sparkplug edge node or device as the registry takes it (registry.Registrant)."""
+
+    site: str
+    device: str
+    stream: str | None
+    device_kind: str
+    site_kind: str
+    source: tuple[str, dict[str, str]]
+
+    @classmethod
+    def of(cls, target: Target) -> _Registrant:
+        path = "/".join(p for p in (target.group, target.edge_node, target.device) if p)
+        return cls(target.site, target.name, target.stream, target.kind, target.site_kind,
+                   (f"Sparkplug B {path}", {"sparkplug": path}))
 
 
 def _time(row: Row) -> datetime:

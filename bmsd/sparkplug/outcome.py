@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from bmsd.config import SparkplugMap
+from bmsd.streams import BY_NAME
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # one per key (Host.target): by identity
@@ -24,6 +25,7 @@ class Target:
     kind: str
     stream: str | None
     fields: dict[str, tuple[str, float]]  # metric name -> (field, scale)
+    site_kind: str  # what its site is registered as (bmsd/streams.py)
 
     @classmethod
     def of(cls, maps: Iterable[SparkplugMap], group: str, edge: str, device: str) -> Target:
@@ -37,8 +39,14 @@ class Target:
         name = chosen.name.format(**names) or edge
         fields = {metric: ((to, 1.0) if isinstance(to, str) else (to.field, to.scale))
                   for metric, to in chosen.metrics.items()}
+        # The site's kind is its stream's; for the edge node itself (or a device of no
+        # stream), its devices': the first map of its edge node that names a stream.
+        stream = chosen.stream or next((
+            m.stream for m in maps if m.stream and fnmatch.fnmatchcase(group, m.group)
+            and fnmatch.fnmatchcase(edge, m.edge_node)), None)
         return cls(group, edge, device, chosen.site.format(**names), name,
-                   chosen.device_kind, chosen.stream, fields)
+                   chosen.device_kind, chosen.stream, fields,
+                   BY_NAME[stream].site_kind if stream else "factory")
 
 
 @dataclass(slots=True)
