@@ -185,11 +185,12 @@ class AlertStore:
 
     def _open(self, conn: psycopg.Connection[Any], state: State,
               rows: list[dict[str, Any]]) -> None:
-        for alert in self._alerts(conn, state, rows):
+        for alert in self.alerts_of(conn, state, rows):
             state.open[(alert.device.id, alert.code)] = alert
 
-    def _alerts(self, conn: psycopg.Connection[Any], state: State,
-                rows: list[dict[str, Any]]) -> list[Alert]:
+    def alerts_of(self, conn: psycopg.Connection[Any], state: State,
+                  rows: list[dict[str, Any]]) -> list[Alert]:
+        """Return stored alert *rows* as alerts, their devices known to *state*."""
         self.remember_devices(conn, state, {int(r["device_id"]) for r in rows})
         return [Alert(state.devices[r["device_id"]], r["rule_code"], r["severity"],
                       r["category"], r["title"] or r["rule_code"], r["message"], r["value"],
@@ -310,7 +311,7 @@ class StoredHistory:
     def alerts(self, device_ids: Sequence[int], since: datetime) -> list[Alert]:
         with self._conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
             rows = cur.execute(_HISTORY_ALERTS, (list(device_ids), since)).fetchall()
-        return self._store._alerts(self._conn, self._state, rows)
+        return self._store.alerts_of(self._conn, self._state, rows)
 
 
 def _raise_mark(state: State, key: tuple[int, str], mark: datetime) -> None:
