@@ -97,6 +97,9 @@ _TABLE: tuple[tuple[str, type, str, str, tuple[str, ...], tuple[float, ...]], ..
      "Metrics edge nodes sent as historical (store and forward), stored", (), ()),
     ("sparkplug_online", _G, "bmsd_sparkplug_host_online",
      "1 while bmsd's STATE says online (primary host: it can store), else 0", (), ()),
+    ("sparkplug_standby", _G, "bmsd_sparkplug_standby",
+     "1 while another bmsd is the Sparkplug host of this host_id (this one takes over"
+     " when it stops), else 0", (), ()),
     ("fast_path", _G, "bmsd_fast_path",
      "1 while a fast path's library internals are there, 0 when bmsd runs without it"
      " (bmsd/internals.py)", ("name",), ()),
@@ -137,6 +140,7 @@ class Metrics:
     sparkplug_unknown_aliases: Counter
     sparkplug_historical: Counter
     sparkplug_online: Gauge
+    sparkplug_standby: Gauge
     fast_path: Gauge
 
     def __init__(self, registry: CollectorRegistry) -> None:

@@ -244,6 +244,53 @@ def test_store_and_forward_through_outages_loses_only_what_is_in_flight(
     assert len(at_kill) <= 20
 
 
+def test_one_bmsd_at_a_time_is_the_sparkplug_host_and_another_takes_over_at_its_kill(
+    bmsd_daemon: DaemonFactory, mqtt_broker: Broker, db_url: str, tmp_path: Path,
+) -> None:
+    # Two bmsd of one configuration, as members of a shared group run: one reads
+    # Sparkplug, the other stands by; killed (kill -9), the host's database
+    # session ends and the other takes over. The edge node buffers meanwhile
+    # (the will said offline), so only what was in flight at the kill may be lost.
+    group, host = names()
+    first = bmsd_daemon(config(group, host))
+    wait_until(lambda: first.metric("bmsd_sparkplug_host_online") == 1, what="a host")
+    second = bmsd_daemon(config(group, host))
+    wait_until(lambda: second.metric("bmsd_sparkplug_standby") == 1, what="a standby")
+    assert second.metric("bmsd_sparkplug_host_online") == 0
+    assert first.metric("bmsd_sparkplug_standby") == 0
+    produced_log = tmp_path / "produced"
+    node = edge(mqtt_broker, group, "--edge", "edge-h", "--host-id", host, "--readings", "300",
+                "--interval", "0.05", "--linger", "20", "--produced", str(produced_log))
+    wait_until(lambda: readings(db_url, "edge-h") > 40, what="live readings")
+    assert second.metric("bmsd_messages_received_total", route="sparkplug") == 0
+    killed_at = time.time()
+    first.kill()
+    wait_until(lambda: second.metric("bmsd_sparkplug_host_online") == 1, timeout_s=20,
+               what="the standby is the host")
+    took_over_s = time.time() - killed_at
+    assert second.metric("bmsd_sparkplug_standby") == 0
+    counts = finished(node)
+    produced = {(f"bms-{d}", int(ms)) for d, ms in
+                (line.split() for line in produced_log.read_text().splitlines())}
+    assert len(produced) == counts["produced"] == 600
+
+    def lost() -> list[float]:
+        with psycopg.connect(db_url) as conn:
+            stored = {(slug, round(t.timestamp() * 1000)) for slug, t in conn.execute(
+                "SELECT d.slug, t.time FROM battery_telemetry t JOIN devices d"
+                " ON d.id = t.device_id JOIN sites s ON s.id = d.site_id"
+                " WHERE s.slug = 'edge-h'")}
+        return sorted(ms / 1000 for _, ms in produced - stored)
+
+    wait_until(lambda: len(lost()) < 40, timeout_s=30, what="the buffer stored")
+    time.sleep(2)
+    missing = lost()
+    print(f"takeover after {took_over_s:.1f} s; {len(missing)} of {len(produced)} lost")
+    assert all(abs(t - killed_at) < 1.0 for t in missing), missing  # in flight at the kill
+    assert counts["historical"] > 0, counts
+    assert second.metric("bmsd_messages_rejected_total") == 0
+
+
 def test_the_simulator_s_edge_nodes_are_stored_as_battery_packs_with_their_alerts(
     bmsd_daemon: DaemonFactory, mqtt_broker: Broker, db_url: str,
 ) -> None:

@@ -59,6 +59,9 @@ log = structlog.get_logger("bmsd")
 _IDLE_PING_S = 10.0
 _ALIVE_WITHIN_S = 60.0
 _STATUS_EVERY_S = 5.0
+# How often a bmsd standing by for the Sparkplug host tries its lock (and the host
+# checks it still holds it).
+_CLAIM_EVERY_S = 2.0
 # Before READY=1, how often to look for the SUBACK and update STATUS.
 _STARTING_STATUS_EVERY_S = 0.1
 # At exit, how long alert notifications of the last commits may take to be
@@ -85,7 +88,7 @@ class Daemon:
         self._alerts = _alert_engine(config, self.metrics, self._publish)
         # Sparkplug B ([sparkplug] enabled): a connection of its own into the same inbox.
         self._sparkplug = None if not config.sparkplug.enabled else SparkplugLink(
-            config.mqtt, config.sparkplug, self._inbox.put, self.metrics)
+            config.mqtt, config.sparkplug, self._inbox.put, self.metrics, config.database)
         self._ingest = Ingestor(config, self.metrics, ack=self._ack, alerts=self._alerts,
                                 command=self._sparkplug.send if self._sparkplug else None)
         self._source = MqttSource(config.mqtt, self._ingest.filters, self._inbox.put,
@@ -194,9 +197,8 @@ class Daemon:
         if self._housekeeping is not None:
             self._housekeeping.republish()
         self._source.start()
-        if self._sparkplug is not None:  # STATE online: the database answered
-            self._sparkplug.online(True)
-            self._sparkplug.start()
+        if self._sparkplug is not None:  # the Sparkplug host, or standing by for it
+            self._sparkplug.claim(self._db.deadline.watch)
 
     def _check_subscribed(self) -> None:
         """Send READY=1 once the subscription is acknowledged; until then say what we wait
@@ -249,8 +251,10 @@ class Daemon:
             source = self._source
             jobs += self._housekeeping.jobs(source.subscribed.is_set,
                                             lambda: source.subscribed_at)
-        if self._ingest.sparkplug is not None:  # rebirths for seq gaps past the timeout
-            jobs.append(Periodic("sparkplug", 0.25, self._ingest.sparkplug.tick))
+        if self._ingest.sparkplug is not None and (link := self._sparkplug) is not None:
+            jobs += [Periodic("sparkplug", 0.25, self._ingest.sparkplug.tick),  # seq gaps
+                     Periodic("sparkplug_claim", _CLAIM_EVERY_S,
+                              lambda: link.claim(self._db.deadline.watch))]
         return [*jobs, Periodic("status", lambda: _STATUS_EVERY_S if self._progress.ready
                                 else _STARTING_STATUS_EVERY_S, self._status_tick)]
 

@@ -1,4 +1,5 @@
-"""One bmsd per MQTT client id: a session advisory lock in the database.
+"""One bmsd per MQTT client id (and one Sparkplug host per host id): a session advisory
+lock in the database.
 
 Two daemons with the same client id would take the broker session from each
 other in turn, each receiving part of the stream (Mosquitto closes the older
@@ -12,6 +13,10 @@ is gone. Every bmsd connection asks the server to probe within
 `DatabaseConfig.dead_peer_bound_s` (bmsd/database.py), so a restarted bmsd
 waits that long, and a little more, before it concludes that the holder is
 alive; it then says what it knows of the holder, not what it guesses.
+
+The Sparkplug host lock (bmsd/ingest/sparkplug_link.py) is the same kind of
+lock, named after the STATE topic, taken without waiting (`try_take`): the
+bmsd that holds it is the Sparkplug host, the others stand by and try again.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class InstanceLock:
         self._config = config
         self._client_id = client_id
         self._conn: psycopg.Connection[Any] | None = None
+        self._held_on: psycopg.Connection[Any] | None = None  # by `try_take`
         self.wait_s = config.dead_peer_bound_s + _MARGIN_S
 
     def acquire(self, on_wait: Callable[[str], None] | None = None) -> None:
@@ -101,6 +107,29 @@ class InstanceLock:
                         f" {self._client_id!r}, held by "
                         f"{holder.describe() if holder else 'a session that just ended'}")
             time.sleep(1.0)
+
+    def try_take(self) -> Holder | None:
+        """Take the lock if it is free, or keep it if ours: return None; else return its
+        holder, at once. Failures to reach the database propagate (a lost session has
+        lost the lock: the next call takes it again, if it is still free)."""
+        conn = self._conn
+        if conn is not None and not conn.closed and self._held_on is conn:
+            conn.execute("SELECT 1")  # ours while its session lives
+            return None
+        if conn is None or conn.closed:
+            conn = self._conn = psycopg.connect(
+                self._config.url, autocommit=True,
+                **connect_kwargs(self._config, "bmsd-instance-lock"))
+        for _ in range(2):  # (its holder may let go between the two statements)
+            row = conn.execute(_TRY_LOCK, (ADVISORY_NAMESPACE, self._client_id)).fetchone()
+            if row is not None and row[0]:
+                self._held_on = conn
+                return None
+            with conn.cursor(row_factory=class_row(Holder)) as cur:
+                holder = cur.execute(_HOLDER, (ADVISORY_NAMESPACE, self._client_id)).fetchone()
+            if holder is not None:
+                return holder
+        return Holder(0, None, "", "a session that just ended", None)
 
     @property
     def connection(self) -> psycopg.Connection[Any] | None:

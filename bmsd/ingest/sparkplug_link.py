@@ -15,35 +15,52 @@ online is published only while bmsd can store (the database answers,
 `online`), offline when it cannot, and before it stops. Edge nodes buffer
 while it says offline and send what they held as historical data later. If
 a stale will of ours turns up while we are online, online is published again.
+
+One bmsd at a time is the Sparkplug host of a host_id: the one that holds a
+database lock named after the STATE topic (bmsd/ingest/lock.py). Any number
+may have ``[sparkplug]`` on (several members of a shared group, one
+configuration); the others stand by (`claim`, every few seconds) and take
+over when the host's database session ends: at once if it stops or its
+process dies, within ``[database]``'s dead-peer bound if its host is cut off.
+Sparkplug has no shared subscriptions: a host must see an edge node's births
+to read its data, so one bmsd reads it all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import paho.mqtt.client as paho
+import psycopg
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bmsd.config import MqttConfig, SparkplugConfig
+from bmsd.config import DatabaseConfig, MqttConfig, SparkplugConfig
+from bmsd.errors import SessionTakenOver
+from bmsd.ingest.lock import InstanceLock
 from bmsd.ingest.mqtt import Message, address, jitter_backoff, new_client
 from bmsd.metrics import Metrics
 from bmsd.sparkplug.host import NAMESPACE
 
 log = structlog.get_logger("bmsd.ingest.sparkplug")
+#: Bounds an operation on a connection (bmsd/database.py, Deadline.watch).
+Watch = Callable[[psycopg.Connection[Any]], contextlib.AbstractContextManager[None]]
 
 
 class SparkplugLink:
     """The Sparkplug connection: subscriptions, STATE, rebirth requests."""
 
     def __init__(self, mqtt: MqttConfig, config: SparkplugConfig,
-                 deliver: Callable[[Message], None], metrics: Metrics) -> None:
+                 deliver: Callable[[Message], None], metrics: Metrics,
+                 database: DatabaseConfig) -> None:
         self._mqtt = mqtt
         self._config = config
         self._deliver = deliver
@@ -59,6 +76,40 @@ class SparkplugLink:
         self._host, self._port = address(mqtt)
         self._v5 = mqtt.protocol == "5"
         self._client, _, _ = new_client(mqtt, f"{mqtt.client_id}-sparkplug", self, clean=True)
+        self._claim = InstanceLock(database, self.state_topic)
+        self._hosting: str | None = None  # "": we are the host; else who is
+
+    def claim(self, watch: Watch = lambda conn: contextlib.nullcontext()) -> None:
+        """Be the Sparkplug host, if no other bmsd is (then connect: `start`); else stand
+        by until a later call finds the lock free. A database out of reach changes
+        nothing now (STATE follows it: `online`).
+
+        Raise SessionTakenOver if, our lock's session lost, another bmsd took it.
+        *watch* bounds the lock's statements (the database's deadline).
+        """
+        conn = self._claim.connection
+        try:
+            with watch(conn) if conn is not None else contextlib.nullcontext():
+                holder = self._claim.try_take()
+        except psycopg.OperationalError:
+            return
+        if holder is None and self._hosting != "":
+            self._hosting = ""
+            self._metrics.sparkplug_standby.set(0)
+            log.info("sparkplug_host", host_id=self._config.host_id, topic=self.state_topic)
+            self.online(True)  # (the database just answered)
+            self.start()
+        elif holder is not None and self._hosting == "":
+            raise SessionTakenOver(
+                f"the Sparkplug host lock of {self.state_topic!r} was lost with its database"
+                f" session and taken by {holder.describe()}: two hosts would each see part"
+                " of the edge nodes' births; this bmsd stops (restarted, it stands by)")
+        elif holder is not None and self._hosting != holder.describe():
+            self._hosting = holder.describe()
+            self._metrics.sparkplug_standby.set(1)
+            log.warning("sparkplug_standby", host_id=self._config.host_id,
+                        host=self._hosting, meaning="another bmsd is the Sparkplug host of"
+                        " this host_id; this one takes over when that one stops")
 
     def start(self) -> None:
         properties = None
@@ -93,6 +144,7 @@ class SparkplugLink:
             info.wait_for_publish(timeout=2)
         self._client.disconnect()
         self._client.loop_stop()
+        self._claim.release()
         self._metrics.sparkplug_online.set(0)
 
     # --- STATE ---------------------------------------------------------------------
