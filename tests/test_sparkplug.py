@@ -86,11 +86,13 @@ def readings(db_url: str, group_site: str) -> int:
                            " WHERE s.slug = %s", group_site))
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_births_data_and_deaths_of_an_edge_node_land_where_the_map_says(
-    bmsd_daemon: DaemonFactory, mqtt_broker: Broker, db_url: str,
+    bmsd_daemon: DaemonFactory, mqtt_broker: Broker, db_url: str, protocol: str,
 ) -> None:
+    # bmsd's connections speak MQTT 3.1.1 or 5 ([mqtt] protocol); the edge node 3.1.1.
     group, host = names()
-    daemon = bmsd_daemon(config(group, host))
+    daemon = bmsd_daemon(config(group, host, f'\n[mqtt]\nprotocol = "{protocol}"\n'))
     # 2 devices x 150 rounds: 300 DDATA after 3 births, so seq wraps past 255.
     counts = finished(edge(mqtt_broker, group, "--edge", "edge-a", "--readings", "150",
                            "--death"))
