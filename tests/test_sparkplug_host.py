@@ -161,6 +161,34 @@ def test_a_data_message_off_its_birth_is_read_as_sent_or_refused_metric_by_metri
         ("temp", 1.5), ("count", None), ("count", -3)]
 
 
+def test_a_map_s_scale_applies_to_numbers_and_arrays_of_numbers_only() -> None:
+    config = SparkplugConfig.model_validate({"enabled": True, "map": [{
+        "device": "bms-*", "stream": "battery_telemetry", "metrics": {
+            name: {"field": field, "scale": 0.001} for name, field in (
+                ("mV", "voltage"), ("cells", "cell_voltages"), ("raw", "current"),
+                ("fw", "firmware_version"), ("ok", "over_voltage"))}}]})
+    host = Host(config, Clock())
+    host.receive("spBv1.0/plant/NBIRTH/edge-5", payload(
+        0, {"name": "bdSeq", "datatype": "Int64", "long_value": 0}), T0)
+    host.receive("spBv1.0/plant/DBIRTH/edge-5/bms-1", payload(
+        1, {"name": "mV", "alias": 1, "datatype": "Int32", "int_value": 2**32 - 52000},
+        {"name": "cells", "alias": 2, "datatype": "DoubleArray",
+         "bytes_value": struct.pack("<2d", 3300.0, 3310.0)},
+        {"name": "raw", "alias": 3, "datatype": "Float", "float_value": 0.0},
+        {"name": "fw", "alias": 4, "datatype": "String", "string_value": "1.2"},
+        {"name": "ok", "alias": 5, "datatype": "Boolean", "boolean_value": True}), T0)
+    out = host.receive("spBv1.0/plant/DDATA/edge-5/bms-1", payload(
+        2, {"alias": 1, "int_value": 2**32 - 52000},
+        {"alias": 2, "bytes_value": struct.pack("<2d", 3300.0, 3310.0)},
+        {"alias": 3, "double_value": 2000.0},  # sent in another field than its birth's
+        {"alias": 4, "string_value": "1.2"}, {"alias": 5, "boolean_value": True}), T0)
+    [reading] = out.readings
+    cells = reading.fields.pop("cell_voltages")
+    assert cells == pytest.approx([3.3, 3.31])
+    assert reading.fields == pytest.approx({
+        "voltage": -52.0, "current": 2.0, "firmware_version": "1.2", "over_voltage": True})
+
+
 def test_data_before_a_birth_or_an_unknown_alias_asks_for_a_rebirth_at_most_so_often() -> None:
     clock = Clock()
     host = Host(CONFIG, clock)

@@ -39,8 +39,8 @@ FIELDS = ["voltage", "current", "power_w", "temperature", "soc", "soh", "interna
           "under_voltage"]
 CONFIG = SparkplugConfig.model_validate({"enabled": True, "map": [{
     "group": "g", "device": "dev-*", "stream": "battery_telemetry",
-    "metrics": {**dict(zip(METRICS, FIELDS, strict=True)),
-                "d": {"field": "voltage", "scale": 0.5}}}]})
+    "metrics": {name: {"field": field, "scale": 0.5} if name in ("d", "i8", "da", "s")
+                else field for name, field in zip(METRICS, FIELDS, strict=True)}}]})
 
 
 def value(rng: random.Random, name: str) -> Any:

@@ -50,6 +50,8 @@ from bmsd.sparkplug.payload import (
     name_of,
     properties_of,
     reader,
+    scaled,
+    times,
     value_of,
     when,
 )
@@ -76,16 +78,20 @@ class _Known:
     skip: bool  # a metric of the protocol (bdSeq, Node Control/...), not data
     type_name: str
     sent_in: str | None  # the value field of its datatype (payload.reader)
-    convert: Callable[[Any], Any] | None  # that field's value into Python, if not as sent
+    convert: Callable[[Any], Any] | None  # that field's value into Python and scaled,
+    # None: as sent
 
     @classmethod
     def of(cls, name: str, datatype: int, unit: str | None, device: str,
            target: Target) -> _Known:
         to, scale = target.fields.get(name, (None, 1.0)) if datatype not in WHOLE else (
             None, 1.0)
+        sent_in, convert = reader(datatype)
+        if scale != 1:
+            convert = scaled(convert, scale, datatype)
         return cls(name, datatype, unit, device, to, None if scale == 1 else scale,
-                   name.startswith(_PROTOCOL), DATATYPES.get(datatype, "Unknown"),
-                   *reader(datatype))
+                   name.startswith(_PROTOCOL), DATATYPES.get(datatype, "Unknown"), sent_in,
+                   convert)
 
 
 @dataclass
@@ -329,8 +335,10 @@ class Host:
                     value = getattr(metric, kind)
                     if (convert := known.convert) is not None:
                         value = convert(value)
-                else:
+                else:  # sent otherwise than its birth said
                     value = value_of(known.datatype, metric)
+                    if known.scale is not None and known.field is not None:
+                        value = times(value, known.scale)
             except PayloadError as exc:
                 out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
                 continue
@@ -343,7 +351,7 @@ class Host:
             if key[1]:
                 out.historical += 1
             if (to := known.field) is not None:
-                row[to] = value if known.scale is None or value is None else value * known.scale
+                row[to] = value
             else:
                 out.unmapped.append(Unmapped(target, stamps[key[0] or sent], known.name,
                                              known.type_name, known.unit, value, key[1]))

@@ -232,6 +232,32 @@ def reader(datatype: int) -> tuple[str | None, Callable[[Any], Any] | None]:
     return kind, _CONVERT.get(datatype)
 
 
+def scaled(convert: Callable[[Any], Any] | None, scale: float,
+           datatype: int) -> Callable[[Any], Any] | None:
+    """Return *convert* then a map's *scale*, for a number or each number of an array;
+    *convert* itself for a datatype of no numbers (a scale does not apply)."""
+    if datatype in _NUMBER_ARRAYS and convert is not None:
+        return lambda raw: [v * scale for v in convert(raw)]
+    if datatype in _NUMBERS:
+        return (lambda raw: raw * scale) if convert is None else (
+            lambda raw: convert(raw) * scale)
+    return convert
+
+
+def times(value: Any, scale: float) -> Any:
+    """Return *value* (as `value_of` gives it) multiplied by *scale* where it is a number
+    or a list of numbers, as `scaled` does."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return value * scale
+    if isinstance(value, list):
+        return [v * scale if isinstance(v, int | float) and not isinstance(v, bool) else v
+                for v in value]
+    return value
+
+
+_NUMBERS, _NUMBER_ARRAYS = frozenset(range(1, 11)), frozenset(range(22, 32))
 _FIELD_OF = {**dict.fromkeys((1, 2, 3, 5, 6, 7), "int_value"),
              **dict.fromkeys((4, 8, 13), "long_value"), 9: "float_value", 10: "double_value",
              11: "boolean_value", **dict.fromkeys((12, 14, 15), "string_value"),

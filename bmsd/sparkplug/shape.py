@@ -42,8 +42,6 @@ class Known(Protocol):
     @property
     def field(self) -> str | None: ...
     @property
-    def scale(self) -> float | None: ...
-    @property
     def skip(self) -> bool: ...
     @property
     def sent_in(self) -> str | None: ...
@@ -72,8 +70,8 @@ class Shape:
     plain: Callable[[tuple[Any, ...]], tuple[Any, ...]]  # floats and doubles as they are
     plain_fields: tuple[str, ...]
     arrays: tuple[tuple[int, Callable[[Any], Any], str], ...]  # (slot, convert, field)
-    other: tuple[tuple[int, str, Callable[[Any], Any] | None, str, float | None], ...]
-    # ^ (slot, value field, convert, field, scale) of the other values
+    other: tuple[tuple[int, str, Callable[[Any], Any] | None, str], ...]
+    # ^ (slot, value field, convert, field) of the other values
 
     def read(self, payload: bytes) -> Read | None:
         """Return what *payload* (of this shape's length) holds; None: ask protobuf."""
@@ -95,7 +93,7 @@ class Shape:
         try:
             for slot, convert, to in self.arrays:
                 fields[to] = convert(parts[slot])
-            for slot, kind, into, to, scale in self.other:
+            for slot, kind, into, to in self.other:
                 value = parts[slot]
                 if kind == "string_value":
                     value = value.decode()
@@ -103,9 +101,7 @@ class Shape:
                     if (value := _varint(value)) is None:
                         return None
                     value = value != 0 if kind == "boolean_value" else value & _MASKS[kind]
-                if into is not None:
-                    value = into(value)
-                fields[to] = value if scale is None or value is None else value * scale
+                fields[to] = value if into is None else into(value)
         except (PayloadError, UnicodeDecodeError):
             return None  # protobuf's path says why
         return Read(seq, ms or 0, None if sent is None or ms else _varint(sent), fields)
@@ -152,7 +148,7 @@ class Shapes:
 def learn(payload: bytes, aliases: Mapping[int, Known]) -> Shape | None:
     """Return the shape of a data message, or None if it has none worth having: a field
     other than a time, a seq and metrics by alias with a time, a datatype and a value
-    sent as their birth said, mapped each to its own unscaled-or-scaled field."""
+    sent as their birth said, mapped each to its own field."""
     slots: list[tuple[str, Any]] = []  # ("const", bytes), (role, width), ("d"|"f", None)
     values: list[tuple[int, Known]] = []  # (slot, known) of each metric's value
     fields = _fields(payload, 0, len(payload))
@@ -225,13 +221,11 @@ def _compile(slots: list[tuple[str, Any]], values: list[tuple[int, Known]]) -> S
     where = {role: [i for i, (r, _) in enumerate(merged) if r == role]
              for role in ("const", "seq", "sent", "stamp")}
     plain = [(index[slot], known) for slot, known in values
-             if merged[index[slot]][0] in ("d", "f") and known.convert is None
-             and known.scale is None]
+             if merged[index[slot]][0] in ("d", "f") and known.convert is None]
     arrays = [(index[slot], known.convert, known.field or "") for slot, known in values
-              if known.sent_in == "bytes_value" and known.convert is not None
-              and known.scale is None]
-    other = tuple((index[slot], known.sent_in or "", known.convert, known.field or "",
-                   known.scale) for slot, known in values
+              if known.sent_in == "bytes_value" and known.convert is not None]
+    other = tuple((index[slot], known.sent_in or "", known.convert, known.field or "")
+                  for slot, known in values
                   if (index[slot], known) not in plain
                   and (index[slot], known.convert, known.field) not in arrays)
     return Shape(struct.Struct(layout).unpack, _getter(where["const"]),
