@@ -161,6 +161,25 @@ def test_a_data_message_off_its_birth_is_read_as_sent_or_refused_metric_by_metri
         ("temp", 1.5), ("count", None), ("count", -3)]
 
 
+def test_text_not_utf8_and_times_past_year_9999_are_refused_not_raised() -> None:
+    host = Host(CONFIG, Clock())
+    birth(host)
+    out = host.receive("spBv1.0/plant/DDATA/edge-1/bms-1", payload(
+        3, {"alias": 10, "float_value": 51.0, "timestamp": 2**62},
+        {"name": "Caf\xe9", "datatype": "String", "string_value": "x"},
+        {"name": "Cabinet/Door", "alias": 12, "boolean_value": True}), T0)
+    assert [reason for _, reason in out.problems] == [
+        "metric Battery/SOC: timestamp 4611686018427387904 ms is not a time (past year 9999)"]
+    assert [(u.name, u.value) for u in out.unmapped] == [("Café", "x"), ("Cabinet/Door", True)]
+    message: Any = PayloadMessage()
+    message.seq = 4
+    message.metrics.add(alias=12, boolean_value=False)
+    raw = bytes(message.SerializeToString()) + b"\x12\x05\x0a\x03\xff\xfe\x00"  # a name
+    out = host.receive("spBv1.0/plant/DDATA/edge-1/bms-1", raw, T0)
+    assert out.problems == [("not_sparkplug", "a metric's name is not UTF-8")]
+    assert [u.value for u in out.unmapped] == [False]
+
+
 def test_a_map_s_scale_applies_to_numbers_and_arrays_of_numbers_only() -> None:
     config = SparkplugConfig.model_validate({"enabled": True, "map": [{
         "device": "bms-*", "stream": "battery_telemetry", "metrics": {

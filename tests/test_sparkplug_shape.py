@@ -96,6 +96,12 @@ def message(rng: random.Random, seq: int, names: list[str], aliases: dict[str, i
     return bytes(payload.SerializeToString())
 
 
+def take(host: Host, topic: str, payload: bytes) -> Outcome:
+    """What a message means, as the ingestor takes it: by its shape, else decoded."""
+    reading = host.read(topic, payload, T0)
+    return Outcome(readings=[reading]) if reading else host.receive(topic, payload, T0)
+
+
 def summary(out: Outcome) -> str:
     return repr((
         [(r.target.name, r.time, sorted(r.fields.items()), r.historical) for r in out.readings],
@@ -146,8 +152,8 @@ def test_reading_by_shape_gives_what_protobuf_gives(seed: int,
         sent.append((f"spBv1.0/g/DDATA/edge/{device}", payload))
         data += 1
     for topic, payload in sent:
-        assert summary(by_shape.receive(topic, payload, T0)) == \
-            summary(by_protobuf.receive(topic, payload, T0)), (topic, payload)
+        assert summary(take(by_shape, topic, payload)) == \
+            summary(take(by_protobuf, topic, payload)), (topic, payload)
     assert by_shape.due() == by_protobuf.due()
     assert by_shape.seq_gaps == by_protobuf.seq_gaps
     assert reads["shape"] > data // 3, f"only {reads['shape']} of {data} read by shape"
@@ -177,15 +183,61 @@ def test_shapes_kept_are_bounded_and_forgotten_at_a_birth(monkeypatch: pytest.Mo
     for _ in range(3):
         for n in range(4):
             mine = {name: 10 * n + i for i, name in enumerate(names)}
-            out = host.receive(f"spBv1.0/g/DDATA/edge/dev-{n}",
-                               message(random.Random(1), seq, names, mine, False), T0)
+            out = take(host, f"spBv1.0/g/DDATA/edge/dev-{n}",
+                       message(random.Random(1), seq, names, mine, False))
             assert len(out.readings) == 1
             seq += 1
     assert len(reads) == 2 * 2 + 2  # two devices' shapes (the first message learns)
     seq = session(seq)  # a new session: its aliases may differ, the shapes are forgotten
     reads.clear()
     for _ in range(2):  # so the last device, which had none, has one now
-        host.receive("spBv1.0/g/DDATA/edge/dev-3", message(
-            random.Random(1), seq, names, {"d": 30, "i32": 31, "da": 32}, False), T0)
+        take(host, "spBv1.0/g/DDATA/edge/dev-3", message(
+            random.Random(1), seq, names, {"d": 30, "i32": 31, "da": 32}, False))
         seq += 1
     assert len(reads) == 2  # learned (and read back), then read by shape
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_message_however_damaged_makes_the_host_raise(seed: int) -> None:
+    # Births with every kind of value (a DataSet, a Template, properties), data
+    # and deaths, each with bytes changed, cut or added: whatever the host cannot
+    # use it must say (a problem, dead-lettered), not raise: a message that
+    # raised would stop bmsd, and its gateway would send it again.
+    rng = random.Random(seed)
+    host = Host(CONFIG, lambda: 0.0)
+    names = sorted(METRICS)
+    aliases = {name: i + 1 for i, name in enumerate(names)}
+    birth: Any = PayloadMessage()
+    birth.seq = 0
+    birth.metrics.add(name="bdSeq", datatype=BY_NAME["Int64"], long_value=0)
+    table = birth.metrics.add(name="table", datatype=BY_NAME["DataSet"])
+    table.dataset_value.columns.append("a")
+    table.dataset_value.types.append(BY_NAME["Int32"])
+    table.dataset_value.rows.add().elements.add(int_value=5)
+    motor = birth.metrics.add(name="motor", datatype=BY_NAME["Template"])
+    motor.template_value.metrics.add(name="rpm", datatype=BY_NAME["Int8"], int_value=200)
+    volts = birth.metrics.add(name="volts", datatype=BY_NAME["Double"], double_value=1.0)
+    volts.properties.keys.append("engUnit")
+    volts.properties.values.add(type=BY_NAME["String"], string_value="V")
+    sound = [("spBv1.0/g/NBIRTH/edge", bytes(birth.SerializeToString())),
+             ("spBv1.0/g/DBIRTH/edge/dev-1", message(rng, 1, names, aliases, True)),
+             *[("spBv1.0/g/DDATA/edge/dev-1", message(rng, 2 + k, names, aliases, False))
+               for k in range(10)],
+             ("spBv1.0/g/NDATA/edge", message(rng, 12, names[:3], {}, True)),
+             ("spBv1.0/g/DDEATH/edge/dev-1", bytes(PayloadMessage(seq=13).SerializeToString())),
+             ("spBv1.0/g/NDEATH/edge", bytes(birth.SerializeToString()))]
+    problems = 0
+    for _ in range(2500):
+        topic, payload = rng.choice(sound)
+        damaged = bytearray(payload)
+        for _ in range(rng.choice([0, 1, 1, 2, 5])):
+            at = rng.randrange(len(damaged) + 1)
+            if rng.random() < 0.7 and at < len(damaged):
+                damaged[at] = rng.randrange(256)
+            elif rng.random() < 0.5 and at < len(damaged):
+                del damaged[at]
+            else:
+                damaged.insert(at, rng.randrange(256))
+        problems += len(take(host, topic, bytes(damaged)).problems)
+        host.due()
+    assert problems > 100  # the damage was seen, and said

@@ -77,7 +77,7 @@ class SparkplugIntake:
                 return dead
             out = Outcome(readings=[reading])
         else:
-            out = self.host.receive(message.topic, message.payload, received_at, shaped=False)
+            out = self.host.receive(message.topic, message.payload, received_at)
         dead = [DeadLetter(origin, category, reason) for category, reason in out.problems]
         ids = self._devices(conn, out, origin, dead)
         if out.readings:
@@ -175,8 +175,9 @@ class SparkplugIntake:
         for metric in unmapped:
             device = ids.get(metric.target)
             if device is not None:
-                batch.metrics.append((metric.time, device, metric.name, metric.datatype,
-                                      metric.unit, *_columns(metric.value), metric.historical))
+                batch.metrics.append((metric.time, device, _storable(metric.name),
+                                      metric.datatype, metric.unit and _storable(metric.unit),
+                                      *_columns(metric.value), metric.historical))
 
     def _changes(self, out: Outcome, ids: dict[Target, int], batch: Batch) -> None:
         for change in out.changes:
@@ -236,12 +237,32 @@ def _columns(value: Any) -> tuple[float | None, str | None, Jsonb | None]:
     if isinstance(value, float):
         return (value, None, None) if math.isfinite(value) else (None, str(value), None)
     if isinstance(value, str):
-        return None, value, None
+        return None, _storable(value), None
     if isinstance(value, datetime):
         return None, value.isoformat(), None
-    return None, None, Jsonb(value, dumps=_dumps)
+    return None, None, Jsonb(_json(value), dumps=_dumps)
+
+
+def _storable(text: str) -> str:
+    """PostgreSQL text cannot hold NUL: it is written as the 6 characters \\u0000."""
+    return text.replace("\x00", "\\u0000") if "\x00" in text else text
+
+
+def _json(value: Any) -> Any:
+    """Return *value* as jsonb takes it: text without NUL, NaN and infinities as text
+    (JSON has no such numbers), times as ISO 8601."""
+    if isinstance(value, str):
+        return _storable(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {_storable(str(k)): _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, default=lambda v: v.isoformat() if isinstance(v, datetime)
-                      else str(v))
+    return json.dumps(value, allow_nan=False, default=str)

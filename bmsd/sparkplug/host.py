@@ -39,59 +39,23 @@ from datetime import datetime
 from typing import Any
 
 from bmsd.config import SparkplugConfig
+from bmsd.sparkplug.known import Known
 from bmsd.sparkplug.outcome import Change, Outcome, Reading, Target, Unmapped
 from bmsd.sparkplug.payload import (
-    DATATYPES,
-    WHOLE,
     Metric,
     PayloadError,
     alias_of,
     decode,
     name_of,
-    properties_of,
-    reader,
-    scaled,
-    times,
-    value_of,
     when,
 )
 from bmsd.sparkplug.shape import LIMIT, Shapes, when_of
+from bmsd.sparkplug.values import properties_of, times, value_of
 
 NAMESPACE = "spBv1.0"
-#: Metrics of the protocol itself, not data.
-_PROTOCOL = ("bdSeq", "Node Control/", "Device Control/")
 _UNIT_KEYS = ("engUnit", "EngUnit", "engUnits", "unit", "Unit", "units")
 _SEQ_SPAN = 256
 _DATA = ("NDATA", "DDATA")
-
-
-@dataclass(frozen=True, slots=True)
-class _Known:
-    """A metric as its birth described it, and where its values go."""
-
-    name: str
-    datatype: int
-    unit: str | None
-    device: str
-    field: str | None  # the stream's field it fills, or None: sparkplug_metrics
-    scale: float | None  # its values' factor, None: as sent
-    skip: bool  # a metric of the protocol (bdSeq, Node Control/...), not data
-    type_name: str
-    sent_in: str | None  # the value field of its datatype (payload.reader)
-    convert: Callable[[Any], Any] | None  # that field's value into Python and scaled,
-    # None: as sent
-
-    @classmethod
-    def of(cls, name: str, datatype: int, unit: str | None, device: str,
-           target: Target) -> _Known:
-        to, scale = target.fields.get(name, (None, 1.0)) if datatype not in WHOLE else (
-            None, 1.0)
-        sent_in, convert = reader(datatype)
-        if scale != 1:
-            convert = scaled(convert, scale, datatype)
-        return cls(name, datatype, unit, device, to, None if scale == 1 else scale,
-                   name.startswith(_PROTOCOL), DATATYPES.get(datatype, "Unknown"), sent_in,
-                   convert)
 
 
 @dataclass
@@ -99,8 +63,8 @@ class _Node:
     born: bool = False
     bdseq: int | None = None
     seq: int | None = None
-    aliases: dict[int, _Known] = field(default_factory=dict)
-    names: dict[tuple[str, str], _Known] = field(default_factory=dict)  # (device, name)
+    aliases: dict[int, Known] = field(default_factory=dict)
+    names: dict[tuple[str, str], Known] = field(default_factory=dict)  # (device, name)
     devices: set[str] = field(default_factory=set)  # online
     missing: dict[int, float] = field(default_factory=dict)  # seq -> since (monotonic)
     asked_at: float | None = None  # the last rebirth request
@@ -153,19 +117,25 @@ class Host:
 
     def read(self, topic: str, payload: bytes, received_at: datetime) -> Reading | None:
         """Return a data message of a shape read before (shape.py) as its one reading,
-        taken as `receive` takes it; None: `receive` it (shaped=False)."""
+        taken as `receive` would take it; None: `receive` it."""
         parts = topic.split("/")
         if len(parts) not in (4, 5) or parts[2] not in _DATA or parts[0] != NAMESPACE:
             return None
         group, edge, device = parts[1], parts[3], parts[4] if len(parts) == 5 else ""
         node = self._nodes.get((group, edge))
-        if node is None or not node.born:
+        read = None if node is None or not node.born else self._shapes.read(
+            (group, edge), device, payload)
+        if read is None or node is None:
             return None
-        return self._by_shape(node, group, edge, device, payload, received_at)
+        try:
+            at = when_of(read, received_at, when)
+        except PayloadError:
+            return None  # (`receive` says why)
+        node.follow(read.seq, self._clock)
+        return Reading(self.target(group, edge, device), at, read.fields, False)
 
-    def receive(self, topic: str, payload: bytes, received_at: datetime,
-                shaped: bool = True) -> Outcome:
-        """Return what a message means; *shaped*: try its shape first (`read`)."""
+    def receive(self, topic: str, payload: bytes, received_at: datetime) -> Outcome:
+        """Return what a message means, decoded by protobuf (`read` first, for speed)."""
         out = Outcome()
         parts = topic.split("/")
         if len(parts) not in (4, 5) or parts[0] != NAMESPACE:
@@ -180,10 +150,6 @@ class Host:
         node = self._nodes.get((group, edge))
         if node is None:
             node = self._nodes[(group, edge)] = _Node()
-        elif shaped and kind in _DATA and node.born and (reading := self._by_shape(
-                node, group, edge, device, payload, received_at)) is not None:
-            out.readings.append(reading)
-            return out
         try:
             message = decode(payload)
         except PayloadError as exc:
@@ -219,22 +185,6 @@ class Host:
                 self.seq_gaps += 1
                 topics += self._ask(node, group, edge)
         return topics
-
-    # --- data messages of a known shape (shape.py) ---------------------------------
-
-    def _by_shape(self, node: _Node, group: str, edge: str, device: str, payload: bytes,
-                  received_at: datetime) -> Reading | None:
-        read = self._shapes.read((group, edge), device, payload)
-        if read is None:
-            return None
-        seq = read.seq
-        if node.seq is not None and seq == (node.seq + 1) % _SEQ_SPAN:
-            node.seq = seq  # (the usual case of `_Node.follow`)
-        else:
-            node.follow(seq, self._clock)
-        ms = read.ms or read.sent
-        return Reading(self.target(group, edge, device), when(ms) if ms else received_at,
-                       read.fields, False)
 
     # --- messages ------------------------------------------------------------------
 
@@ -296,13 +246,19 @@ class Host:
         target = self.target(group, edge, device)
         self._shapes.forget((group, edge))
         for metric in metrics:
-            name = name_of(metric)
+            try:
+                name = name_of(metric)
+            except PayloadError:
+                continue  # (said by `_data`, next)
             if name is None:
                 continue
-            properties = properties_of(metric)
+            try:
+                properties = properties_of(metric)
+            except PayloadError:
+                properties = {}  # (a property that cannot be read: no unit)
             unit = next((str(properties[k]) for k in _UNIT_KEYS
                          if properties.get(k) is not None), None)
-            known = _Known.of(name, metric.datatype, unit, device, target)
+            known = Known.of(name, metric.datatype, unit, device, target)
             node.names[(device, name)] = known
             alias = alias_of(metric)
             if alias is not None:
@@ -323,7 +279,11 @@ class Host:
             alias = metric.alias  # given, it names the metric (unique in the session)
             known = aliases.get(alias) if alias else None
             if known is None:
-                known = _named(node, device, target, metric)
+                try:
+                    known = _named(node, device, target, metric)
+                except PayloadError as exc:
+                    out.problems.append(("not_sparkplug", str(exc)))
+                    continue
                 if known is None:
                     self._unknown(out, node, group, edge, device, metric, before_birth)
                     continue
@@ -331,7 +291,7 @@ class Host:
                 continue
             kind = metric.WhichOneof("value")
             try:
-                if kind == known.sent_in:  # (a null metric has no value set)
+                if kind == known.sent_in:  # (a null metric has no value set: kind None)
                     value = getattr(metric, kind)
                     if (convert := known.convert) is not None:
                         value = convert(value)
@@ -344,9 +304,13 @@ class Host:
                 continue
             key = (metric.timestamp, metric.is_historical)
             if key != last:
-                last = key
                 if (ms := key[0] or sent) not in stamps:  # 0: not sent, the message's
-                    stamps[ms] = when(ms) if ms else received_at  # time if it has one
+                    try:  # time if it has one
+                        stamps[ms] = when(ms) if ms else received_at
+                    except PayloadError as exc:
+                        out.problems.append(("not_sparkplug", f"metric {known.name}: {exc}"))
+                        continue
+                last = key
                 row = rows.get(key) or rows.setdefault(key, {})
             if key[1]:
                 out.historical += 1
@@ -378,14 +342,14 @@ class Host:
         return [f"{NAMESPACE}/{group}/NCMD/{edge}"]
 
 
-def _named(node: _Node, device: str, target: Target, metric: Metric) -> _Known | None:
+def _named(node: _Node, device: str, target: Target, metric: Metric) -> Known | None:
     """Return what a metric is by its name (or alias 0); None if unknown. A metric
     not in the birth is known if it says what it is (a name and a datatype)."""
-    name = metric.name
+    name = name_of(metric)
     if name:
         known = node.names.get((device, name))
         if known is None and metric.datatype:
-            known = _Known.of(name, metric.datatype, None, device, target)
+            known = Known.of(name, metric.datatype, None, device, target)
         return known
     return node.aliases.get(metric.alias) if metric.HasField("alias") else None
 

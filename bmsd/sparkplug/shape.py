@@ -22,8 +22,9 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
+from bmsd.sparkplug.known import Known
 from bmsd.sparkplug.payload import PayloadError
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
@@ -34,19 +35,6 @@ _VALUES = {10: ("int_value", _VARINT), 11: ("long_value", _VARINT),
            16: ("bytes_value", _LEN)}
 _MASKS = {"int_value": 0xFFFF_FFFF, "long_value": 0xFFFF_FFFF_FFFF_FFFF}
 _ALIAS, _TIMESTAMP, _DATATYPE = 2, 3, 4
-
-
-class Known(Protocol):
-    """What the host knows of a metric from its birth (host._Known)."""
-
-    @property
-    def field(self) -> str | None: ...
-    @property
-    def skip(self) -> bool: ...
-    @property
-    def sent_in(self) -> str | None: ...
-    @property
-    def convert(self) -> Callable[[Any], Any] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +212,7 @@ def _compile(slots: list[tuple[str, Any]], values: list[tuple[int, Known]]) -> S
              if merged[index[slot]][0] in ("d", "f") and known.convert is None]
     arrays = [(index[slot], known.convert, known.field or "") for slot, known in values
               if known.sent_in == "bytes_value" and known.convert is not None]
-    other = tuple((index[slot], known.sent_in or "", known.convert, known.field or "")
+    other = tuple((index[slot], known.sent_in, known.convert, known.field or "")
                   for slot, known in values
                   if (index[slot], known) not in plain
                   and (index[slot], known.convert, known.field) not in arrays)
