@@ -105,7 +105,8 @@ class Batch:
     duplicates: Counter[str] = field(default_factory=Counter)
     largest: int = 0  # rows in the fullest hypertable
     #: Sparkplug B (bmsd/ingest/sparkplug.py): metrics no map names a field for,
-    #: as sparkplug_metrics rows; edge nodes' and devices' births and deaths, as
+    #: as sparkplug_metrics rows and each one's message (`Origin`, last); edge
+    #: nodes' and devices' births and deaths, as
     #: sparkplug_nodes rows by (group, edge node, device); devices their gateway
     #: declared dead (DEVICE_OFFLINE at once), and those whose gateway tells
     #: their liveness (no offline-by-silence).

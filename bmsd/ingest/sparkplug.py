@@ -83,7 +83,7 @@ class SparkplugIntake:
         if out.readings:
             self._readings(conn, out, ids, origin, bounds, dead, message.received_at)
         if out.unmapped:
-            self._unmapped(out.unmapped, ids, batch)
+            self._unmapped(out.unmapped, ids, batch, origin)
         if out.changes:
             self._changes(out, ids, batch)
         if out.unknown_aliases or out.historical:
@@ -171,13 +171,14 @@ class SparkplugIntake:
             return None
         return stream, Row((parsed.time, device, *parsed.values, parsed.extra), origin, None)
 
-    def _unmapped(self, unmapped: list[Unmapped], ids: dict[Target, int], batch: Batch) -> None:
+    def _unmapped(self, unmapped: list[Unmapped], ids: dict[Target, int], batch: Batch,
+                  origin: Origin) -> None:
         for metric in unmapped:
             device = ids.get(metric.target)
             if device is not None:
                 batch.metrics.append((metric.time, device, _storable(metric.name),
                                       metric.datatype, metric.unit and _storable(metric.unit),
-                                      *_columns(metric.value), metric.historical))
+                                      *_columns(metric.value), metric.historical, origin))
 
     def _changes(self, out: Outcome, ids: dict[Target, int], batch: Batch) -> None:
         for change in out.changes:

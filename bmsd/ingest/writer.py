@@ -9,8 +9,8 @@ NOTHING, and every row that was not inserted is compared with the stored
 one: the same values count as a duplicate, different values are
 dead-lettered. A row the database refuses for its data (a NUL character, a
 failed check, a value out of range) is isolated by bisecting the rows and
-dead-lettered alone. Each attempt runs in a savepoint, so the rest of the
-batch is unaffected.
+dead-lettered alone; so is a Sparkplug metric of ``sparkplug_metrics``. Each
+attempt runs in a savepoint, so the rest of the batch is unaffected.
 
 Everything - rows, dead letters, ``devices.last_seen_at``, the days late
 readings fell on (``aggregate_backlog``, which a database job refreshes in
@@ -218,13 +218,13 @@ class Writer:
                 rows = rows[early.sent:]
             if rows:
                 self._write(conn, stream, rows, outcome)
+        if batch.metrics:
+            self._write_metrics(conn, batch.metrics, outcome)
         dead = batch.dead + outcome.dead
         if dead:
             store(conn, dead, retry=retry, redelivered_within=self.redelivered_within)
         if batch.seen:
             conn.execute(_SEEN, (list(batch.seen), list(batch.seen.values())))
-        if batch.metrics:
-            conn.execute(_SPARKPLUG_METRICS, [list(c) for c in zip(*batch.metrics, strict=True)])
         if batch.nodes:
             keys = sorted(batch.nodes)  # one lock order for every writer
             conn.execute(_SPARKPLUG_NODES, [list(c) for c in zip(
@@ -288,16 +288,35 @@ class Writer:
         outcome.written[stream] += len(inserted)
         outcome.duplicates[stream] += len(rows) - len(inserted) - len(differing)
 
+    def _write_metrics(self, conn: psycopg.Connection[Any], metrics: list[tuple[Any, ...]],
+                       outcome: Outcome) -> None:
+        """Insert sparkplug_metrics rows (each with its message last); a row the database
+        refuses for its data is isolated, as readings are, and dead-lettered."""
+        try:
+            with conn.transaction():
+                conn.execute(_SPARKPLUG_METRICS,
+                             [list(c) for c in zip(*(m[:-1] for m in metrics), strict=True)])
+        except _DATA_ERRORS as exc:
+            if len(metrics) == 1:
+                outcome.dead.append(DeadLetter(metrics[0][-1], "database", _refused(
+                    exc, f"this message's metric {metrics[0][2]!r}")))
+                return
+            middle = len(metrics) // 2
+            self._write_metrics(conn, metrics[:middle], outcome)
+            self._write_metrics(conn, metrics[middle:], outcome)
+
     def _isolate(self, conn: psycopg.Connection[Any], stream: str, rows: list[Row],
                  outcome: Outcome, exc: Exception) -> None:
         if len(rows) == 1:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            state = getattr(exc, "sqlstate", None)
-            reason = f"the database refused this reading: {message}"
-            if state:
-                reason += f" (SQLSTATE {state})"
-            outcome.dead.append(rows[0].dead("database", reason))
+            outcome.dead.append(rows[0].dead("database", _refused(exc, "this reading")))
             return
         middle = len(rows) // 2
         self._write(conn, stream, rows[:middle], outcome)
         self._write(conn, stream, rows[middle:], outcome)
+
+
+def _refused(exc: Exception, what: str) -> str:
+    """Say that the database refused *what*, and why."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    state = getattr(exc, "sqlstate", None)
+    return f"the database refused {what}: {message}" + (f" (SQLSTATE {state})" if state else "")
