@@ -180,6 +180,19 @@ def test_text_not_utf8_and_times_past_year_9999_are_refused_not_raised() -> None
     assert [u.value for u in out.unmapped] == [False]
 
 
+@pytest.mark.parametrize("bdseq", [{"datatype": "UInt64", "long_value": 2**64 - 1},
+                                   {"datatype": "String", "string_value": "1"},
+                                   {"datatype": "DateTime", "long_value": 2**62}])
+def test_a_bdseq_that_is_no_bigint_counts_as_none(bdseq: dict[str, Any]) -> None:
+    host = Host(CONFIG, Clock())
+    out = host.receive("spBv1.0/plant/NBIRTH/edge-6", payload(0, {"name": "bdSeq", **bdseq}),
+                       T0)
+    assert [(c.online, c.bdseq) for c in out.changes] == [(True, None)]
+    out = host.receive("spBv1.0/plant/NDEATH/edge-6", payload(None, {"name": "bdSeq", **bdseq}),
+                       T0)
+    assert [(c.online, c.bdseq) for c in out.changes] == [(False, None)]
+
+
 def test_a_map_s_scale_applies_to_numbers_and_arrays_of_numbers_only() -> None:
     config = SparkplugConfig.model_validate({"enabled": True, "map": [{
         "device": "bms-*", "stream": "battery_telemetry", "metrics": {

@@ -354,5 +354,15 @@ def _named(node: _Node, device: str, target: Target, metric: Metric) -> Known | 
     return node.aliases.get(metric.alias) if metric.HasField("alias") else None
 
 
-def _bdseq(metrics: Sequence[Metric]) -> Any:
-    return next((value_of(m.datatype, m) for m in metrics if m.name == "bdSeq"), None)
+def _bdseq(metrics: Sequence[Metric]) -> int | None:
+    """Return the bdSeq a birth or death carries; None if none, or none that is a whole
+    number a bigint holds (the specification says 0-255)."""
+    for metric in metrics:
+        if metric.name == "bdSeq":
+            try:
+                value = value_of(metric.datatype, metric)
+            except PayloadError:
+                return None
+            return value if isinstance(value, int) and not isinstance(value, bool) \
+                and 0 <= value < 2**63 else None
+    return None
