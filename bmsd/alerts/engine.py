@@ -17,10 +17,9 @@ import psycopg
 import structlog
 
 from bmsd.alerts import evaluate, history
-from bmsd.alerts.evaluate import OFFLINE
 from bmsd.alerts.publish import AlertPublisher, Publish
 from bmsd.alerts.rules import Rule
-from bmsd.alerts.state import Alert, Plan, State, StreamRows
+from bmsd.alerts.state import OFFLINE, Alert, Plan, State, StreamRows
 from bmsd.alerts.store import AlertStore
 from bmsd.batch import Batch, Row
 from bmsd.metrics import Metrics
@@ -173,7 +172,6 @@ def _declared_gone(plan: Plan, state: State, devices: Mapping[int, datetime]) ->
         if key in state.open or key in raised or device_id not in state.devices:
             continue
         device = state.devices[device_id]
-        plan.triggered.append(Alert(
-            device, OFFLINE, "warning", "connectivity", "device offline",
-            f"{device.slug} at {device.site}: its gateway declared it offline"
-            " (Sparkplug death)", None, None, at, raised_at=at))
+        plan.triggered.append(Alert.offline(
+            device, f"{device.slug} at {device.site}: its gateway declared it offline"
+            " (Sparkplug death)", None, None, at))

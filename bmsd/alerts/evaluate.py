@@ -33,7 +33,7 @@ from typing import Any
 
 from bmsd.alerts.checks import Check, breaches, device_checks, prepared, quiet
 from bmsd.alerts.rules import Rule
-from bmsd.alerts.state import Alert, DeviceInfo, Pending, Plan, State, StreamRows
+from bmsd.alerts.state import OFFLINE, Alert, DeviceInfo, Pending, Plan, State, StreamRows
 from bmsd.streams import SPECS
 
 PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
@@ -41,7 +41,6 @@ PROTECTION_FLAGS = {"over_voltage": "PROTECTION_OVER_VOLTAGE",
                     "over_current": "PROTECTION_OVER_CURRENT",
                     "over_temperature": "PROTECTION_OVER_TEMPERATURE"}
 FLAG_FIELDS = (*PROTECTION_FLAGS, "alarm_flags")
-OFFLINE = "DEVICE_OFFLINE"
 FLAG_CATEGORIES = ("battery_protection", "device_alarm")
 #: The streams whose readings carry protection and alarm flags.
 FLAGGED_STREAMS = frozenset(spec.name for spec in SPECS if spec.pack)
@@ -364,9 +363,8 @@ def plan_offline(state: State, now: datetime, watching_since: datetime,
         device = state.devices[device_id]
         message = (f"{device.slug} at {device.site}: no reading since {seen.isoformat()}"
                    f" (limit {limit:.0f} s)")
-        plan.triggered.append(Alert(device, OFFLINE, "warning", "connectivity",
-                                    "device offline", message, (now - seen).total_seconds(),
-                                    limit, now, raised_at=now))
+        plan.triggered.append(Alert.offline(device, message, (now - seen).total_seconds(),
+                                            limit, now))
     return plan
 
 

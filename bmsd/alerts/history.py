@@ -46,9 +46,9 @@ from typing import Any, Protocol
 
 from bmsd.alerts import evaluate
 from bmsd.alerts.checks import Check, device_checks, prepared
-from bmsd.alerts.evaluate import FLAG_CATEGORIES, FLAGGED_STREAMS, OFFLINE
+from bmsd.alerts.evaluate import FLAG_CATEGORIES, FLAGGED_STREAMS
 from bmsd.alerts.rules import Rule
-from bmsd.alerts.state import Alert, DeviceInfo, Pending, Plan, State, StreamRows
+from bmsd.alerts.state import OFFLINE, Alert, DeviceInfo, Pending, Plan, State, StreamRows
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+#: The alert of a device gone silent, or declared dead by its gateway.
+OFFLINE = "DEVICE_OFFLINE"
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
@@ -42,6 +45,13 @@ class Alert:
     raised_at: datetime | None = None
     #: Stored more than ``[alerts] late_after_s`` after that reading was taken.
     raised_late: bool = False
+
+    @classmethod
+    def offline(cls, device: DeviceInfo, message: str, value: float | None,
+                threshold: float | None, at: datetime) -> Alert:
+        """Return *device*'s DEVICE_OFFLINE alert, raised *at*."""
+        return cls(device, OFFLINE, "warning", "connectivity", "device offline", message,
+                   value, threshold, at, raised_at=at)
 
     @property
     def raised(self) -> datetime:
