@@ -50,8 +50,8 @@ def _row(letter: DeadLetter) -> _Rejected:
     details: dict[str, Any] = {"category": letter.category}
     if origin.index is not None:
         details["index"] = origin.index
-    return _Rejected(origin.received_at, _text(origin.topic), origin.route,
-                     _text(letter.reason), origin.payload, Jsonb(details))
+    return _Rejected(origin.received_at, storable_text(origin.topic), origin.route,
+                     storable_text(letter.reason), origin.payload, Jsonb(details))
 
 
 def store(conn: psycopg.Connection[Any], dead: list[DeadLetter], *, retry: bool,
@@ -73,6 +73,7 @@ def store(conn: psycopg.Connection[Any], dead: list[DeadLetter], *, retry: bool,
             copy.write_row(row)
 
 
-def _text(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; a dead letter must never fail to store.
-    return value.replace("\x00", "\\u0000")
+def storable_text(value: str) -> str:
+    """Return *value* as PostgreSQL text holds it: a NUL as the 6 characters \\u0000
+    (a dead letter, or a Sparkplug metric, must never fail to store)."""
+    return value.replace("\x00", "\\u0000") if "\x00" in value else value

@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from bmsd.batch import Batch, DeadLetter, Origin, Row
 from bmsd.config import SparkplugConfig
+from bmsd.ingest.dead_letters import storable_text
 from bmsd.ingest.mqtt import Message
 from bmsd.ingest.payloads import Reading, ReadingBounds, parse_fields
 from bmsd.ingest.registry import Registry, Unresolved
@@ -176,8 +177,8 @@ class SparkplugIntake:
         for metric in unmapped:
             device = ids.get(metric.target)
             if device is not None:
-                batch.metrics.append((metric.time, device, _storable(metric.name),
-                                      metric.datatype, metric.unit and _storable(metric.unit),
+                batch.metrics.append((metric.time, device, storable_text(metric.name),
+                                      metric.datatype, metric.unit and storable_text(metric.unit),
                                       *_columns(metric.value), metric.historical, origin))
 
     def _changes(self, out: Outcome, ids: dict[Target, int], batch: Batch) -> None:
@@ -238,28 +239,23 @@ def _columns(value: Any) -> tuple[float | None, str | None, Jsonb | None]:
     if isinstance(value, float):
         return (value, None, None) if math.isfinite(value) else (None, str(value), None)
     if isinstance(value, str):
-        return None, _storable(value), None
+        return None, storable_text(value), None
     if isinstance(value, datetime):
         return None, value.isoformat(), None
     return None, None, Jsonb(_json(value), dumps=_dumps)
-
-
-def _storable(text: str) -> str:
-    """PostgreSQL text cannot hold NUL: it is written as the 6 characters \\u0000."""
-    return text.replace("\x00", "\\u0000") if "\x00" in text else text
 
 
 def _json(value: Any) -> Any:
     """Return *value* as jsonb takes it: text without NUL, NaN and infinities as text
     (JSON has no such numbers), times as ISO 8601."""
     if isinstance(value, str):
-        return _storable(value)
+        return storable_text(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict):
-        return {_storable(str(k)): _json(v) for k, v in value.items()}
+        return {storable_text(str(k)): _json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_json(v) for v in value]
     return value
