@@ -128,7 +128,7 @@ class Host:
         if read is None or node is None:
             return None
         try:
-            at = when_of(read, received_at, when)
+            at = when_of(read, received_at)
         except PayloadError:
             return None  # (`receive` says why)
         node.follow(read.seq, self._clock)
@@ -168,7 +168,7 @@ class Host:
                 reading = out.readings[0]
                 self._shapes.learn((group, edge), device, payload, node.aliases, lambda read: (
                     read.fields == reading.fields
-                    and when_of(read, received_at, when) == reading.time))
+                    and when_of(read, received_at) == reading.time))
         else:
             out.problems.append(("bad_topic", f"{topic!r}: unknown message type {kind!r}"))
         return out
@@ -193,8 +193,7 @@ class Host:
         bdseq = _bdseq(metrics)
         node.born, node.bdseq, node.seq = True, bdseq, seq
         node.aliases.clear()
-        node.names.clear()
-        self._shapes.forget((group, edge))
+        node.names.clear()  # (and its shapes: `_learn`, next)
         node.devices.clear()
         node.missing.clear()
         self._learn(node, group, edge, "", metrics)
@@ -258,7 +257,7 @@ class Host:
                 properties = {}  # (a property that cannot be read: no unit)
             unit = next((str(properties[k]) for k in _UNIT_KEYS
                          if properties.get(k) is not None), None)
-            known = Known.of(name, metric.datatype, unit, device, target)
+            known = Known.of(name, metric.datatype, unit, target)
             node.names[(device, name)] = known
             alias = alias_of(metric)
             if alias is not None:
@@ -349,7 +348,7 @@ def _named(node: _Node, device: str, target: Target, metric: Metric) -> Known | 
     if name:
         known = node.names.get((device, name))
         if known is None and metric.datatype:
-            known = Known.of(name, metric.datatype, None, device, target)
+            known = Known.of(name, metric.datatype, None, target)
         return known
     return node.aliases.get(metric.alias) if metric.HasField("alias") else None
 

@@ -23,7 +23,6 @@ class Known:
     name: str
     datatype: int
     unit: str | None
-    device: str
     field: str | None  # the stream's field it fills, or None: sparkplug_metrics
     scale: float | None  # its values' factor, None: as sent
     skip: bool  # a metric of the protocol (bdSeq, Node Control/...), not data
@@ -33,13 +32,12 @@ class Known:
     # None: as sent
 
     @classmethod
-    def of(cls, name: str, datatype: int, unit: str | None, device: str,
-           target: Target) -> Known:
+    def of(cls, name: str, datatype: int, unit: str | None, target: Target) -> Known:
         to, scale = target.fields.get(name, (None, 1.0)) if datatype not in WHOLE else (
             None, 1.0)
         sent_in, convert = reader(datatype)
         if scale != 1:
             convert = scaled(convert, scale, datatype)
-        return cls(name, datatype, unit, device, to, None if scale == 1 else scale,
+        return cls(name, datatype, unit, to, None if scale == 1 else scale,
                    name.startswith(_PROTOCOL), DATATYPES.get(datatype, "Unknown"), sent_in,
                    convert)

@@ -30,9 +30,9 @@ class Target:
     @classmethod
     def of(cls, maps: Iterable[SparkplugMap], group: str, edge: str, device: str) -> Target:
         """Return where the first of *maps* that matches stores *device* of *edge*."""
-        chosen = next((m for m in maps if fnmatch.fnmatchcase(group, m.group)
-                       and fnmatch.fnmatchcase(edge, m.edge_node)
-                       and fnmatch.fnmatchcase(device, m.device)), None)
+        mine = [m for m in maps if fnmatch.fnmatchcase(group, m.group)
+                and fnmatch.fnmatchcase(edge, m.edge_node)]  # this edge node's maps
+        chosen = next((m for m in mine if fnmatch.fnmatchcase(device, m.device)), None)
         if chosen is None:
             chosen = SparkplugMap()
         names = {"group": group, "edge_node": edge, "device": device}
@@ -41,9 +41,7 @@ class Target:
                   for metric, to in chosen.metrics.items()}
         # The site's kind is its stream's; for the edge node itself (or a device of no
         # stream), its devices': the first map of its edge node that names a stream.
-        stream = chosen.stream or next((
-            m.stream for m in maps if m.stream and fnmatch.fnmatchcase(group, m.group)
-            and fnmatch.fnmatchcase(edge, m.edge_node)), None)
+        stream = chosen.stream or next((m.stream for m in mine if m.stream), None)
         return cls(group, edge, device, chosen.site.format(**names), name,
                    chosen.device_kind, chosen.stream, fields,
                    BY_NAME[stream].site_kind if stream else "factory")

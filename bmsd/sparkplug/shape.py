@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from bmsd.sparkplug.known import Known
-from bmsd.sparkplug.payload import PayloadError
+from bmsd.sparkplug.payload import PayloadError, when
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 #: The value fields of a Metric: number -> (name, wire type).
@@ -42,8 +42,7 @@ class Read:
     """A data message read by its shape: one reading's fields at one time."""
 
     seq: int | None
-    ms: int  # the metrics' time (ms since the epoch); 0: not sent
-    sent: int | None  # the message's time
+    ms: int  # the metrics' time, else the message's (ms since the epoch); 0: neither
     fields: dict[str, Any]
 
 
@@ -92,7 +91,7 @@ class Shape:
                 fields[to] = value if into is None else into(value)
         except (PayloadError, UnicodeDecodeError):
             return None  # protobuf's path says why
-        return Read(seq, ms or 0, None if sent is None or ms else _varint(sent), fields)
+        return Read(seq, ms or (sent and _varint(sent)) or 0, fields)
 
 
 #: Shapes kept: lengths per device, and in all (`Shapes`): about 3 kB each for a
@@ -208,23 +207,24 @@ def _compile(slots: list[tuple[str, Any]], values: list[tuple[int, Known]]) -> S
                            for role, data in merged)
     where = {role: [i for i, (r, _) in enumerate(merged) if r == role]
              for role in ("const", "seq", "sent", "stamp")}
-    plain = [(index[slot], known) for slot, known in values
-             if merged[index[slot]][0] in ("d", "f") and known.convert is None]
-    arrays = [(index[slot], known.convert, known.field or "") for slot, known in values
-              if known.sent_in == "bytes_value" and known.convert is not None]
-    other = tuple((index[slot], known.sent_in, known.convert, known.field or "")
-                  for slot, known in values
-                  if (index[slot], known) not in plain
-                  and (index[slot], known.convert, known.field) not in arrays)
+    plain: list[tuple[int, str]] = []  # (slot, field): floats and doubles as sent
+    arrays: list[tuple[int, Callable[[Any], Any], str]] = []  # (slot, convert, field)
+    other: list[tuple[int, str, Callable[[Any], Any] | None, str]] = []
+    for slot, known in values:
+        at, to, convert = index[slot], known.field or "", known.convert
+        if merged[at][0] in ("d", "f") and convert is None:
+            plain.append((at, to))
+        elif known.sent_in == "bytes_value" and convert is not None:
+            arrays.append((at, convert, to))
+        else:
+            other.append((at, known.sent_in, convert, to))
     return Shape(struct.Struct(layout).unpack, _getter(where["const"]),
                  tuple(data for role, data in merged if role == "const"),
                  where["seq"][0] if where["seq"] else None,
                  where["sent"][0] if where["sent"] else None,
                  _getter(where["stamp"]) if where["stamp"] else None,
-                 _getter([slot for slot, _ in plain]),
-                 tuple(known.field or "" for _, known in plain),
-                 tuple((slot, convert, to) for slot, convert, to in arrays
-                       if convert is not None), other)
+                 _getter([at for at, _ in plain]), tuple(to for _, to in plain),
+                 tuple(arrays), tuple(other))
 
 
 def _getter(slots: Sequence[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
@@ -304,8 +304,7 @@ _LOW_BITS = bytes(b & 0x7F for b in range(256))
 _SEVENS = tuple((i, 0x7F << (7 * i)) for i in range(10))
 
 
-def when_of(read: Read, received_at: datetime,
-            when: Callable[[int], datetime]) -> datetime:
-    """Return a read message's reading time as the host gives it (host._data)."""
-    ms = read.ms or read.sent
-    return when(ms) if ms else received_at
+def when_of(read: Read, received_at: datetime) -> datetime:
+    """Return a read message's reading time as the host gives it (host._data); raise
+    PayloadError if it is past year 9999."""
+    return when(read.ms) if read.ms else received_at

@@ -47,15 +47,13 @@ def value_of(datatype: int | None, metric: Metric) -> Any:
     kind = metric.WhichOneof("value")
     if kind is None or metric.is_null:
         return None
-    if kind == "string_value":
-        return text(metric.string_value, "a string value")
     if kind in AS_SENT:
         return getattr(metric, kind)
     return _typed(datatype or metric.datatype, getattr(metric, kind), kind)
 
 
-#: Values that are what they were sent as, whatever the datatype.
-AS_SENT = frozenset(("float_value", "double_value", "boolean_value", "string_value"))
+#: Values that are what they were sent as, whatever the datatype (text: `_typed`).
+AS_SENT = frozenset(("float_value", "double_value", "boolean_value"))
 
 
 def reader(datatype: int) -> tuple[str, Callable[[Any], Any] | None]:
@@ -130,7 +128,7 @@ _CONVERT: dict[int, Callable[[Any], Any]] = {
 
 def _typed(datatype: int, raw: Any, kind: str) -> Any:
     if kind == "string_value":
-        return text(raw, "a string value")
+        return _string(raw)
     convert = _CONVERT.get(datatype)
     if convert is not None and isinstance(raw, int):
         return convert(raw)
