@@ -33,7 +33,9 @@ def test_a_host_whose_lock_another_took_stops_saying_so_and_the_standby_takes_ov
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s"
             " AND objid::bigint = (hashtext(%s)::bigint & 4294967295)",
             (ADVISORY_NAMESPACE, topic)).fetchall()
-        thief.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # (with a timeout, it waits for the session to end and let go of the lock)
+        assert thief.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone() == (
+            True,)
         assert thief.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
                              (ADVISORY_NAMESPACE, topic)).fetchone() == (True,)
         assert first.proc is not None
